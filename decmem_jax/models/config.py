@@ -1,0 +1,110 @@
+"""Typed configuration of the Wan2.1 diffusion transformer.
+
+A config is an immutable value: architecture fields (which must match a checkpoint) and runtime policy fields
+(compute dtype, attention backend, remat) that can change without touching weights. Presets: `wan2.1-t2v-1.3b`
+(the released 1.3B model) and `tiny` (same structure and the real RoPE split, small widths, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn")
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTConfig:
+    """Wan2.1 DiT architecture plus runtime policy. Field names follow `wan/configs` and `../shared/reference/wan21.md`."""
+
+    # --- architecture (must match the checkpoint) ---
+    dim: int = 1536
+    ffn_dim: int = 8960
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    in_channels: int = 16
+    out_channels: int = 16
+    text_dim: int = 4096
+    text_len: int = 512  # contexts are zero-padded to this many rows before the text MLP (Wan does; it matters)
+    freq_dim: int = 256
+    eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_max_len: int = 1024  # rows of each per-axis RoPE table; frame/row/column positions must stay below it
+
+    # --- runtime policy (free to change for a given checkpoint) ---
+    dtype: str = "auto"  # compute dtype of matmuls/attention: auto = bfloat16 on GPU/TPU, float32 on CPU
+    param_dtype: str = "float32"  # storage dtype of the weights
+    attention: str = "auto"  # auto = cudnn on GPU, xla elsewhere (logged); see models/attention.py
+    remat: str = "none"  # activation checkpointing policy for each transformer block
+
+    def __post_init__(self):
+        if self.dim % self.num_heads:
+            raise ValueError(f"DiTConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"DiTConfig head_dim={self.head_dim} must be even for RoPE")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"DiTConfig.dtype={self.dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"DiTConfig.param_dtype={self.param_dtype!r}; expected one of {sorted(DTYPES)}")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"DiTConfig.attention={self.attention!r}; expected one of {ATTENTION_BACKENDS}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"DiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
+        object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.num_heads
+
+    @property
+    def rope_split(self) -> tuple[int, int, int]:
+        """Channels of the (t, h, w) RoPE axes: t gets d - 4*(d//6), h and w 2*(d//6) each (44/42/42 at d=128)."""
+        d = self.head_dim
+        hw = 2 * (d // 6)
+        return (d - 2 * hw, hw, hw)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        if self.dtype == "auto":
+            return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> jnp.dtype:
+        return DTYPES[self.param_dtype]
+
+    def replace(self, **changes: Any) -> "DiTConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DiTConfig":
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"DiT config has unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
+PRESETS: dict[str, DiTConfig] = {
+    "wan2.1-t2v-1.3b": DiTConfig(),
+    # Keeps head_dim 128 and hence the real 44/42/42 RoPE split; everything else is small.
+    "tiny": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64),
+}
+
+
+def get_config(name: str, **overrides: Any) -> DiTConfig:
+    """Returns the named preset with `overrides` applied, e.g. `get_config("tiny", dtype="float32")`."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown DiT preset {name!r}; available: {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides)

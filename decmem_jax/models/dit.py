@@ -1,0 +1,300 @@
+"""Wan2.1 diffusion transformer (`WanModel`) in Flax NNX, with block-causal and KV-cache modes.
+
+Reads in the order of the forward pass (`../shared/reference/wan21.md` §1.2):
+patchify -> time embedding (per frame) -> text MLP -> N x [modulated self-attention with RoPE, cross-attention,
+modulated FFN] under `nnx.scan` -> modulated head -> unpatchify. Latents are channels-last: [B, F, H, W, C].
+
+Shape letters: B batch, F latent frames, T tokens per frame, S tokens, D model width, N heads, K head dim,
+L text rows.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from decmem_jax.models import attention as attn_lib
+from decmem_jax.models.cache import KVCache
+from decmem_jax.models.config import DiTConfig
+from decmem_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, linear, sinusoidal_embedding
+from decmem_jax.models.rope import apply_rope, rope_cos_sin
+
+_REMAT_POLICIES = {
+    "full": None,  # save nothing, recompute the block
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class PatchEmbed(nnx.Module):
+    """Conv3d with kernel = stride = patch, as an einsum on non-overlapping patches; kernel [pt, ph, pw, C_in, D]."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        pt, ph, pw = cfg.patch_size
+        fan_in = pt * ph * pw * cfg.in_channels
+        init = jax.nn.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4)
+        self.kernel = nnx.Param(init(rngs.params(), (pt, ph, pw, cfg.in_channels, cfg.dim), cfg.weight_dtype))
+        self.bias = nnx.Param(jnp.zeros((cfg.dim,), cfg.weight_dtype))
+        self.patch_size, self.dtype, self.fan_in = cfg.patch_size, cfg.compute_dtype, fan_in
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, f, h, w, c = x.shape
+        pt, ph, pw = self.patch_size
+        x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c).astype(self.dtype)
+        y = jnp.einsum("bftyhxwc,thwcd->bfyxd", x, self.kernel.get_value().astype(self.dtype))
+        return y + self.bias.get_value().astype(self.dtype)
+
+
+class Attention(nnx.Module):
+    """q/k/v/o projections with RMSNorm on q and k over all heads (before the head split), as in Wan."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.q, self.k, self.v, self.o = (linear(cfg.dim, cfg.dim, **kw) for _ in range(4))
+        self.norm_q = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+        self.norm_k = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.weight_dtype)
+        self.num_heads = cfg.num_heads
+
+    def _heads(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-1], self.num_heads, -1)
+
+    def query(self, x: jax.Array) -> jax.Array:
+        q = self.q(x)
+        return self._heads(self.norm_q(q, out_dtype=q.dtype))
+
+    def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        k = self.k(x)
+        return self._heads(self.norm_k(k, out_dtype=k.dtype)), self._heads(self.v(x))
+
+    def out(self, o: jax.Array) -> jax.Array:
+        return self.o(o.reshape(*o.shape[:-2], -1))
+
+
+class FeedForward(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.fc1 = linear(cfg.dim, cfg.ffn_dim, **kw)
+        self.fc2 = linear(cfg.ffn_dim, cfg.dim, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.fc2(gelu_tanh(self.fc1(x)))
+
+
+class MLP(nnx.Module):
+    """linear_1 -> activation -> linear_2 (Wan's text and time embedding MLPs)."""
+
+    def __init__(self, din: int, dout: int, activation, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.linear_1 = linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.linear_2 = linear(dout, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.activation = activation
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(self.activation(self.linear_1(x)))
+
+
+class WanBlock(nnx.Module):
+    """One transformer block. x is [B, F, T, D] (float32 residual); e0 is [B, F, 6, D] float32."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.modulation = nnx.Param(jax.random.normal(rngs.params(), (6, cfg.dim), cfg.weight_dtype) / cfg.dim**0.5)
+        self.norm1 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, affine=True, param_dtype=cfg.weight_dtype)
+        self.cross_attn = Attention(cfg, rngs=rngs)
+        self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
+        self.ffn = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, x, e0, ctx, cos, sin, *, chunk_tokens=None, cache_kv=None, offset=None):
+        cfg = self.cfg
+        b, f, t, d = x.shape
+        m = self.modulation.get_value().astype(jnp.float32)[None, None] + e0  # [B, F, 6, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = (m[:, :, i, None, :] for i in range(6))
+
+        # Self-attention on modulated LN(x), with 3D RoPE on q and k.
+        h = (self.norm1(x) * (1 + scale1) + shift1).astype(cfg.compute_dtype).reshape(b, f * t, d)
+        q = apply_rope(self.self_attn.query(h), cos, sin)
+        k, v = self.self_attn.key_value(h)
+        k = apply_rope(k, cos, sin)
+        new_kv = None
+        if cache_kv is not None:
+            # Write this chunk's keys after the committed frames and attend to the valid prefix.
+            ck, cv = cache_kv
+            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=1)
+            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=1)
+            o = attn_lib.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), backend=cfg.attention,
+                                   kv_length=offset + f * t)
+            new_kv = (ck, cv)
+        elif chunk_tokens is not None:
+            o = attn_lib.block_causal_attention(q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention)
+        else:
+            o = attn_lib.attention(q, k, v, backend=cfg.attention)
+        x = x + self.self_attn.out(o).reshape(b, f, t, d) * gate1
+
+        # Cross-attention to the (padded) text context: no modulation, no gate, no mask.
+        h = self.norm3(x).astype(cfg.compute_dtype).reshape(b, f * t, d)
+        ck, cv = self.cross_attn.key_value(ctx)
+        o = attn_lib.attention(self.cross_attn.query(h), ck, cv, backend=cfg.attention)
+        x = x + self.cross_attn.out(o).reshape(b, f, t, d).astype(jnp.float32)
+
+        # Modulated feed-forward.
+        h = (self.norm2(x) * (1 + scale2) + shift2).astype(cfg.compute_dtype)
+        x = x + self.ffn(h) * gate2
+        return x, new_kv
+
+
+class Head(nnx.Module):
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        out = cfg.out_channels * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.modulation = nnx.Param(jax.random.normal(rngs.params(), (2, cfg.dim), cfg.weight_dtype) / cfg.dim**0.5)
+        self.norm = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
+        # The head runs in float32 (Wan's dtype policy), whatever the compute dtype.
+        self.linear = linear(cfg.dim, out, dtype=jnp.float32, param_dtype=cfg.weight_dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
+        m = self.modulation.get_value().astype(jnp.float32)[None, None] + e[:, :, None, :]  # [B, F, 2, D]
+        shift, scale = m[:, :, 0, None, :], m[:, :, 1, None, :]
+        return self.linear(self.norm(x) * (1 + scale) + shift)
+
+
+class WanDiT(nnx.Module):
+    """Wan2.1 DiT. Full-sequence `__call__` (bidirectional or block-causal) and chunk-by-chunk `forward_chunk`/`commit`
+    against a `KVCache`."""
+
+    def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.patch_embedding = PatchEmbed(cfg, rngs=rngs)
+        self.text_embedding = MLP(cfg.text_dim, cfg.dim, gelu_tanh, dtype=cfg.compute_dtype,
+                                  param_dtype=cfg.weight_dtype, rngs=rngs)
+        # Time embedding and projection stay in float32 (Wan's dtype policy).
+        self.time_embedding = MLP(cfg.freq_dim, cfg.dim, jax.nn.silu, dtype=jnp.float32,
+                                  param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.time_projection = linear(cfg.dim, 6 * cfg.dim, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
+                                      rngs=rngs)
+
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make_blocks(rngs: nnx.Rngs) -> WanBlock:
+            return WanBlock(cfg, rngs=rngs)
+
+        self.blocks = make_blocks(rngs)  # parameters stacked on a leading layer axis
+        self.head = Head(cfg, rngs=rngs)
+
+    # ----- pieces -----
+    def embed_time(self, timesteps: jax.Array, num_frames: int) -> tuple[jax.Array, jax.Array]:
+        """timesteps [B] or [B, F] -> e [B, F, D], e0 [B, F, 6, D], all float32."""
+        t = jnp.asarray(timesteps)
+        if t.ndim == 1:
+            t = jnp.broadcast_to(t[:, None], (t.shape[0], num_frames))
+        if t.ndim != 2 or t.shape[1] != num_frames:
+            raise ValueError(f"timesteps must be [B] or [B, F={num_frames}], got shape {t.shape}")
+        emb = sinusoidal_embedding(t, self.cfg.freq_dim)
+        e = self.time_embedding(emb)
+        e0 = self.time_projection(jax.nn.silu(e))
+        return e, e0.reshape(*e0.shape[:-1], 6, self.cfg.dim)
+
+    def embed_text(self, context: jax.Array) -> jax.Array:
+        """context [B, L <= text_len, text_dim], zero-padded to text_len rows before the MLP (as Wan does)."""
+        cfg = self.cfg
+        if context.ndim != 3 or context.shape[-1] != cfg.text_dim:
+            raise ValueError(f"context must be [B, L, text_dim={cfg.text_dim}], got shape {context.shape}")
+        if context.shape[1] > cfg.text_len:
+            raise ValueError(f"context has {context.shape[1]} rows, more than text_len={cfg.text_len}")
+        context = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
+        return self.text_embedding(context)
+
+    def _grid(self, latents: jax.Array) -> tuple[int, int, int]:
+        cfg = self.cfg
+        if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
+            raise ValueError(f"latents must be [B, F, H, W, C={cfg.in_channels}] (channels last), "
+                             f"got shape {latents.shape}")
+        _, f, h, w, _ = latents.shape
+        pt, ph, pw = cfg.patch_size
+        if f % pt or h % ph or w % pw:
+            raise ValueError(f"latent shape F,H,W = {f},{h},{w} is not divisible by patch_size {cfg.patch_size}")
+        return f // pt, h // ph, w // pw
+
+    def _unpatchify(self, out: jax.Array, grid: tuple[int, int, int]) -> jax.Array:
+        f, h, w = grid
+        pt, ph, pw = self.cfg.patch_size
+        b, c = out.shape[0], self.cfg.out_channels
+        out = out.reshape(b, f, h, w, pt, ph, pw, c)  # the 64-vector is (pt, ph, pw, c) with c fastest
+        return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f * pt, h * ph, w * pw, c)
+
+    def _run_blocks(self, x, e0, ctx, cos, sin, *, chunk_tokens=None, cache: KVCache | None = None):
+        offset = None if cache is None else cache.length * cache.tokens_per_frame
+
+        def step(block: WanBlock, x, cache_kv):
+            return block(x, e0, ctx, cos, sin, chunk_tokens=chunk_tokens, cache_kv=cache_kv, offset=offset)
+
+        if self.cfg.remat != "none":
+            step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
+        cache_kv = None if cache is None else (cache.k, cache.v)
+        scan = nnx.scan(step, in_axes=(0, nnx.Carry, None if cache is None else 0), out_axes=(nnx.Carry, 0))
+        return scan(self.blocks, x, cache_kv)
+
+    def _forward(self, latents, timesteps, context, *, chunk_tokens=None, cache=None, frame_offset=0):
+        cfg = self.cfg
+        grid = self._grid(latents)
+        f, h, w = grid
+        x = self.patch_embedding(latents).reshape(latents.shape[0], f, h * w, cfg.dim).astype(jnp.float32)
+        e, e0 = self.embed_time(timesteps, f)
+        ctx = self.embed_text(context)
+        cos, sin = rope_cos_sin(grid, cfg.rope_split, theta=cfg.rope_theta, max_len=cfg.rope_max_len,
+                                frame_offset=frame_offset)
+        x, new_kv = self._run_blocks(x, e0, ctx, cos, sin, chunk_tokens=chunk_tokens, cache=cache)
+        out = self._unpatchify(self.head(x, e), grid)
+        return out, new_kv
+
+    # ----- public API -----
+    def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, *,
+                 chunk_size: int | None = None) -> jax.Array:
+        """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context [B, L, text_dim].
+
+        chunk_size=None: bidirectional over all frames (Wan2.1). chunk_size=c: block-causal over chunks of c latent
+        frames (bidirectional inside a chunk, causal across chunks).
+        """
+        chunk_tokens = None
+        if chunk_size is not None:
+            if chunk_size <= 0:
+                raise ValueError(f"chunk_size must be a positive number of latent frames, got {chunk_size}")
+            _, h, w = self._grid(latents)
+            chunk_tokens = chunk_size * h * w
+        return self._forward(latents, timesteps, context, chunk_tokens=chunk_tokens)[0]
+
+    def init_cache(self, batch: int, capacity: int, latent_hw: tuple[int, int]) -> KVCache:
+        """An empty KV cache for `capacity` latent frames of size latent_hw = (H, W) (latent pixels, not patches)."""
+        cfg = self.cfg
+        ph, pw = cfg.patch_size[1:]
+        if latent_hw[0] % ph or latent_hw[1] % pw:
+            raise ValueError(f"latent size {latent_hw} is not divisible by the patch size {cfg.patch_size[1:]}")
+        if capacity > cfg.rope_max_len:
+            raise ValueError(f"cache capacity {capacity} exceeds the RoPE table length {cfg.rope_max_len}")
+        tpf = (latent_hw[0] // ph) * (latent_hw[1] // pw)
+        return KVCache.create(num_layers=cfg.num_layers, batch=batch, capacity=capacity, tokens_per_frame=tpf,
+                              num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
+
+    def _chunk(self, latents, timesteps, context, cache: KVCache):
+        f, h, w = self._grid(latents)
+        if h * w != cache.tokens_per_frame:
+            raise ValueError(f"chunk has {h * w} tokens per frame but the cache was made for {cache.tokens_per_frame}")
+        fits = cache.check_room(f)
+        out, new_kv = self._forward(latents, timesteps, context, cache=cache, frame_offset=cache.length)
+        # Inside jit an overflowing chunk cannot raise; poison its output instead of silently clamping the write.
+        return jnp.where(fits, out, jnp.nan), new_kv, fits
+
+    def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array,
+                      cache: KVCache) -> jax.Array:
+        """Velocity for one chunk [B, c, H, W, C] that follows the cache's committed frames (RoPE frames offset by
+        `cache.length`); attends to the committed frames and, bidirectionally, to itself. The cache is unchanged."""
+        return self._chunk(latents, timesteps, context, cache)[0]
+
+    def commit(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array,
+               cache: KVCache) -> tuple[jax.Array, KVCache]:
+        """Runs the chunk (normally the clean x0 at t=0) and writes its keys/values into the cache.
+
+        Returns (velocity, new cache with length + c)."""
+        out, (k, v), fits = self._chunk(latents, timesteps, context, cache)
+        new_len = jnp.where(fits, cache.length + latents.shape[1], cache.length)
+        return out, cache.replace(k=k, v=v, length=new_len)

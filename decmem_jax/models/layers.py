@@ -1,0 +1,57 @@
+"""Small layers with Wan's dtype policy: statistics and modulation in float32, matmuls in the compute dtype."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+class RMSNorm(nnx.Module):
+    """x * rsqrt(mean(x^2) + eps) * scale, statistics in float32, over the last axis (all heads at once for qk-norm)."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype=jnp.float32):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.scale.get_value().astype(jnp.float32)).astype(out_dtype or x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in float32 and returned in float32; affine parameters only when `affine` (Wan's norm3)."""
+
+    def __init__(self, dim: int, *, eps: float, affine: bool, param_dtype=jnp.float32):
+        self.eps = eps
+        self.affine = affine
+        if affine:
+            self.scale = nnx.Param(jnp.ones((dim,), param_dtype))
+            self.bias = nnx.Param(jnp.zeros((dim,), param_dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+        y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+        if self.affine:
+            y = y * self.scale.get_value().astype(jnp.float32) + self.bias.get_value().astype(jnp.float32)
+        return y
+
+
+def linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    """A biased Linear (kernel [in, out]) that casts its input and weights to the compute dtype `dtype`."""
+    return nnx.Linear(din, dout, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def gelu_tanh(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
+def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+    """Wan's timestep sinusoid in float32: [cos(t*f_i), sin(t*f_i)], f_i = max_period^(-i/half), cos first."""
+    half = dim // 2
+    freqs = jnp.exp(-jnp.log(jnp.float32(max_period)) * jnp.arange(half, dtype=jnp.float32) / half)
+    args = t.astype(jnp.float32)[..., None] * freqs
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
