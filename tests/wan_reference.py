@@ -26,9 +26,10 @@ def diffusers_wan(cfg: DiTConfig, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith(("norm_q.weight", "norm_k.weight", "norm2.weight")) or "scale_shift_table" in name:
                 p.copy_(1.0 + 0.2 * torch.randn(p.shape, generator=gen))  # around the reference's own scale
-            else:
-                fan_in = p.shape[1] if p.ndim > 1 else p.shape[0]
-                p.copy_(torch.randn(p.shape, generator=gen) * (1.0 / np.sqrt(np.prod(p.shape[1:]) or fan_in)))
+            elif p.ndim == 1:  # biases and LayerNorm shifts
+                p.copy_(0.1 * torch.randn(p.shape, generator=gen))
+            else:  # weights [out, in, ...]: unit-variance outputs for unit-variance inputs
+                p.copy_(torch.randn(p.shape, generator=gen) / np.sqrt(np.prod(p.shape[1:])))
     return model
 
 

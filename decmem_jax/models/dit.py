@@ -296,5 +296,7 @@ class WanDiT(nnx.Module):
 
         Returns (velocity, new cache with length + c)."""
         out, (k, v), fits = self._chunk(latents, timesteps, context, cache)
-        new_len = jnp.where(fits, cache.length + latents.shape[1], cache.length)
-        return out, cache.replace(k=k, v=v, length=new_len)
+        # An overflowing write was clamped onto the last frames: keep the old cache instead (cond: no copy).
+        k, v, length = jax.lax.cond(fits, lambda: (k, v, cache.length + latents.shape[1]),
+                                    lambda: (cache.k, cache.v, cache.length))
+        return out, cache.replace(k=k, v=v, length=length)
