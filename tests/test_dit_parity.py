@@ -110,3 +110,18 @@ def test_remat_policies_give_same_values_and_gradients(reference):
         np.testing.assert_allclose(value, base_value, rtol=1e-6)
         for g, g0 in zip(grads, base_grads):  # same math, different op order: compare in norm
             assert float(jnp.linalg.norm(g - g0) / jnp.linalg.norm(g0)) <= 1e-5
+
+
+def test_layers_are_scanned_so_program_size_does_not_grow_with_depth():
+    def program_size(num_layers):
+        cfg = get_config("tiny", dtype="float32", num_layers=num_layers)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
+        x = jax.ShapeDtypeStruct((1, 2, 4, 4, 16), jnp.float32)
+        t = jax.ShapeDtypeStruct((1,), jnp.float32)
+        c = jax.ShapeDtypeStruct((1, 3, cfg.text_dim), jnp.float32)
+        jaxpr = jax.make_jaxpr(lambda s, *a: nnx.merge(graphdef, s)(*a))(state, x, t, c).jaxpr
+        scans = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+        assert [e.params["length"] for e in scans] == [num_layers]
+        return len(jaxpr.eqns), len(scans[0].params["jaxpr"].jaxpr.eqns)
+
+    assert program_size(2) == program_size(12)

@@ -1,0 +1,60 @@
+"""cuDNN attention backend on an NVIDIA GPU. Skipped (and reported as skipped) where no GPU exists, e.g. in CI;
+run on a lent H100/H200 with `python -m pytest tests/test_gpu.py` (see docs/benchmarks.md for the recorded run)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from decmem_jax.models import attention as attn
+from decmem_jax.models.config import get_config
+from decmem_jax.models.dit import WanDiT
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs an NVIDIA GPU (cuDNN backend)")
+
+
+def rel_err(y, r):
+    y, r = np.asarray(y, np.float32), np.asarray(r, np.float32)
+    return float(np.abs(y - r).max() / np.abs(r).max())
+
+
+def qkv(seed, b=2, sq=256, sk=384, h=4, d=128, dtype=jnp.bfloat16):
+    ks = jax.random.split(jax.random.key(seed), 3)
+    return tuple(jax.random.normal(kk, (b, s, h, d)).astype(dtype) for kk, s in zip(ks, (sq, sk, sk)))
+
+
+def test_auto_resolves_to_cudnn():
+    assert attn.resolve_backend("auto") == "cudnn"
+
+
+def test_cudnn_matches_xla_dense_prefix_and_block_causal():
+    q, k, v = qkv(0)
+    f32 = lambda a: a.astype(jnp.float32)
+    ref = attn.attention(f32(q), f32(k), f32(v), backend="xla")
+    assert rel_err(attn.attention(q, k, v, backend="cudnn"), ref) < 2e-2
+    lengths = jnp.array([100, 300], jnp.int32)
+    ref = attn.attention(f32(q), f32(k), f32(v), backend="xla", kv_length=lengths)
+    assert rel_err(attn.attention(q, k, v, backend="cudnn", kv_length=lengths), ref) < 2e-2
+    q, k, v = qkv(1, sq=384)
+    ref = attn.block_causal_attention(f32(q), f32(k), f32(v), chunk_tokens=128, backend="xla")
+    got = attn.block_causal_attention(q, k, v, chunk_tokens=128, backend="cudnn")
+    assert rel_err(got, ref) < 2e-2
+
+
+def test_cudnn_model_matches_fp32_xla_model_and_cache_path():
+    cfg = get_config("tiny", dtype="float32", attention="xla")
+    fp32 = WanDiT(cfg, rngs=nnx.Rngs(0))
+    bf16 = WanDiT(cfg.replace(dtype="bfloat16", attention="cudnn"), rngs=nnx.Rngs(0))  # same seed: same weights
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((1, 8, 16, 16, 16)), jnp.float32)
+    t = jnp.asarray(rng.uniform(0, 1000, (1, 8)), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((1, 7, cfg.text_dim)), jnp.float32)
+    run = nnx.jit(lambda m, x, t, c: m(x, t, c, chunk_size=2))
+    ref, got = run(fp32, x, t, ctx), run(bf16, x, t, ctx)
+    assert rel_err(got, ref) < 2e-2
+    cache = bf16.init_cache(1, 8, (16, 16))
+    commit = nnx.jit(lambda m, x, t, c, k: m.commit(x, t, c, k))
+    for i in range(4):
+        out, cache = commit(bf16, x[:, 2 * i:2 * i + 2], t[:, 2 * i:2 * i + 2], ctx, cache)
+        assert rel_err(out, got[:, 2 * i:2 * i + 2]) < 2e-2
