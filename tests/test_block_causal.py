@@ -21,6 +21,8 @@ def rel_err(y, r):
 def setup():
     cfg = get_config("tiny", dtype="float32")
     model = WanDiT(cfg, rngs=nnx.Rngs(0))
+    # Weights committed to a device, as `load_dit` returns them (placement is part of jit's cache key).
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
     rng = np.random.default_rng(0)
     latents = jnp.asarray(rng.standard_normal((2, FRAMES, *GRID, 16)), jnp.float32)
     # Per-frame timesteps as in teacher forcing / rollout: different for every chunk and sample.

@@ -34,8 +34,11 @@ class KVCache:
         if capacity <= 0:
             raise ValueError(f"KV cache capacity must be a positive number of latent frames, got {capacity}")
         shape = (num_layers, batch, capacity * tokens_per_frame, num_heads, head_dim)
-        return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((), jnp.int32),
-                   tokens_per_frame=tokens_per_frame)
+        # Committed to a device, like the outputs of a jitted commit: otherwise the first and second chunk steps
+        # see different argument placements and compile twice.
+        device = jax.devices()[0]
+        return cls(k=jax.device_put(jnp.zeros(shape, dtype), device), v=jax.device_put(jnp.zeros(shape, dtype), device),
+                   length=jax.device_put(jnp.zeros((), jnp.int32), device), tokens_per_frame=tokens_per_frame)
 
     def check_room(self, frames: int) -> jax.Array:
         """True when `frames` more frames fit. Raises at once when the length is concrete (outside jit)."""

@@ -119,13 +119,12 @@ class WanBlock(nnx.Module):
         k = apply_rope(k, cos, sin)
         new_kv = None
         if cache_kv is not None:
-            # Write this chunk's keys after the committed frames and attend to the valid prefix.
+            # Committed frames are read in place; the chunk's own (rotated) keys/values go back to the caller,
+            # which writes them into the cache on commit.
             ck, cv = cache_kv
-            ck = jax.lax.dynamic_update_slice_in_dim(ck, k.astype(ck.dtype), offset, axis=1)
-            cv = jax.lax.dynamic_update_slice_in_dim(cv, v.astype(cv.dtype), offset, axis=1)
-            o = attn_lib.attention(q, ck.astype(q.dtype), cv.astype(q.dtype), backend=cfg.attention,
-                                   kv_length=offset + f * t)
-            new_kv = (ck, cv)
+            o = attn_lib.attention_with_history(q, k, v, ck.astype(q.dtype), cv.astype(q.dtype), offset,
+                                                backend=cfg.attention)
+            new_kv = (k, v)
         elif chunk_tokens is not None:
             o = attn_lib.block_causal_attention(q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention)
         else:
@@ -295,8 +294,15 @@ class WanDiT(nnx.Module):
         """Runs the chunk (normally the clean x0 at t=0) and writes its keys/values into the cache.
 
         Returns (velocity, new cache with length + c)."""
-        out, (k, v), fits = self._chunk(latents, timesteps, context, cache)
-        # An overflowing write was clamped onto the last frames: keep the old cache instead (cond: no copy).
-        k, v, length = jax.lax.cond(fits, lambda: (k, v, cache.length + latents.shape[1]),
-                                    lambda: (cache.k, cache.v, cache.length))
+        out, (k, v), fits = self._chunk(latents, timesteps, context, cache)  # k, v: [L, B, c*T, N, K]
+        offset = cache.length * cache.tokens_per_frame
+
+        def write():
+            new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), offset, axis=2)
+            new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), offset, axis=2)
+            return new_k, new_v, cache.length + latents.shape[1]
+
+        # An overflowing write would be clamped onto the last frames: keep the old cache instead. Donate the cache
+        # to a jitted commit to make the write in place.
+        k, v, length = jax.lax.cond(fits, write, lambda: (cache.k, cache.v, cache.length))
         return out, cache.replace(k=k, v=v, length=length)
