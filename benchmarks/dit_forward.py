@@ -58,7 +58,10 @@ TIMESTEP = 937.5  # one timestep for every frame (Self-Forcing's second denoisin
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", default="bidir,chunk", help="comma list of: bidir, chunk")
-    p.add_argument("--attention", default="cudnn,xla", help="comma list of JAX attention backends to time")
+    p.add_argument("--attention", default="cudnn,mosaic,xla", help="comma list of JAX attention backends to time")
+    p.add_argument("--residual", default="float32",
+                   help="comma list of DiTConfig.residual_dtype values to time (float32 = original Wan, "
+                        "compute = bf16 residual like diffusers)")
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
     p.add_argument("--config", default=None, help="DiT preset (default wan2.1-t2v-1.3b; tiny with --small)")
@@ -68,6 +71,8 @@ def parse_args(argv):
     p.add_argument("--no-torch", action="store_true", help="JAX only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output path (default $OUT/dit_forward.json or out/dit_forward.json)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, trace one more JAX call per case into DIR and print device time per kernel")
     args = p.parse_args(argv)
     args.cases = [c for c in args.cases.split(",") if c]
     args.attention = [a for a in args.attention.split(",") if a]
@@ -75,8 +80,8 @@ def parse_args(argv):
         if c not in CASES["full"]:
             p.error(f"unknown case {c!r}; expected bidir and/or chunk")
     for a in args.attention:
-        if a not in ("cudnn", "xla"):
-            p.error(f"unknown JAX attention backend {a!r}; expected cudnn and/or xla")
+        if a not in ("cudnn", "mosaic", "xla"):
+            p.error(f"unknown JAX attention backend {a!r}; expected cudnn, mosaic and/or xla")
     args.config = args.config or ("tiny" if args.small else "wan2.1-t2v-1.3b")
     args.dtype = args.dtype or ("float32" if args.small else "bfloat16")
     if args.json is None:
@@ -207,7 +212,7 @@ def run_case(name, geo, cfg, args, graphdefs, state, torch_side):
     x_j, ctx_j = jnp.asarray(latents), jnp.asarray(context)
     cache = None
     if name == "chunk":
-        model0 = nnx.merge(graphdefs[args.attention[0]] if args.attention else graphdef_for(cfg), state)
+        model0 = nnx.merge(next(iter(graphdefs.values())) if graphdefs else graphdef_for(cfg), state)
         abstract = jax.eval_shape(lambda: model0.init_cache(b, geo["capacity"], geo["hw"]))
         kk, kv = jax.random.split(jax.random.key(args.seed + 7))
         # N(0, 1) like RMS-normed keys; one layer per RNG call (the whole cache has more than 2^31 elements).
@@ -219,8 +224,7 @@ def run_case(name, geo, cfg, args, graphdefs, state, torch_side):
     t_j = jnp.full((b, f) if name == "chunk" else (b,), TIMESTEP, jnp.float32)
 
     outputs = {}
-    for backend in args.attention:
-        gd = graphdefs[backend]
+    for backend, gd in graphdefs.items():
 
         def bench(gd=gd):
             if name == "bidir":
@@ -231,6 +235,12 @@ def run_case(name, geo, cfg, args, graphdefs, state, torch_side):
                 call = lambda: fn(state, x_j, t_j, ctx_j, cache)  # noqa: E731
             out, stats = timed(call, jax_block, args.warmup, args.repeats)
             outputs[backend] = np.asarray(out.astype(jnp.float32))
+            if args.profile:
+                trace_dir = pathlib.Path(args.profile) / f"{name}_{backend}"
+                with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                    jax_block(call())
+                from benchmarks.trace_summary import summarise
+                print(f"--- profile {name} / jax {backend} ---\n{summarise(trace_dir)}", flush=True)
             return {"status": "ok", **stats, "nan": bool(np.isnan(outputs[backend]).any())}
 
         res["jax"][backend] = guarded(bench)
@@ -337,7 +347,7 @@ def fmt_ms(r):
 
 
 def print_table(results):
-    hdr = (f"{'case':6} {'tokens q/kv':>13} {'JAX attn':8} {'JAX ms':>9} {'torch ms':>9} {'JAX/torch':>9} "
+    hdr = (f"{'case':6} {'tokens q/kv':>13} {'JAX variant':18} {'JAX ms':>9} {'torch ms':>9} {'JAX/torch':>9} "
            f"{'rel err':>9} {'JAX TF/s':>9} {'torch TF/s':>10} {'TFLOP':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, c in results.items():
@@ -352,20 +362,23 @@ def print_table(results):
                 err += " NaN!"
             jtf = f"{tf / jr['median_ms'] * 1e3:.1f}" if j_ok else "-"
             ttf = f"{tf / tr['median_ms'] * 1e3:.1f}" if t_ok else "-"
-            print(f"{name:6} {c['tokens']:>6}/{c['kv_tokens']:<6} {backend:8} {fmt_ms(jr):>9} {fmt_ms(tr):>9} "
+            print(f"{name:6} {c['tokens']:>6}/{c['kv_tokens']:<6} {backend:18} {fmt_ms(jr):>9} {fmt_ms(tr):>9} "
                   f"{ratio:>9} {err:>9} {jtf:>9} {ttf:>10} {tf:>8.3f}")
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    if jax.default_backend() != "gpu" and "cudnn" in args.attention:
-        print(f"note: JAX platform is {jax.default_backend()!r}; skipping the cudnn attention backend")
-        args.attention = [a for a in args.attention if a != "cudnn"]
+    gpu_only = [a for a in args.attention if a in ("cudnn", "mosaic")]
+    if jax.default_backend() != "gpu" and gpu_only:
+        print(f"note: JAX platform is {jax.default_backend()!r}; skipping the GPU attention backends {gpu_only}")
+        args.attention = [a for a in args.attention if a not in gpu_only]
     cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype, attention="xla")
     geos = {c: CASES["small" if args.small else "full"][c] for c in args.cases}
 
     t0 = time.perf_counter()
-    graphdefs = {a: graphdef_for(cfg.replace(attention=a)) for a in args.attention}
+    # One JAX variant per (attention backend, residual dtype); labels like "cudnn" or "cudnn/res=compute".
+    graphdefs = {a if r == "float32" else f"{a}/res={r}": graphdef_for(cfg.replace(attention=a, residual_dtype=r))
+                 for a in args.attention for r in args.residual.split(",")}
     state = make_jax_model(cfg, args.seed)
     jax.block_until_ready(state)
     print(f"JAX model ready ({time.perf_counter() - t0:.1f} s): {args.config}, {args.dtype}, "

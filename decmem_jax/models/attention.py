@@ -3,6 +3,9 @@
 Backends:
 - `xla`: plain einsum + float32 softmax; any dtype, any platform; the reference.
 - `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`: fused flash attention on NVIDIA GPUs, bf16/fp16.
+- `mosaic`: jax's Pallas Mosaic-GPU flash attention (`attention_mgpu`, H100/H200, bf16/fp16, forward only, for
+  inference) for unmasked attention, made exact for any length (see `attention_mgpu.py`); attention with a key-length
+  mask (the KV-cache history) has no Mosaic kernel yet and runs on cuDNN.
 - `auto`: cudnn on GPU for bf16/fp16, xla otherwise; the choice is logged once.
 
 Masks are expressed without an S x S matrix: a valid-key prefix length (`kv_length`) covers padding and the KV cache,
@@ -17,6 +20,8 @@ import math
 
 import jax
 import jax.numpy as jnp
+
+from decmem_jax.models.layers import matmul_precision
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -35,21 +40,23 @@ def resolve_backend(name: str, dtype=None) -> str:
             log.info("attention backend 'auto' resolved to %r (platform %r, dtype %s)", resolved, platform, dtype)
             _announced.add((resolved, platform))
         return resolved
-    if name == "cudnn" and platform != "gpu":
-        raise ValueError(f"attention backend 'cudnn' needs an NVIDIA GPU; the default JAX platform is {platform!r}. "
+    if name in ("cudnn", "mosaic") and platform != "gpu":
+        raise ValueError(f"attention backend {name!r} needs an NVIDIA GPU; the default JAX platform is {platform!r}. "
                          "Use attention='xla' (or 'auto').")
-    if name not in ("xla", "cudnn"):
-        raise ValueError(f"unknown attention backend {name!r}; expected 'auto', 'xla' or 'cudnn'")
+    if name not in ("xla", "cudnn", "mosaic"):
+        raise ValueError(f"unknown attention backend {name!r}; expected 'auto', 'xla', 'cudnn' or 'mosaic'")
     return name
 
 
 def _xla_attention(q, k, v, kv_length, scale, with_lse=False):
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    precision = matmul_precision(q.dtype)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32, precision=precision) * scale
     if kv_length is not None:
         valid = jnp.arange(k.shape[1]) < kv_length[:, None]  # [B, Sk]
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
+                     precision=precision)
     if with_lse:
         return out.astype(q.dtype), jax.nn.logsumexp(logits, axis=-1).transpose(0, 2, 1)  # [B, Sq, H]
     return out.astype(q.dtype)
@@ -73,8 +80,22 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_length is not None:
         kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (q.shape[0],))
-    fn = _cudnn_attention if backend == "cudnn" else _xla_attention
-    return fn(q, k, v, kv_length, scale)
+    if kv_length is None:
+        return _unmasked(backend)(q, k, v, None, scale)
+    return _masked(backend)(q, k, v, kv_length, scale)
+
+
+def _masked(backend):
+    """The implementation used for attention with a key-length mask (the Mosaic kernel has no mask: cuDNN)."""
+    return _xla_attention if backend == "xla" else _cudnn_attention
+
+
+def _unmasked(backend):
+    if backend == "mosaic":
+        from decmem_jax.models.attention_mgpu import mosaic_attention
+
+        return mosaic_attention
+    return _masked(backend)
 
 
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_tokens: int,
@@ -101,16 +122,22 @@ def attention_with_history(q: jax.Array, k: jax.Array, v: jax.Array, hist_k: jax
     """
     backend = resolve_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
-    fn = _cudnn_attention if backend == "cudnn" else _xla_attention
+    fn = _masked(backend)
     hist_len = jnp.broadcast_to(jnp.asarray(hist_length, jnp.int32), (q.shape[0],))
     o_hist, lse_hist = fn(q, hist_k, hist_v, hist_len, scale, with_lse=True)
-    o_self, lse_self = fn(q, k, v, None, scale, with_lse=True)
-    lse_hist = lse_hist.astype(jnp.float32)
+    o_self, lse_self = _unmasked(backend)(q, k, v, None, scale, with_lse=True)
     # With no history (first chunk) the history half is undefined (all keys masked): give it zero weight.
     has_hist = (hist_len > 0)[:, None, None]
-    lse_hist = jnp.where(has_hist, lse_hist, -jnp.inf)
-    lse = jnp.logaddexp(lse_hist, lse_self.astype(jnp.float32))
-    w_hist = jnp.exp(lse_hist - lse)[..., None]
-    w_self = jnp.exp(lse_self.astype(jnp.float32) - lse)[..., None]
-    o_hist = jnp.where(has_hist[..., None], o_hist.astype(jnp.float32), 0.0)
-    return (w_hist * o_hist + w_self * o_self.astype(jnp.float32)).astype(q.dtype)
+    lse_hist = jnp.where(has_hist, lse_hist.astype(jnp.float32), -jnp.inf)
+    o_hist = jnp.where(has_hist[..., None], o_hist, 0)
+    return merge_partial(o_hist, lse_hist, o_self, lse_self)[0]
+
+
+def merge_partial(o1, lse1, o2, lse2):
+    """Exact softmax attention over the union of two disjoint key sets from the two partial results.
+
+    o: [B, Sq, H, D]; lse: natural-log log-sum-exp of the scaled logits, [B, Sq, H]. Returns (o, lse)."""
+    lse1, lse2 = lse1.astype(jnp.float32), lse2.astype(jnp.float32)
+    lse = jnp.logaddexp(lse1, lse2)
+    w1, w2 = jnp.exp(lse1 - lse)[..., None], jnp.exp(lse2 - lse)[..., None]
+    return (w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)).astype(o1.dtype), lse

@@ -17,7 +17,7 @@ from flax import nnx
 from decmem_jax.models import attention as attn_lib
 from decmem_jax.models.cache import KVCache
 from decmem_jax.models.config import DiTConfig
-from decmem_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, linear, sinusoidal_embedding
+from decmem_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, linear, matmul_precision, sinusoidal_embedding
 from decmem_jax.models.rope import apply_rope, rope_cos_sin
 
 _REMAT_POLICIES = {
@@ -42,7 +42,8 @@ class PatchEmbed(nnx.Module):
         b, f, h, w, c = x.shape
         pt, ph, pw = self.patch_size
         x = x.reshape(b, f // pt, pt, h // ph, ph, w // pw, pw, c).astype(self.dtype)
-        y = jnp.einsum("bftyhxwc,thwcd->bfyxd", x, self.kernel.get_value().astype(self.dtype))
+        y = jnp.einsum("bftyhxwc,thwcd->bfyxd", x, self.kernel.get_value().astype(self.dtype),
+                       precision=matmul_precision(self.dtype))
         return y + self.bias.get_value().astype(self.dtype)
 
 
@@ -94,7 +95,7 @@ class MLP(nnx.Module):
 
 
 class WanBlock(nnx.Module):
-    """One transformer block. x is [B, F, T, D] (float32 residual); e0 is [B, F, 6, D] float32."""
+    """One transformer block. x is [B, F, T, D] in the residual dtype; e0 is [B, F, 6, D] float32."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -129,17 +130,17 @@ class WanBlock(nnx.Module):
             o = attn_lib.block_causal_attention(q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention)
         else:
             o = attn_lib.attention(q, k, v, backend=cfg.attention)
-        x = x + self.self_attn.out(o).reshape(b, f, t, d) * gate1
+        x = (x + self.self_attn.out(o).reshape(b, f, t, d) * gate1).astype(cfg.residual)
 
         # Cross-attention to the (padded) text context: no modulation, no gate, no mask.
         h = self.norm3(x).astype(cfg.compute_dtype).reshape(b, f * t, d)
         ck, cv = self.cross_attn.key_value(ctx)
         o = attn_lib.attention(self.cross_attn.query(h), ck, cv, backend=cfg.attention)
-        x = x + self.cross_attn.out(o).reshape(b, f, t, d).astype(jnp.float32)
+        x = x + self.cross_attn.out(o).reshape(b, f, t, d).astype(cfg.residual)
 
         # Modulated feed-forward.
         h = (self.norm2(x) * (1 + scale2) + shift2).astype(cfg.compute_dtype)
-        x = x + self.ffn(h) * gate2
+        x = (x + self.ffn(h) * gate2).astype(cfg.residual)
         return x, new_kv
 
 
@@ -237,7 +238,7 @@ class WanDiT(nnx.Module):
         cfg = self.cfg
         grid = self._grid(latents)
         f, h, w = grid
-        x = self.patch_embedding(latents).reshape(latents.shape[0], f, h * w, cfg.dim).astype(jnp.float32)
+        x = self.patch_embedding(latents).reshape(latents.shape[0], f, h * w, cfg.dim).astype(cfg.residual)
         e, e0 = self.embed_time(timesteps, f)
         ctx = self.embed_text(context)
         cos, sin = rope_cos_sin(grid, cfg.rope_split, theta=cfg.rope_theta, max_len=cfg.rope_max_len,

@@ -40,9 +40,15 @@ class LayerNorm(nnx.Module):
         return y
 
 
+def matmul_precision(dtype) -> jax.lax.Precision | None:
+    """float32 compute means float32 matmuls: GPUs otherwise round operands to TF32 (~1e-3 relative error)."""
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
+
+
 def linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Linear:
     """A biased Linear (kernel [in, out]) that casts its input and weights to the compute dtype `dtype`."""
-    return nnx.Linear(din, dout, use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    return nnx.Linear(din, dout, use_bias=True, dtype=dtype, param_dtype=param_dtype,
+                      precision=matmul_precision(dtype), rngs=rngs)
 
 
 def gelu_tanh(x: jax.Array) -> jax.Array:
