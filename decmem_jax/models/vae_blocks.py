@@ -1,0 +1,187 @@
+"""Building blocks of the Wan2.1 causal video VAE in Flax NNX (`../shared/reference/wan21.md` §3.2).
+
+Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation (§3.6): causal
+convolutions see the full sequence with zero frames in front, and the first frame bypasses temporal resampling.
+Parameter names follow diffusers' `AutoencoderKLWan` so that the key table (`convert/vae_keymap.py`) stays a list of
+renames: convolutions hold `kernel` (DHWIO / HWIO) and `bias`, norms hold `gamma` of shape (C,).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+def _kernel_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
+    """LeCun normal over all input axes (spatial + C_in); values are overwritten when a checkpoint is loaded.
+
+    With a concrete key the draw is done in NumPy (seeded from the key): XLA compiles a random-normal program per
+    distinct shape, which made building even the tiny VAE take ~30 s on CPU. Under tracing (eval_shape, jit) the
+    JAX sampler is used, which costs nothing in eval_shape.
+    """
+    key, fan_in = rngs.params(), math.prod(shape[:-1])
+    if isinstance(key, jax.core.Tracer):
+        return (jax.random.normal(key, shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+    rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel().tolist())
+    return jnp.asarray((rng.standard_normal(shape, np.float32) / np.float32(math.sqrt(fan_in))), dtype)
+
+
+def _triple(v) -> tuple[int, int, int]:
+    return (v, v, v) if isinstance(v, int) else tuple(int(u) for u in v)
+
+
+class CausalConv3d(nnx.Module):
+    """Conv3d with causal time padding: 2*pad_t zero frames in front, none behind; spatial padding symmetric.
+
+    `cache` (for streaming) is a [B, c, H, W, C_in] block of preceding input frames; it replaces c of the front zero
+    frames, exactly as in the reference's chunked mode.
+    """
+
+    def __init__(self, din: int, dout: int, kernel, stride=1, padding=0, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.kernel_size, self.stride, self.padding = _triple(kernel), _triple(stride), _triple(padding)
+        self.kernel = nnx.Param(_kernel_init(rngs, (*self.kernel_size, din, dout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> jax.Array:
+        pt, ph, pw = self.padding
+        front = 2 * pt
+        if cache is not None and front > 0:
+            x = jnp.concatenate([cache.astype(x.dtype), x], axis=1)
+            front = max(front - cache.shape[1], 0)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel.get_value().astype(self.dtype), window_strides=self.stride,
+            padding=[(front, 0), (ph, ph), (pw, pw)], dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+        return y + self.bias.get_value().astype(self.dtype)
+
+
+class Conv2d(nnx.Module):
+    """Per-frame 2D convolution (kernel HWIO) applied to [B, T, H, W, C] by folding time into the batch."""
+
+    def __init__(self, din: int, dout: int, kernel: int, stride: int = 1, padding=((0, 0), (0, 0)), *, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_kernel_init(rngs, (kernel, kernel, din, dout), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((dout,), param_dtype))
+        self.stride, self.padding, self.dtype = stride, padding, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t = x.shape[:2]
+        y = jax.lax.conv_general_dilated(
+            x.reshape(b * t, *x.shape[2:]).astype(self.dtype), self.kernel.get_value().astype(self.dtype),
+            window_strides=(self.stride, self.stride), padding=self.padding,
+            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = y + self.bias.get_value().astype(self.dtype)
+        return y.reshape(b, t, *y.shape[1:])
+
+
+class RMSNorm(nnx.Module):
+    """Wan's RMS_norm: x / max(||x||_2, eps) over channels, times sqrt(C) and gamma; no bias. Statistics in float32."""
+
+    def __init__(self, dim: int, *, eps: float, param_dtype):
+        self.gamma = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.eps, self.scale = eps, dim ** 0.5
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        norm = jnp.sqrt(jnp.sum(xf * xf, axis=-1, keepdims=True))
+        y = xf / jnp.maximum(norm, self.eps) * self.scale * self.gamma.get_value().astype(xf.dtype)
+        return y.astype(x.dtype)
+
+
+class ResidualBlock(nnx.Module):
+    """norm1 -> SiLU -> conv1 (k3) -> norm2 -> SiLU -> (dropout 0) -> conv2 (k3); 1x1x1 shortcut if din != dout."""
+
+    def __init__(self, din: int, dout: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = RMSNorm(din, eps=eps, param_dtype=param_dtype)
+        self.conv1 = CausalConv3d(din, dout, 3, padding=1, **kw)
+        self.norm2 = RMSNorm(dout, eps=eps, param_dtype=param_dtype)
+        self.conv2 = CausalConv3d(dout, dout, 3, padding=1, **kw)
+        self.conv_shortcut = CausalConv3d(din, dout, 1, **kw) if din != dout else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        x = self.conv1(jax.nn.silu(self.norm1(x)))
+        x = self.conv2(jax.nn.silu(self.norm2(x)))
+        return x + h
+
+
+class AttentionBlock(nnx.Module):
+    """Single-head self-attention over the h*w pixels of each frame separately (never across time), residual."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = RMSNorm(dim, eps=eps, param_dtype=param_dtype)
+        self.to_qkv = Conv2d(dim, 3 * dim, 1, **kw)
+        self.proj = Conv2d(dim, dim, 1, **kw)
+        self.dim, self.dtype = dim, dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, t, h, w, c = x.shape
+        qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)
+        q, k, v = jnp.split(qkv, 3, axis=-1)  # output channels are laid out q | k | v
+        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.promote_types(q.dtype, jnp.float32)) / math.sqrt(c)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        o = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, t, h, w, c)
+        return self.proj(o) + x
+
+
+class MidBlock(nnx.Module):
+    """resnets[0] -> attentions[0] -> resnets[1] at constant width."""
+
+    def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(eps=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.resnets = nnx.List([ResidualBlock(dim, dim, **kw), ResidualBlock(dim, dim, **kw)])
+        self.attentions = nnx.List([AttentionBlock(dim, **kw)])
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = self.resnets[0](x)
+        for attn, resnet in zip(self.attentions, self.resnets[1:]):
+            x = resnet(attn(x))
+        return x
+
+
+RESAMPLE_MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
+
+
+class Resample(nnx.Module):
+    """Spatial (and temporal, for the *3d modes) resampling by 2 (§3.2 table).
+
+    downsample: per frame, zero-pad right/bottom by 1, 3x3 conv stride 2; downsample3d then keeps frame 0 and appends
+    `time_conv` (kernel 3, stride 2, no padding) over the whole spatially downsampled sequence: 1+2k -> 1+k frames.
+    upsample3d: frame 0 bypasses `time_conv`; frames 1.. go through it as their own causal sequence (2 leading zeros),
+    each giving two frames (channel halves a | b, interleaved a0 b0 a1 b1 ...): 1+k -> 1+2k frames. Then, for both
+    upsample modes, per frame nearest x2 and a 3x3 conv to dim // 2 channels.
+    """
+
+    def __init__(self, dim: int, mode: str, *, dtype, param_dtype, rngs: nnx.Rngs):
+        if mode not in RESAMPLE_MODES:
+            raise ValueError(f"Resample mode {mode!r}; expected one of {RESAMPLE_MODES}")
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mode = mode
+        if mode.startswith("down"):
+            self.resample = Conv2d(dim, dim, 3, stride=2, padding=((0, 1), (0, 1)), **kw)
+            self.time_conv = CausalConv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1), **kw) if mode == "downsample3d" \
+                else None
+        else:
+            self.resample = Conv2d(dim, dim // 2, 3, padding=((1, 1), (1, 1)), **kw)
+            self.time_conv = CausalConv3d(dim, 2 * dim, (3, 1, 1), padding=(1, 0, 0), **kw) if mode == "upsample3d" \
+                else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.mode == "upsample3d" and x.shape[1] > 1:
+            rest = self.time_conv(x[:, 1:])
+            b, t, h, w, c2 = rest.shape
+            rest = rest.reshape(b, t, h, w, 2, c2 // 2)  # channel halves: a = [:C], b = [C:]
+            rest = jnp.moveaxis(rest, 4, 2).reshape(b, 2 * t, h, w, c2 // 2)  # a0 b0 a1 b1 ...
+            x = jnp.concatenate([x[:, :1], rest.astype(x.dtype)], axis=1)
+        if self.mode.startswith("up"):
+            x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)  # nearest(-exact) x2: pixel i <- i // 2
+        x = self.resample(x)
+        if self.mode == "downsample3d" and x.shape[1] >= 3:
+            x = jnp.concatenate([x[:, :1], self.time_conv(x)], axis=1)
+        return x
