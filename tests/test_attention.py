@@ -31,6 +31,15 @@ def test_block_causal_matches_explicit_mask():
     np.testing.assert_allclose(got, reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
 
 
+def test_any_boolean_mask():
+    q, k, v = qkv(3, sq=12, sk=16)
+    rng = np.random.default_rng(0)
+    mask = rng.random((2, 1, 12, 16)) < 0.5
+    mask[..., 0] = True  # every query row keeps at least one key
+    got = attn.attention(q, k, v, backend="xla", mask=jnp.asarray(mask))
+    np.testing.assert_allclose(got, reference(q, k, v, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_kv_length_masks_the_tail_per_batch_row():
     q, k, v = qkv(1, sq=8, sk=20)
     lengths = jnp.array([5, 17], jnp.int32)

@@ -38,6 +38,10 @@ def test_fused_backends_match_xla(backend):
     lengths = jnp.array([100, 300], jnp.int32)
     ref = attn.attention(f32(q), f32(k), f32(v), backend="xla", kv_length=lengths)
     assert rel_err(attn.attention(q, k, v, backend=backend, kv_length=lengths), ref) < 2e-2
+    if backend == "cudnn":  # an explicit (materialised) mask
+        mask = jax.random.bernoulli(jax.random.key(5), 0.5, (2, 1, 250, 390)).at[..., 0].set(True)
+        ref = attn.attention(f32(q), f32(k), f32(v), backend="xla", mask=mask)
+        assert rel_err(attn.attention(q, k, v, backend=backend, mask=mask), ref) < 2e-2
     q, k, v = qkv(1, sq=384, sk=384)
     ref = attn.block_causal_attention(f32(q), f32(k), f32(v), chunk_tokens=128, backend="xla")
     got = attn.block_causal_attention(q, k, v, chunk_tokens=128, backend=backend)

@@ -48,12 +48,14 @@ def resolve_backend(name: str, dtype=None) -> str:
     return name
 
 
-def _xla_attention(q, k, v, kv_length, scale, with_lse=False):
+def _xla_attention(q, k, v, kv_length, scale, with_lse=False, mask=None):
     precision = matmul_precision(q.dtype)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32, precision=precision) * scale
     if kv_length is not None:
         valid = jnp.arange(k.shape[1]) < kv_length[:, None]  # [B, Sk]
         logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
+    if mask is not None:
+        logits = jnp.where(mask, logits, -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)
     out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
                      precision=precision)
@@ -62,24 +64,31 @@ def _xla_attention(q, k, v, kv_length, scale, with_lse=False):
     return out.astype(q.dtype)
 
 
-def _cudnn_attention(q, k, v, kv_length, scale, with_lse=False):
+def _cudnn_attention(q, k, v, kv_length, scale, with_lse=False, mask=None):
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention backend 'cudnn' supports bfloat16/float16 only, got {q.dtype}; "
                          "use DiTConfig(dtype='bfloat16') or attention='xla'")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, key_value_seq_lengths=kv_length,
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, key_value_seq_lengths=kv_length,
                                         implementation="cudnn", return_residual=with_lse)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
-              kv_length: jax.Array | int | None = None) -> jax.Array:
+              kv_length: jax.Array | int | None = None, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention of q [B, Sq, H, D] over k, v [B, Sk, H, D]; keys at positions >= kv_length are ignored.
 
     `kv_length` is an int32 scalar or [B] array (may be traced: no recompilation as it changes), or None for all keys.
+    `mask` is any boolean mask broadcastable to [B, H, Sq, Sk] (True = may attend; every query row needs at least one
+    allowed key). It is a materialised matrix: prefer `kv_length` / `block_causal_attention` where they fit. The
+    `mosaic` backend takes no explicit mask.
     """
     backend = resolve_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_length is not None:
         kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (q.shape[0],))
+    if mask is not None:
+        if backend == "mosaic":
+            raise ValueError("attention backend 'mosaic' takes no explicit mask; use 'cudnn' or 'xla'")
+        return _masked(backend)(q, k, v, kv_length, scale, mask=jnp.asarray(mask, bool))
     if kv_length is None:
         return _unmasked(backend)(q, k, v, None, scale)
     return _masked(backend)(q, k, v, kv_length, scale)
