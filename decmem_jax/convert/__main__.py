@@ -14,7 +14,8 @@ import textwrap
 from decmem_jax.convert import keymap
 from decmem_jax.convert.sources import SUBKEY_PREFERENCE, SourceError
 
-DESCRIPTION = "Convert PyTorch checkpoints of the Wan2.1 models into Orbax checkpoints loadable in one call."
+DESCRIPTION = ("Convert PyTorch checkpoints of the Wan2.1 models (dit: diffusion transformer, vae: video VAE) into "
+               "Orbax checkpoints loadable in one call.")
 
 DIT_HELP = textwrap.dedent("""\
     Convert a Wan2.1 diffusion transformer (DiT) checkpoint. Load the result with
@@ -70,12 +71,61 @@ def _run_dit(args: argparse.Namespace) -> int:
     return 0
 
 
-# name -> (add arguments, run). A new model (e.g. the VAE) adds one entry here.
-COMMANDS = {"dit": (_add_dit, _run_dit)}
+VAE_HELP = textwrap.dedent("""\
+    Convert a Wan2.1 VAE checkpoint (Wan's WanVAE_ / diffusers' AutoencoderKLWan). Load the result
+    with decmem_jax.convert.vae.load_vae(DST).
+
+    Accepted --src inputs:
+      Wan2.1_VAE.pth                the original VAE, a plain PyTorch state dict (loaded with
+                                    weights_only=True), e.g. from Wan-AI/Wan2.1-T2V-1.3B; a directory
+                                    holding Wan2.1_VAE.pth means that file
+      DIR                           diffusers weights: a vae/ directory holding
+                                    diffusion_pytorch_model.safetensors, or a diffusers repository root
+                                    with a vae/ subfolder (e.g. Wan-AI/Wan2.1-T2V-1.3B-Diffusers)
+      FILE.safetensors              one file (fp32/fp16/bf16) in either key layout
+
+    Key layouts: 'original' (Wan2.1_VAE.pth names: encoder.downsamples.N, decoder.upsamples.N,
+    middle.*, head.*, conv1/conv2) and 'diffusers' (down_blocks, up_blocks.I.resnets.J, mid_block,
+    norm_out/conv_out, quant_conv/post_quant_conv); 'auto' decides from the key names.
+
+    DST becomes a directory with config.json, conversion.json and params/ (Orbax). It is written to a
+    temporary directory first and renamed at the end; a failed conversion leaves nothing behind.
+    Every missing, unexpected or mis-shaped key is reported together (exit status 2).""")
+
+
+def _add_vae(sub: argparse._SubParsersAction) -> None:
+    from decmem_jax.convert.vae_keymap import LAYOUTS
+    from decmem_jax.models.vae import VAE_PRESETS
+
+    p = sub.add_parser("vae", help="Wan2.1 VAE (Wan2.1_VAE.pth / AutoencoderKLWan)", description=VAE_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--src", required=True, metavar="FILE_OR_DIR", help="checkpoint file or directory (see above)")
+    p.add_argument("--dst", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--layout", default="auto", choices=["auto", *LAYOUTS],
+                   help="key naming of the source (default: %(default)s)")
+    p.add_argument("--dtype", default="f32", choices=["f32", "bf16"],
+                   help="storage dtype of the converted weights (default: %(default)s)")
+    p.add_argument("--config", default="wan2.1-vae", choices=sorted(VAE_PRESETS),
+                   help="architecture preset the checkpoint must match (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty DST")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _run_vae(args: argparse.Namespace) -> int:
+    from decmem_jax.convert.vae import convert_vae
+
+    dst = convert_vae(args.src, args.dst, layout=args.layout, dtype=args.dtype, config=args.config,
+                      overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote {dst}")
+    return 0
+
+
+# name -> (add arguments, run). A new model adds one entry here.
+COMMANDS = {"dit": (_add_dit, _run_dit), "vae": (_add_vae, _run_vae)}
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from decmem_jax.convert.dit import ConvertError
+    from decmem_jax.convert.orbax_io import ConvertError
 
     return (keymap.CheckpointMismatch, SourceError, ConvertError, FileNotFoundError)
 

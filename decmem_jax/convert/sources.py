@@ -4,7 +4,7 @@ Accepted inputs (see `open_source`):
 - a single `.safetensors` file (fp32, fp16 or bf16; bf16 arrives as an `ml_dtypes.bfloat16` array);
 - a sharded `*.safetensors.index.json` (its `weight_map` names the shards; each shard is opened once);
 - a directory holding `diffusion_pytorch_model.safetensors[.index.json]` (or exactly one safetensors file/index),
-  or a diffusers repository root with such a `transformer/` subfolder;
+  or a diffusers repository root with such a subfolder (`subfolder`: `transformer/` for the DiT, `vae/` for the VAE);
 - a PyTorch pickle (`.pt`, `.pth`, `.bin`, `.ckpt`), loaded with `weights_only=True` and memory-mapped where the file
   format allows. Training checkpoints that nest several state dicts (Self-Forcing / CausVid:
   `{"generator": ..., "generator_ema": ..., "critic": ...}`) are resolved with `subkey` (see `SUBKEY_PREFERENCE`).
@@ -234,9 +234,9 @@ class TorchSource(Source):
             yield key, _torch_to_numpy(self._tensors[key])
 
 
-def _resolve_dir(path: Path) -> Path:
-    """The weights file inside a diffusers/Wan directory (or its `transformer/` subfolder)."""
-    for d in (path, path / "transformer"):
+def _resolve_dir(path: Path, subfolder: str = "transformer") -> Path:
+    """The weights file inside a diffusers/Wan directory (or its `subfolder`, e.g. a repository's `transformer/`)."""
+    for d in (path, path / subfolder):
         for name in (DIFFUSERS_NAME + ".index.json", DIFFUSERS_NAME):
             if (d / name).is_file():
                 return d / name
@@ -246,16 +246,18 @@ def _resolve_dir(path: Path) -> Path:
     listing = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "(empty)"
     why = "several candidates" if candidates else "no weights"
     raise SourceError(f"{path}: directory has {why}: expected {DIFFUSERS_NAME}[.index.json] here or under "
-                      f"transformer/, or exactly one *.safetensors file; contents: {listing}")
+                      f"{subfolder}/, or exactly one *.safetensors file; contents: {listing}")
 
 
-def open_source(path: str | os.PathLike, *, subkey: str = "auto") -> Source:
-    """Opens a checkpoint file or directory for streaming; raises SourceError (or SourceNotFoundError)."""
+def open_source(path: str | os.PathLike, *, subkey: str = "auto", subfolder: str = "transformer") -> Source:
+    """Opens a checkpoint file or directory for streaming; raises SourceError (or SourceNotFoundError).
+
+    subfolder: where a diffusers repository root keeps this model's weights ("transformer" for the DiT, "vae")."""
     path = Path(path).expanduser()
     if not path.exists():
         raise SourceNotFoundError(f"{path}: checkpoint path does not exist")
     if path.is_dir():
-        path = _resolve_dir(path)
+        path = _resolve_dir(path, subfolder)
     name = path.name.lower()
     if name.endswith(".safetensors.index.json"):
         if subkey != "auto":

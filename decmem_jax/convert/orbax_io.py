@@ -1,0 +1,182 @@
+"""The converted-checkpoint directory shared by every model (`dit.py`, `vae.py`): writing it atomically, telling the
+models apart, and restoring an NNX module's parameters from it.
+
+A converted checkpoint is a directory:
+
+    config.json       the model config (`to_json()`), param_dtype = the stored weight dtype
+    conversion.json   {"model": "dit" | "vae", "format_version", source path and format, layout, counts, ...}
+    params/           Orbax (StandardCheckpointer) checkpoint of the nested parameter dict of the module
+
+Directories written before the "model" field existed hold a DiT and are read as one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+CONFIG_FILE = "config.json"
+CONVERSION_FILE = "conversion.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+_F32, _BF16 = (np.float32, "float32"), (ml_dtypes.bfloat16, "bfloat16")
+# accepted spelling -> (numpy storage dtype, config param_dtype)
+WEIGHT_DTYPES = {"f32": _F32, "float32": _F32, "bf16": _BF16, "bfloat16": _BF16}
+# conversion.json "model" -> (name in messages, loader, CLI subcommand)
+MODELS = {"dit": ("DiT", "decmem_jax.convert.dit.load_dit", "dit"),
+          "vae": ("VAE", "decmem_jax.convert.vae.load_vae", "vae")}
+LEGACY_MODEL = "dit"  # what a conversion.json without "model" (or a directory without one) holds
+
+
+class ConvertError(ValueError):
+    """Bad conversion arguments, an occupied destination, or a directory that is not a converted checkpoint."""
+
+
+# ----- flat params {path tuple: array} <-> nested dict -----
+
+def nest(flat: dict[tuple[str, ...], np.ndarray], *, to_device: bool = False) -> dict:
+    """{('a', 'b'): x} -> {'a': {'b': x}}. With to_device, entries become host (CPU) JAX arrays one at a time and are
+    removed from `flat`: Orbax deep-copies numpy leaves before writing but not JAX arrays, so this keeps the save at
+    about one copy of the weights."""
+    cpu = jax.local_devices(backend="cpu")[0] if to_device else None
+    tree: dict = {}
+    for path in list(flat):
+        value = flat.pop(path) if to_device else flat[path]
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = jax.device_put(value, cpu) if to_device else value
+    return tree
+
+
+def flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], object]:
+    """{'a': {'b': x}} -> {('a', 'b'): x}."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + (str(k),)))
+        else:
+            out[prefix + (str(k),)] = v
+    return out
+
+
+# ----- writing -----
+
+def weight_dtype(dtype: str) -> tuple[type, str]:
+    """(numpy storage dtype, config param_dtype name) for an accepted spelling ("f32", "bf16", ...)."""
+    if dtype not in WEIGHT_DTYPES:
+        raise ConvertError(f"unknown weight dtype {dtype!r}; expected one of {sorted(WEIGHT_DTYPES)}")
+    return WEIGHT_DTYPES[dtype]
+
+
+def check_destination(dst: Path, overwrite: bool) -> None:
+    if not dst.exists() or overwrite:
+        return
+    if dst.is_dir() and not any(dst.iterdir()):
+        return
+    raise ConvertError(f"{dst}: destination already exists and is not empty; pass overwrite=True (--overwrite) to "
+                       "replace it")
+
+
+def move_into_place(tmp: Path, dst: Path) -> None:
+    """Renames tmp -> dst; an existing dst (allowed by the caller) is moved aside first and removed afterwards."""
+    old = None
+    if dst.exists() and not (dst.is_dir() and not any(dst.iterdir())):
+        old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+        os.replace(dst, old)
+    elif dst.is_dir():
+        dst.rmdir()
+    os.replace(tmp, dst)
+    if old is not None:
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def save_params(path: Path, tree: dict) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path, tree)
+        ckptr.wait_until_finished()
+
+
+def write_checkpoint(dst: Path, flat: dict[tuple[str, ...], np.ndarray], *, model: str, config_json: str,
+                     record: dict) -> Path:
+    """Writes flat params (consumed: entries are moved to host JAX arrays one at a time), config.json and
+    conversion.json ({"model": model, "format_version": ..., **record}) into a hidden temporary directory next to
+    `dst`, then renames it into place: on any failure nothing is left behind."""
+    if model not in MODELS:
+        raise ValueError(f"unknown model kind {model!r}; expected one of {sorted(MODELS)}")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        save_params(tmp / PARAMS_DIR, nest(flat, to_device=True))
+        (tmp / CONFIG_FILE).write_text(config_json + "\n")
+        record = dict(model=model, format_version=FORMAT_VERSION, **record)
+        (tmp / CONVERSION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        move_into_place(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dst
+
+
+# ----- reading -----
+
+def stored_model(path: Path) -> str:
+    """The model kind recorded in a converted checkpoint's conversion.json (LEGACY_MODEL when not recorded)."""
+    record_file = path / CONVERSION_FILE
+    if not record_file.is_file():
+        return LEGACY_MODEL
+    try:
+        record = json.loads(record_file.read_text())
+        if not isinstance(record, dict):
+            raise TypeError(f"expected a JSON object, found {type(record).__name__}")
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"{record_file}: unreadable conversion record ({e})") from None
+    return str(record.get("model", LEGACY_MODEL))
+
+
+def check_checkpoint_dir(path: str | os.PathLike, model: str) -> Path:
+    """Checks that `path` is a converted checkpoint of `model` ("dit" | "vae"); raises ConvertError naming what it is
+    instead (and the loader to use) otherwise. Returns the expanded path."""
+    name, _, command = MODELS[model]
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ConvertError(f"{path}: converted checkpoint directory does not exist")
+    if not (path / CONFIG_FILE).is_file() or not (path / PARAMS_DIR).is_dir():
+        raise ConvertError(f"{path}: not a converted {name} checkpoint (expected {CONFIG_FILE} and {PARAMS_DIR}/ as "
+                           f"written by `python -m decmem_jax.convert {command}`)")
+    found = stored_model(path)
+    if found != model:
+        if found in MODELS:
+            other, loader, _ = MODELS[found]
+            raise ConvertError(f"{path}: this is a converted {other} checkpoint ({CONVERSION_FILE} says model="
+                               f"{found!r}), not a {name} checkpoint; load it with {loader}")
+        raise ConvertError(f"{path}: {CONVERSION_FILE} names an unknown model {found!r}; expected {model!r}")
+    return path
+
+
+def restore_params(path: Path, abstract: nnx.Module) -> nnx.Module:
+    """Fills the parameters of an abstract module (`nnx.eval_shape`) from `path`/params onto the default device."""
+    import orbax.checkpoint as ocp
+
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                          nnx.to_pure_dict(params))
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            restored = ckptr.restore(path / PARAMS_DIR, target)
+    except Exception as e:
+        raise ConvertError(f"{path}: cannot restore parameters for the stored config "
+                           f"({type(e).__name__}: {e})") from e
+    nnx.replace_by_pure_dict(params, restored)
+    return nnx.merge(graphdef, params, rest)
