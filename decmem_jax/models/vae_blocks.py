@@ -4,6 +4,8 @@ Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-se
 convolutions see the full sequence with zero frames in front, and the first frame bypasses temporal resampling.
 Parameter names follow diffusers' `AutoencoderKLWan` so that the key table (`convert/vae_keymap.py`) stays a list of
 renames: convolutions hold `kernel` (DHWIO / HWIO) and `bias`, norms hold `gamma` of shape (C,).
+With a float32 compute dtype the convolutions and attention einsums ask for `Precision.HIGHEST` (GPUs would otherwise
+round float32 operands to TF32); on CPU that changes nothing.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+
+from decmem_jax.models.layers import matmul_precision
 
 
 def _kernel_init(rngs: nnx.Rngs, shape: tuple[int, ...], dtype) -> jax.Array:
@@ -55,7 +59,8 @@ class CausalConv3d(nnx.Module):
             front = max(front - cache.shape[1], 0)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel.get_value().astype(self.dtype), window_strides=self.stride,
-            padding=[(front, 0), (ph, ph), (pw, pw)], dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+            padding=[(front, 0), (ph, ph), (pw, pw)], dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+            precision=matmul_precision(self.dtype))
         return y + self.bias.get_value().astype(self.dtype)
 
 
@@ -73,7 +78,7 @@ class Conv2d(nnx.Module):
         y = jax.lax.conv_general_dilated(
             x.reshape(b * t, *x.shape[2:]).astype(self.dtype), self.kernel.get_value().astype(self.dtype),
             window_strides=(self.stride, self.stride), padding=self.padding,
-            dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=matmul_precision(self.dtype))
         y = y + self.bias.get_value().astype(self.dtype)
         return y.reshape(b, t, *y.shape[1:])
 
@@ -124,9 +129,11 @@ class AttentionBlock(nnx.Module):
         b, t, h, w, c = x.shape
         qkv = self.to_qkv(self.norm(x)).reshape(b * t, h * w, 3 * c)
         q, k, v = jnp.split(qkv, 3, axis=-1)  # output channels are laid out q | k | v
-        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.promote_types(q.dtype, jnp.float32)) / math.sqrt(c)
+        prec = matmul_precision(self.dtype)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k, precision=prec)
+        logits = logits.astype(jnp.promote_types(q.dtype, jnp.float32)) / math.sqrt(c)
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        o = jnp.einsum("bqk,bkc->bqc", probs, v).reshape(b, t, h, w, c)
+        o = jnp.einsum("bqk,bkc->bqc", probs, v, precision=prec).reshape(b, t, h, w, c)
         return self.proj(o) + x
 
 
