@@ -7,10 +7,14 @@ Cases (real `wan2.1-vae` config, float32 by default as Wan runs its VAE; B=1, 35
           normalised with the same constants, rel err = max|jax - torch| / max|torch|.
   decode  21 latents -> 81 frames: whole-clip jitted `WanVAE.decode` vs diffusers `decode(z_raw).sample` (one latent
           frame at a time internally), z_raw = latents * std + mean.
+  encode_chunked / decode_chunked  the same clips through our streaming steps (frame 0, then 4 frames / C latents
+          per jitted step; outputs concatenated on device): the same chunking diffusers uses internally, and the
+          path to use for long clips. The whole-sequence `encode`/`decode` hold every frame's full-resolution
+          activations at once (they ran out of a 36 GB cap at 81 frames of 352x640 in bf16 on an H100) and run last.
   stream  150 latents -> 600 frames with `vae_stream.stream_decode(vae, latents, chunk=C)`; every yielded chunk is
           copied to host (np.asarray, as a video writer would) and dropped. Timed once after a warm-up pass on a few
           latents (compiles every chunk shape). Bounded memory: JAX's peak_bytes_in_use is process-wide and
-          monotonic, so the stream case runs FIRST (before the whole-clip cases, whatever --cases says), decodes 38
+          monotonic, so the stream case runs FIRST (before the other cases, whatever --cases says), decodes 38
           latents (150 frames), reads the peak, then decodes all 150 latents (600 frames) and reads it again: the
           two must be about equal. Torch peer: diffusers `decode` of the same 38 and then 150 latents (it loops over
           latent frames but returns the whole video; the timed run includes its copy to host), with
@@ -71,12 +75,14 @@ CASES = {
     "small": {"encode": dict(frames=9, hw=(32, 48)), "decode": dict(latents=3, hw=(32, 48)),
               "stream": dict(first=2, latents=5, hw=(32, 32))},
 }
-ORDER = ("stream", "encode", "decode")  # stream first: JAX's peak counter only grows
+# stream first (JAX's peak counter only grows), then the chunked whole-clip cases, and the whole-sequence ones last
+# (at 81 frames of 352x640 they need tens of GB and may OOM; see run_whole).
+ORDER = ("stream", "encode_chunked", "decode_chunked", "encode", "decode")
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="encode,decode,stream", help="comma list of: encode, decode, stream")
+    p.add_argument("--cases", default=",".join(ORDER), help=f"comma list of: {', '.join(ORDER)}")
     p.add_argument("--repeats", type=int, default=5, help="timed runs for encode/decode (median reported)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first, the first compiles (default 2; 1 "
                    "with --small)")
@@ -97,7 +103,7 @@ def parse_args(argv):
     cases = [c for c in args.cases.split(",") if c]
     for c in cases:
         if c not in ORDER:
-            p.error(f"unknown case {c!r}; expected encode, decode and/or stream")
+            p.error(f"unknown case {c!r}; expected some of {', '.join(ORDER)}")
     args.cases = [c for c in ORDER if c in cases]  # stream first, see the docstring
     args.config = args.config or ("tiny" if args.small else "wan2.1-vae")
     args.warmup = args.warmup if args.warmup is not None else (1 if args.small else 2)
@@ -220,13 +226,43 @@ def profile(args, name, call):
     print(f"--- profile {name} / jax ---\n{summarise(trace_dir)}", flush=True)
 
 
+def chunked_call(op, cfg, vae, x, decode_chunk):
+    """A call that encodes/decodes the whole clip x with the streaming steps (what diffusers does internally: frame 0,
+    then 4 frames / `decode_chunk` latents at a time), returning the concatenated output on device."""
+    from decmem_jax.models import vae_stream as vs
+
+    b, t, h, w = x.shape[:4]
+    if op == "encode":
+        first, step = vs.encode_steps(vae)
+        template, size = vs.init_encode_state(vae, b, (h, w)), 4
+    else:
+        first, step = vs.decode_steps(vae)
+        template, size = vs.init_decode_state(vae, b, (h, w)), decode_chunk
+    if (t - 1) % size:
+        raise ValueError(f"{op}: {t - 1} frames after the first do not split into chunks of {size}")
+
+    def call():
+        st = jax.tree.map(jnp.zeros_like, template)  # the steps donate their state: start from fresh zeros
+        st, out = first(st, x[:, :1])
+        outs = [out]
+        for i in range(1, t, size):
+            st, out = step(st, x[:, i:i + size])
+            outs.append(out)
+        return jnp.concatenate(outs, axis=1)
+
+    return call
+
+
 def run_whole(name, geo, cfg, args, jax_model, torch_side):
-    """encode or decode of one whole clip, median of args.repeats on each side."""
+    """encode or decode of one whole clip, median of args.repeats on each side. `encode`/`decode` time the
+    whole-sequence formulation (one XLA program; activations for every frame at once, so it needs a lot of memory at
+    81 frames of 352x640); `encode_chunked`/`decode_chunked` time the streaming steps over the same clip."""
     graphdef, state, _ = jax_model
-    rng = np.random.default_rng(args.seed + (1 if name == "encode" else 2))
+    op, chunked = name.split("_")[0], name.endswith("_chunked")
+    rng = np.random.default_rng(args.seed + (1 if op == "encode" else 2))
     (hh, ww), sf, tf = geo["hw"], cfg.spatial_factor, cfg.temporal_factor
     mean, std = np.asarray(cfg.latents_mean, np.float32), np.asarray(cfg.latents_std, np.float32)
-    if name == "encode":
+    if op == "encode":
         frames = geo["frames"]
         x = rng.uniform(-1.0, 1.0, (1, frames, hh, ww, cfg.in_channels)).astype(np.float32)
         out_shape = (1, 1 + (frames - 1) // tf, hh // sf, ww // sf, cfg.z_dim)
@@ -238,9 +274,12 @@ def run_whole(name, geo, cfg, args, jax_model, torch_side):
     holder = {}
 
     def bench():
-        fn = jax.jit(lambda st, v: getattr(nnx.merge(graphdef, st), name)(v))
         xj = jnp.asarray(x)
-        call = lambda: fn(state, xj)  # noqa: E731
+        if chunked:
+            call = chunked_call(op, cfg, nnx.merge(graphdef, state), xj, args.stream_chunk)
+        else:
+            fn = jax.jit(lambda st, v: getattr(nnx.merge(graphdef, st), op)(v))
+            call = lambda: fn(state, xj)  # noqa: E731
         out, stats = timed(call, jax_block, args.warmup, args.repeats)
         holder["out"] = np.asarray(out)
         del out
@@ -253,7 +292,7 @@ def run_whole(name, geo, cfg, args, jax_model, torch_side):
     if torch_side is not None:
         tref = {}
         model = torch_side.model
-        if name == "encode":
+        if op == "encode":
             xt = torch_side.tensor(x)
             res["torch"] = torch_side.timed_call(lambda: model.encode(xt).latent_dist.mean, args, tref)
             if "out" in tref:
@@ -278,11 +317,7 @@ def run_stream(geo, cfg, args, jax_model, torch_side):
            "chunk": chunk, "first_latents": n_first, "latents": n_all, "frames": frames[n_all],
            "jax": None, "torch": None}
     kept = {}
-    try:
-        from decmem_jax.models.vae_stream import stream_decode
-    except ImportError as e:
-        print(f"stream case skipped: decmem_jax.models.vae_stream is not available ({e})")
-        return dict(res, jax={"status": "SKIPPED", "error": str(e)})
+    from decmem_jax.models.vae_stream import stream_decode
 
     def consume(zj, keep=False):
         """Decodes zj chunk by chunk, copying each chunk to host; returns the number of frames (and keeps them)."""
@@ -361,7 +396,7 @@ def rows(results):
                 yield f"stream@{n}", f"{n} lat C={c['chunk']}", jr, tr, 1 + 4 * (n - 1)
         else:
             n, h, w = c["shapes"]["input"][1:4]
-            shape = f"{n} {'fr' if name == 'encode' else 'lat'} {h}x{w}"
+            shape = f"{n} {'fr' if name.startswith('encode') else 'lat'} {h}x{w}"
             jr = dict(j, ms=j.get("median_ms"), peak_gb=j.get("peak_gb_so_far"))
             tr = dict(t, ms=t.get("median_ms")) if t else None
             yield name, shape, jr, tr, c["frames"]
@@ -401,7 +436,7 @@ def main(argv=None):
     if args.precision == "highest":
         jax.config.update("jax_default_matmul_precision", "highest")
     cfg = get_vae_config(args.config, dtype=args.dtype, param_dtype=args.dtype)
-    geos = {c: CASES["small" if args.small else "full"][c] for c in args.cases}
+    geos = {c: CASES["small" if args.small else "full"][c.split("_")[0]] for c in args.cases}
 
     t0 = time.perf_counter()
     flat = make_params(cfg, args.seed)

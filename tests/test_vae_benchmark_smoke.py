@@ -4,7 +4,6 @@ streaming case decodes every frame."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
@@ -19,9 +18,9 @@ def test_vae_benchmark_small(tmp_path):
     out = tmp_path / "vae.json"
     vae.main(["--small", "--repeats", "1", "--json", str(out)])
     record = json.loads(out.read_text())
-    assert set(record["cases"]) == {"encode", "decode", "stream"}
+    assert set(record["cases"]) == {"encode", "decode", "encode_chunked", "decode_chunked", "stream"}
     assert record["config"]["dtype"] == "float32"
-    for name in ("encode", "decode"):
+    for name in ("encode", "decode", "encode_chunked", "decode_chunked"):
         case = record["cases"][name]
         jax_res, torch_res = case["jax"], case["torch"]
         assert jax_res["status"] == "ok" and torch_res["status"] == "ok", (name, jax_res, torch_res)
@@ -29,9 +28,6 @@ def test_vae_benchmark_small(tmp_path):
         assert jax_res["rel_err"] < 1e-4, (name, jax_res["rel_err"])
         assert len(jax_res["runs_ms"]) == 1 and jax_res["median_ms"] > 0
     stream = record["cases"]["stream"]
-    if importlib.util.find_spec("decmem_jax.models.vae_stream") is None:
-        assert stream["jax"]["status"] == "SKIPPED"
-        pytest.skip("decmem_jax.models.vae_stream is not available: stream case skipped")
     jax_res, torch_res = stream["jax"], stream["torch"]
     assert jax_res["status"] == "ok" and torch_res["status"] == "ok", (jax_res, torch_res)
     for key, latents in (("first", stream["first_latents"]), ("all", stream["latents"])):
