@@ -12,7 +12,9 @@ Frames are numpy ``uint8`` arrays ``[T, H, W, 3]`` in RGB order unless stated ot
   ~1/255), with the stream's tagged matrix (BT.601 if untagged; the writer tags BT.601, limited range).
 * Writing: :class:`VideoWriter` / :func:`write_video` encode incrementally (libx264, yuv420p, CRF) into a temporary
   file next to the target, renamed into place only on a successful close. libx264 (PyAV wheel) output is not
-  byte-reproducible at some widths (seen at 96, 192; not 128, 640): compare re-encodes by pixels, not bytes.
+  reproducible at some widths (seen at 96, 192, and with threads=1; not 128, 640): re-encodes of the same frames
+  can decode to different pixels. Where reproducibility matters (the world generator), use FFmpeg's own
+  deterministic ``codec="mpeg4"`` with a constant quantizer (see ``decmem_jax.data.generate_world.video_options``).
 * Model range: :func:`to_model_range` / :func:`from_model_range` are the one place uint8 <-> [-1, 1] happens.
 * The Wan VAE's ``1 + 4k`` frame rule: :func:`check_frame_count`, :func:`pad_to_valid`.
 

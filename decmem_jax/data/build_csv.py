@@ -1,0 +1,233 @@
+"""Build the CSV index of a WorldMem-format data root: `train.csv` (from `training/`) and `test.csv` (from `test/`).
+
+    python -m decmem_jax.data.build_csv --root DIR [--seed 42] [--strict] [--splits training,test]
+                                        [--check probe|demux|decode] [--workers N]
+
+Each split folder is scanned recursively (hidden files, e.g. writers' temporary files, are ignored); `<stem>.mp4` and
+`<stem>.npz` are paired by their path relative to the split folder without the suffix. Files without a partner are
+reported. Every pair is validated (`worldmem_format.check_clip_arrays` with the video's frame count; an npz that does
+not load or an mp4 that is unreadable/truncated makes the pair invalid). How hard the mp4 is checked (`check`):
+
+* ``probe``: container metadata only (fast; a truncated file with its index at the front passes);
+* ``demux`` (default): also reads every video packet and requires the promised number of non-empty packets (catches
+  truncation without decoding; reads the whole file);
+* ``decode``: decodes every frame (slow; catches corrupt bitstreams).
+
+The CSV (`worldmem_format.CSV_COLUMNS` = `video_path,action_path`, then an extra `num_frames` column = the video's
+frame count) holds paths relative to ROOT (where the CSV lives), one row per valid pair, sorted by path and then
+shuffled with `np.random.default_rng(seed).permutation` (seed 42 = the DecMem reference convention). Readers look
+columns up by name and ignore columns they do not know. The file is written to a temporary name and renamed into
+place. Invalid pairs are left out and listed (file + every problem) in the printed summary; with `strict=True`
+(`--strict`) any invalid pair, unpaired file or missing split is an error: nothing is written, exit code 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import dataclasses
+import io
+import os
+import sys
+import tempfile
+
+import numpy as np
+
+from decmem_jax import video
+from decmem_jax.data.worldmem_format import CSV_COLUMNS, CSV_FOR_SPLIT, check_clip_arrays
+
+EXTRA_COLUMNS = ("num_frames",)
+CHECKS = ("probe", "demux", "decode")
+
+
+@dataclasses.dataclass
+class SplitSummary:
+    split: str
+    csv_name: str
+    rows: list[tuple[str, str, int]] = dataclasses.field(default_factory=list)  # (video, npz, num_frames), shuffled
+    invalid: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)  # (mp4 path rel. ROOT, problems)
+    unpaired: list[str] = dataclasses.field(default_factory=list)  # paths relative to ROOT
+    missing: bool = False  # the split folder does not exist
+    written: str | None = None  # path of the CSV written (None: nothing written)
+
+
+@dataclasses.dataclass
+class Summary:
+    root: str
+    seed: int
+    strict: bool
+    splits: list[SplitSummary]
+
+    @property
+    def ok(self) -> bool:
+        """No invalid pair, unpaired file or missing split folder."""
+        return not any(s.invalid or s.unpaired or s.missing for s in self.splits)
+
+    @property
+    def invalid(self) -> dict[str, list[str]]:
+        return {path: problems for s in self.splits for path, problems in s.invalid}
+
+    @property
+    def unpaired(self) -> list[str]:
+        return [p for s in self.splits for p in s.unpaired]
+
+    def format(self) -> str:
+        out = [f"CSV index of {self.root} (seed {self.seed}{', strict' if self.strict else ''})"]
+        for s in self.splits:
+            if s.missing:
+                out.append(f"  {s.split}/: folder missing, no {s.csv_name}")
+                continue
+            where = f"-> {s.written}" if s.written else "(not written)"
+            out.append(f"  {s.split}/: {len(s.rows)} valid pairs {where}; {len(s.invalid)} invalid, "
+                       f"{len(s.unpaired)} unpaired files")
+            for path, problems in s.invalid:
+                out.append(f"    INVALID {path}: " + "; ".join(problems))
+            for path in s.unpaired:
+                out.append(f"    UNPAIRED {path}: no {'npz' if path.endswith('.mp4') else 'mp4'} with the same stem")
+        if self.strict and not self.ok:
+            out.append("strict mode: problems found, nothing written")
+        return "\n".join(out)
+
+
+def scan_split(split_dir: str) -> tuple[list[tuple[str, str]], list[str]]:
+    """(pairs [(mp4, npz)], unpaired files) under `split_dir`, as paths relative to it (posix), sorted."""
+    found: dict[str, dict[str, str]] = {}
+    for dirpath, dirnames, filenames in os.walk(split_dir):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in filenames:
+            stem, ext = os.path.splitext(name)
+            if name.startswith(".") or ext.lower() not in (".mp4", ".npz"):
+                continue
+            rel = os.path.relpath(os.path.join(dirpath, name), split_dir).replace(os.sep, "/")
+            found.setdefault(rel[: -len(ext)], {})[ext.lower()] = rel
+    pairs, unpaired = [], []
+    for stem in sorted(found):
+        files = found[stem]
+        if len(files) == 2:
+            pairs.append((files[".mp4"], files[".npz"]))
+        else:
+            unpaired.extend(files.values())
+    return pairs, unpaired
+
+
+def _video_frames(path: str, check: str) -> int:
+    """The video's frame count after the `check` (see the module docstring); raises VideoError."""
+    info = video.probe(path)
+    if check == "probe":
+        return info.num_frames
+    if check == "decode":
+        n = sum(1 for _ in video.iter_frames(path))  # raises VideoError on a short or corrupt stream
+        return n
+    import av  # demux: count non-empty packets without decoding
+    try:
+        with av.open(path, "r") as container:
+            n = sum(1 for p in container.demux(container.streams.video[0]) if p.size)
+    except (av.FFmpegError, OSError) as e:
+        raise video.VideoError(f"{path}: cannot read video packets (truncated or corrupt file): {e}") from e
+    if n < info.num_frames:
+        raise video.VideoError(f"{path}: only {n} of the {info.num_frames} promised frames are present "
+                               f"(truncated file)")
+    return n
+
+
+def validate_pair(mp4: str, npz: str, check: str = "demux") -> tuple[int | None, list[str]]:
+    """(video frame count or None, every problem) for one pair of absolute paths."""
+    problems, num_frames = [], None
+    try:
+        num_frames = _video_frames(mp4, check)
+    except video.VideoError as e:
+        problems.append(f"video: {str(e).removeprefix(mp4 + ': ')}")
+    try:
+        with np.load(npz) as data:
+            actions = data["actions"] if "actions" in data.files else None
+            poses = data["poses"] if "poses" in data.files else None
+    except Exception as e:  # zipfile/pickle/OS errors: anything that stops the npz from loading
+        problems.append(f"npz does not load: {type(e).__name__}: {e}")
+    else:
+        problems += [f"npz: {p}" for p in check_clip_arrays(actions, poses, num_frames)]
+    return num_frames, problems
+
+
+def _write_csv_atomic(path: str, rows: list[tuple[str, str, int]]) -> None:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow([*CSV_COLUMNS, *EXTRA_COLUMNS])
+    writer.writerows(rows)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def build_csv(root, seed: int = 42, strict: bool = False, splits=("training", "test"), *, check: str = "demux",
+              workers: int | None = None, progress: bool = True) -> Summary:
+    """Scan, validate and index the splits of `root`; write the CSVs (unless strict and problems) and return the
+    Summary. See the module docstring."""
+    from tqdm.auto import tqdm
+
+    if check not in CHECKS:
+        raise ValueError(f"check={check!r}; expected one of {CHECKS}")
+    root = os.path.abspath(os.fspath(root))
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"{root}: data root is not a directory")
+    workers = workers or min(8, os.cpu_count() or 1)
+    summary = Summary(root, seed, strict, [])
+    for split in splits:
+        s = SplitSummary(split, CSV_FOR_SPLIT.get(split, f"{split}.csv"))
+        summary.splits.append(s)
+        split_dir = os.path.join(root, split)
+        if not os.path.isdir(split_dir):
+            s.missing = True
+            continue
+        pairs, unpaired = scan_split(split_dir)
+        s.unpaired = [f"{split}/{p}" for p in unpaired]
+        jobs = [(os.path.join(split_dir, m), os.path.join(split_dir, n)) for m, n in pairs]
+        with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+            results = list(tqdm(pool.map(lambda j: validate_pair(*j, check=check), jobs), total=len(jobs),
+                                desc=f"checking {split}/", unit="pair", disable=not progress))
+        rows = []
+        for (mp4, npz), (num_frames, problems) in zip(pairs, results):
+            if problems:
+                s.invalid.append((f"{split}/{mp4}", problems))
+            else:
+                rows.append((f"{split}/{mp4}", f"{split}/{npz}", num_frames))
+        rows.sort()
+        s.rows = [rows[i] for i in np.random.default_rng(seed).permutation(len(rows))]
+    if strict and not summary.ok:
+        return summary
+    for s in summary.splits:
+        if not s.missing:
+            s.written = os.path.join(root, s.csv_name)
+            _write_csv_atomic(s.written, s.rows)
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m decmem_jax.data.build_csv", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", required=True, help="data root holding the split folders; the CSVs are written here")
+    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+    p.add_argument("--strict", action="store_true", help="any invalid pair / unpaired file: write nothing, exit 1")
+    p.add_argument("--splits", default="training,test", help="comma-separated split folders (default training,test)")
+    p.add_argument("--check", choices=CHECKS, default="demux", help="how hard to check each mp4 (default demux)")
+    p.add_argument("--workers", type=int, default=None, help="parallel validation threads (default min(8, cpus))")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        summary = build_csv(args.root, args.seed, args.strict, [s for s in args.splits.split(",") if s],
+                            check=args.check, workers=args.workers, progress=not args.no_progress)
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(summary.format())
+    return 1 if args.strict and not summary.ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
