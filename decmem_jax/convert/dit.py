@@ -21,22 +21,13 @@ from flax import nnx
 
 from decmem_jax.convert import keymap
 from decmem_jax.convert.orbax_io import (CONFIG_FILE, CONVERSION_FILE, FORMAT_VERSION, PARAMS_DIR,  # noqa: F401
-                                         WEIGHT_DTYPES, ConvertError, check_checkpoint_dir, check_destination,
-                                         flatten, nest, restore_params, weight_dtype, write_checkpoint)
+                                         WEIGHT_DTYPES, ConvertError, check_destination, convert_source, flatten,
+                                         nest, read_model_config, resolve_config, restore_params, weight_dtype)
 from decmem_jax.convert.sources import SourceError, open_source
 from decmem_jax.models.config import DiTConfig, get_config
 from decmem_jax.models.dit import WanDiT
 
 # ----- conversion -----
-
-def _resolve_config(config: str | DiTConfig) -> DiTConfig:
-    if isinstance(config, DiTConfig):
-        return config
-    try:
-        return get_config(config)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
-
 
 def convert_dit(src: str | os.PathLike, dst: str | os.PathLike, *, layout: str = "auto", dtype: str = "f32",
                 config: str | DiTConfig = "wan2.1-t2v-1.3b", subkey: str = "auto", overwrite: bool = False,
@@ -51,40 +42,24 @@ def convert_dit(src: str | os.PathLike, dst: str | os.PathLike, *, layout: str =
     subkey: which nested state dict of a training checkpoint to use ("auto": generator_ema > generator > model >
     state_dict > the file itself).
     """
-    from tqdm.auto import tqdm
-
-    np_dtype, dtype_name = weight_dtype(dtype)
+    weight_dtype(dtype)  # validates before anything is read
     if layout != "auto" and layout not in keymap.TABLES:
         raise ConvertError(f"unknown layout {layout!r}; expected 'auto' or one of {sorted(keymap.TABLES)}")
-    cfg = _resolve_config(config).replace(param_dtype=dtype_name)
+    cfg = resolve_config(config, DiTConfig, get_config)
     dst = Path(dst).expanduser().absolute()
     check_destination(dst, overwrite)
-
     source = open_source(src, subkey=subkey)
-    if layout == "auto":
-        try:
-            layout = keymap.detect_layout(source.keys())
-        except ValueError as e:
-            raise ConvertError(f"{source.path}: {e}") from None
-    items = tqdm(source, total=len(source), desc=f"converting {source.path.name}", unit="tensor",
-                 disable=not progress)
-    flat = keymap.assemble(items, cfg, layout, dtype=np_dtype, source=source.describe())
-    num_params = int(sum(a.size for a in flat.values()))
-
-    record = dict(source=str(source.path), source_format=source.kind, layout=layout, subkey=source.subkey,
-                  num_tensors=len(source), num_params=num_params, param_dtype=dtype_name)
-    return write_checkpoint(dst, flat, model="dit", config_json=cfg.to_json(), record=record)
+    return convert_source(
+        source, dst, model="dit", cfg=cfg, layout=layout, detect=keymap.detect_layout, dtype=dtype,
+        assemble=lambda items, lay, np_dtype, desc: keymap.assemble(items, cfg, lay, dtype=np_dtype, source=desc),
+        progress=progress)
 
 
 # ----- loading -----
 
 def read_config(path: str | os.PathLike) -> DiTConfig:
     """The DiTConfig stored in a converted checkpoint directory."""
-    path = check_checkpoint_dir(path, "dit")
-    try:
-        return DiTConfig.from_json((path / CONFIG_FILE).read_text())
-    except (ValueError, TypeError) as e:
-        raise ConvertError(f"{path / CONFIG_FILE}: invalid DiT config ({e})") from None
+    return read_model_config(path, "dit", DiTConfig)
 
 
 def load_dit(path: str | os.PathLike, *, dtype: str | None = None, attention: str | None = None,

@@ -180,3 +180,44 @@ def restore_params(path: Path, abstract: nnx.Module) -> nnx.Module:
                            f"({type(e).__name__}: {e})") from e
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
+
+
+def convert_source(source, dst: Path, *, model: str, cfg, layout: str, detect, assemble, dtype: str,
+                   progress: bool) -> Path:
+    """The conversion every model shares: resolve layout "auto" with `detect(keys)`, stream the source's tensors
+    through `assemble(items, layout, np_dtype, source_description)` (with a progress bar) and write the checkpoint."""
+    from tqdm.auto import tqdm
+
+    np_dtype, dtype_name = weight_dtype(dtype)
+    if layout == "auto":
+        try:
+            layout = detect(source.keys())
+        except ValueError as e:
+            raise ConvertError(f"{source.path}: {e}") from None
+    items = tqdm(source, total=len(source), desc=f"converting {source.path.name}", unit="tensor",
+                 disable=not progress)
+    flat = assemble(items, layout, np_dtype, source.describe())
+    record = dict(source=str(source.path), source_format=source.kind, layout=layout, subkey=source.subkey,
+                  num_tensors=len(source), num_params=int(sum(a.size for a in flat.values())),
+                  param_dtype=dtype_name)
+    return write_checkpoint(dst, flat, model=model, config_json=cfg.replace(param_dtype=dtype_name).to_json(),
+                            record=record)
+
+
+def read_model_config(path: str | os.PathLike, model: str, config_cls):
+    """The config (`config_cls.from_json`) stored in a converted checkpoint directory of `model`."""
+    path = check_checkpoint_dir(path, model)
+    try:
+        return config_cls.from_json((path / CONFIG_FILE).read_text())
+    except (ValueError, TypeError) as e:
+        raise ConvertError(f"{path / CONFIG_FILE}: invalid {MODELS[model][0]} config ({e})") from None
+
+
+def resolve_config(config, config_cls, presets):
+    """A config object as given, or the named preset (`presets(name)`); unknown names raise ConvertError."""
+    if isinstance(config, config_cls):
+        return config
+    try:
+        return presets(config)
+    except ValueError as e:
+        raise ConvertError(str(e)) from None

@@ -19,22 +19,13 @@ from pathlib import Path
 from flax import nnx
 
 from decmem_jax.convert import vae_keymap
-from decmem_jax.convert.orbax_io import (CONFIG_FILE, ConvertError, check_checkpoint_dir, check_destination,
-                                         restore_params, weight_dtype, write_checkpoint)
+from decmem_jax.convert.orbax_io import (ConvertError, check_destination, convert_source, read_model_config,
+                                         resolve_config, restore_params, weight_dtype)
 from decmem_jax.convert.sources import SourceError, open_source
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
 
 ORIGINAL_FILE = "Wan2.1_VAE.pth"  # the VAE's name in the original Wan2.1 repositories
 DIFFUSERS_SUBFOLDER = "vae"
-
-
-def _resolve_config(config: str | VAEConfig) -> VAEConfig:
-    if isinstance(config, VAEConfig):
-        return config
-    try:
-        return get_vae_config(config)
-    except ValueError as e:
-        raise ConvertError(str(e)) from None
 
 
 def _source_path(src: str | os.PathLike) -> Path:
@@ -54,37 +45,24 @@ def convert_vae(src: str | os.PathLike, dst: str | os.PathLike, *, layout: str =
     config: preset name ("wan2.1-vae", "tiny") or VAEConfig; its architecture must match the checkpoint (every missing,
     unexpected or mis-shaped key is reported at once as keymap.CheckpointMismatch).
     """
-    from tqdm.auto import tqdm
-
-    np_dtype, dtype_name = weight_dtype(dtype)
+    weight_dtype(dtype)  # validates before anything is read
     if layout != "auto" and layout not in vae_keymap.LAYOUTS:
         raise ConvertError(f"unknown layout {layout!r}; expected 'auto' or one of {sorted(vae_keymap.LAYOUTS)}")
-    cfg = _resolve_config(config).replace(param_dtype=dtype_name)
+    cfg = resolve_config(config, VAEConfig, get_vae_config)
     dst = Path(dst).expanduser().absolute()
     check_destination(dst, overwrite)
-
     source = open_source(_source_path(src), subfolder=DIFFUSERS_SUBFOLDER)
-    if layout == "auto":
-        try:
-            layout = vae_keymap.detect_vae_layout(source.keys(), cfg)
-        except ValueError as e:
-            raise ConvertError(f"{source.path}: {e}") from None
-    items = tqdm(source, total=len(source), desc=f"converting {source.path.name}", unit="tensor",
-                 disable=not progress)
-    flat = vae_keymap.assemble_vae(items, cfg, layout, dtype=np_dtype, source=source.describe())
-    num_params = int(sum(a.size for a in flat.values()))
-    record = dict(source=str(source.path), source_format=source.kind, layout=layout, subkey=source.subkey,
-                  num_tensors=len(source), num_params=num_params, param_dtype=dtype_name)
-    return write_checkpoint(dst, flat, model="vae", config_json=cfg.to_json(), record=record)
+    return convert_source(
+        source, dst, model="vae", cfg=cfg, layout=layout, dtype=dtype,
+        detect=lambda keys: vae_keymap.detect_vae_layout(keys, cfg),
+        assemble=lambda items, lay, np_dtype, desc: vae_keymap.assemble_vae(items, cfg, lay, dtype=np_dtype,
+                                                                             source=desc),
+        progress=progress)
 
 
 def read_vae_config(path: str | os.PathLike) -> VAEConfig:
     """The VAEConfig stored in a converted VAE checkpoint directory."""
-    path = check_checkpoint_dir(path, "vae")
-    try:
-        return VAEConfig.from_json((path / CONFIG_FILE).read_text())
-    except (ValueError, TypeError) as e:
-        raise ConvertError(f"{path / CONFIG_FILE}: invalid VAE config ({e})") from None
+    return read_model_config(path, "vae", VAEConfig)
 
 
 def load_vae(path: str | os.PathLike, *, dtype: str | None = None) -> WanVAE:
