@@ -1,2 +1,2 @@
-"""Pallas kernels for DecMem (Sparse Global Memory attention and friends). Empty until the SGM kernel issue lands;
-see pallas_kernels/README.md."""
+"""Pallas kernels for DecMem; see pallas_kernels/README.md. `pallas_kernels.sgm.sgm_attention` is the Sparse Global
+Memory attention (reference + kernels behind one function)."""
