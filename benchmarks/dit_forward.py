@@ -30,10 +30,8 @@ import argparse  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
-import statistics  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import traceback  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -44,6 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
 from decmem_jax.models.config import DiTConfig, get_config  # noqa: E402
 from decmem_jax.models.dit import WanDiT  # noqa: E402
 
@@ -108,40 +107,6 @@ def flops(cfg: DiTConfig, b: int, sq: int, skv: int) -> dict:
     return {"attention": attn, "linear": linear, "total": attn + linear}
 
 
-def timed(call, sync, warmup: int, repeats: int):
-    """Runs `call` warmup times (the first is timed separately: it includes compilation), then `repeats` timed runs."""
-    t0 = time.perf_counter()
-    out = sync(call())
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(max(warmup - 1, 0)):
-        out = sync(call())
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = sync(call())
-        runs.append((time.perf_counter() - t0) * 1e3)
-    return out, {"first_call_ms": first_ms, "runs_ms": runs, "median_ms": statistics.median(runs),
-                 "min_ms": min(runs)}
-
-
-def is_oom(e: BaseException) -> bool:
-    msg = str(e)
-    return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or type(e).__name__ == "OutOfMemoryError"
-
-
-def guarded(fn):
-    """fn() -> result dict; OOM and other failures become {"status": ...} instead of ending the benchmark."""
-    try:
-        return fn()
-    except Exception as e:  # noqa: BLE001
-        if is_oom(e):
-            return {"status": "OOM", "error": str(e).splitlines()[0][:300]}
-        traceback.print_exc()
-        return {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
-    finally:
-        gc.collect()
-
-
 # ---------------------------------------------------------------- JAX side
 def make_jax_model(cfg: DiTConfig, seed: int):
     """Random WanDiT parameter state, filled leaf by leaf (cheaper to compile than the module's own init): kernels
@@ -179,18 +144,6 @@ def make_jax_model(cfg: DiTConfig, seed: int):
 
 def graphdef_for(cfg: DiTConfig):
     return nnx.split(nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))[0]
-
-
-def jax_peak_gb():
-    """Peak bytes in use on JAX's first device since start (GPU allocator statistics; None where unavailable)."""
-    try:
-        return round(jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30, 2)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def jax_block(x):
-    return jax.block_until_ready(x)
 
 
 # ---------------------------------------------------------------- cases
@@ -325,21 +278,6 @@ class TorchSide:
         return info
 
 
-def jax_info():
-    dev = jax.devices()[0]
-    info = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
-            "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
-            "flax": __import__("flax").__version__,
-            "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
-    try:
-        from jax._src.lib import cuda_versions
-        if cuda_versions is not None:
-            info["cudnn"] = cuda_versions.cudnn_get_version()
-    except Exception:  # noqa: BLE001
-        pass
-    return info
-
-
 def fmt_ms(r):
     if r is None:
         return "-"
@@ -404,10 +342,7 @@ def main(argv=None):
     if torch_side is not None:
         record["torch"] = torch_side.info(cfg, results)
         print(f"torch SDPA: {record['torch']['sdpa']}")
-    path = pathlib.Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_record(args.json, record)
     return record
 
 

@@ -64,7 +64,7 @@ import ml_dtypes  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.dit_forward import guarded, jax_block, jax_info, jax_peak_gb, timed  # noqa: E402
+from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
 from decmem_jax.convert.vae_keymap import iter_export_vae  # noqa: E402
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config  # noqa: E402
 
@@ -472,10 +472,7 @@ def main(argv=None):
               "goal": "JAX ms <= 0.8 x torch ms; flat JAX peak over the stream"}
     if torch_side is not None:
         record["torch"] = torch_side.info()
-    path = pathlib.Path(args.json)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
-    print(f"wrote {path}")
+    write_record(args.json, record)
     return record
 
 

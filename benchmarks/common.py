@@ -1,0 +1,84 @@
+"""Helpers shared by the benchmark scripts: timing, OOM-tolerant cases, device/version info, the JSON record."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import pathlib
+import statistics
+import time
+import traceback
+
+import jax
+
+
+def timed(call, sync, warmup: int, repeats: int):
+    """Runs `call` warmup times (the first is timed separately: it includes compilation), then `repeats` timed runs."""
+    t0 = time.perf_counter()
+    out = sync(call())
+    first_ms = (time.perf_counter() - t0) * 1e3
+    for _ in range(max(warmup - 1, 0)):
+        out = sync(call())
+    runs = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = sync(call())
+        runs.append((time.perf_counter() - t0) * 1e3)
+    return out, {"first_call_ms": first_ms, "runs_ms": runs, "median_ms": statistics.median(runs),
+                 "min_ms": min(runs)}
+
+
+def is_oom(e: BaseException) -> bool:
+    msg = str(e)
+    return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or type(e).__name__ == "OutOfMemoryError"
+
+
+def guarded(fn):
+    """fn() -> result dict; OOM and other failures become {"status": ...} instead of ending the benchmark."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001
+        if is_oom(e):
+            return {"status": "OOM", "error": str(e).splitlines()[0][:300]}
+        traceback.print_exc()
+        return {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+    finally:
+        gc.collect()
+
+
+def jax_peak_gb():
+    """Peak bytes in use on JAX's first device since start (GPU allocator statistics; None where unavailable)."""
+    try:
+        return round(jax.devices()[0].memory_stats()["peak_bytes_in_use"] / 2**30, 2)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def jax_block(x):
+    return jax.block_until_ready(x)
+
+
+def jax_info():
+    dev = jax.devices()[0]
+    info = {"device": getattr(dev, "device_kind", str(dev)), "platform": dev.platform, "jax": jax.__version__,
+            "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
+            "flax": __import__("flax").__version__,
+            "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
+    try:
+        from jax._src.lib import cuda_versions
+        if cuda_versions is not None:
+            info["cudnn"] = cuda_versions.cudnn_get_version()
+    except Exception:  # noqa: BLE001
+        pass
+    return info
+
+
+def write_record(path, record: dict) -> None:
+    """Writes the benchmark's JSON record atomically (temp file + rename) and says where."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, path)
+    print(f"wrote {path}")
