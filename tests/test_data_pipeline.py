@@ -16,6 +16,7 @@ from decmem_jax.data import build_csv as build_csv_mod
 from decmem_jax.data import encode_latents as enc
 from decmem_jax.data import pipeline as pl
 from decmem_jax.data.worldmem_format import noop
+from decmem_jax.models.conditioning import group_by_latent
 
 T = 41
 HW = (64, 64)
@@ -166,9 +167,11 @@ def test_pipeline_batches_are_aligned(root, summary):
     f32 = next(pl.make_iterator(_cfg(csv_path, video_dtype="float32", first_action="zeros")))
     np.testing.assert_allclose(f32["video"], video_io.to_model_range(b["video"]))
     assert not f32["actions"][:, 0].any()
-    grouped, mask = pl.group_by_latent(b["actions"], axis=1)
-    assert grouped.shape == (2, 3, 4, 8) and mask[0].tolist() == [False, False, False, True]
+    # The model groups frames per latent (latent j >= 1 <-> frames 4j-3 .. 4j) consistently with latent_index.
+    grouped = np.asarray(group_by_latent(b["actions"])).reshape(2, 3, 4, 8)
     np.testing.assert_array_equal(grouped[:, 2], b["actions"][:, 5:9])
+    np.testing.assert_array_equal(grouped[:, 0, 3], b["actions"][:, 0])
+    assert (b["latent_index"][0, 5:9] == 2).all()
 
 
 def test_pipeline_determinism_sharding_and_resume(root, summary):

@@ -27,7 +27,7 @@ Per example (`source="video"`), T = clip_frames (1 + 4k), L = (T - 1) / 4 + 1 la
                  angles, in [0, 360): positions stay in world axes, so angles stay in world axes too). A (T-1)-row
                  pose array is left-padded with a zero row first (worldmem_format.load_clip_arrays).
     latent_index int32 [T]: frame t belongs to latent 0 if t == 0, else ceil(t / 4) (latent j >= 1 <-> frames
-                 4j-3 .. 4j); `group_by_latent` gives the [L, 4, ...] per-latent view.
+                 4j-3 .. 4j); `decmem_jax.models.conditioning.group_by_latent` gives the per-latent view.
     start        int32: index in the source video of the clip's frame 0; index int32: the CSV row.
 
 The clip start is uniform in [skip_frames, N - clip_frames] (N = min(video frames, npz rows)), drawn from
@@ -146,20 +146,6 @@ class CsvSource:
 def latent_index(num_frames: int) -> np.ndarray:
     """int32 [T]: the latent of each frame (0 for frame 0, then ceil(t / 4))."""
     return ((np.arange(num_frames) + 3) // 4).astype(np.int32)
-
-
-def group_by_latent(x: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Frame-level [.., T, ..] (T = 1 + 4k along `axis`) -> (per-latent [.., L, 4, ..], mask [L, 4]): latent j >= 1
-    holds its frames 4j-3 .. 4j; latent 0 holds frame 0 in its last slot and zeros (mask False) in the others."""
-    x = np.asarray(x)
-    axis = axis % x.ndim
-    x = np.moveaxis(x, axis, 0)
-    if (x.shape[0] - 1) % 4:
-        raise ValueError(f"group_by_latent needs 1 + 4k frames, got {x.shape[0]}")
-    grouped = np.concatenate([np.zeros((3, *x.shape[1:]), x.dtype), x]).reshape(-1, 4, *x.shape[1:])
-    mask = np.ones(grouped.shape[:2], bool)
-    mask[0, :3] = False
-    return np.moveaxis(grouped, (0, 1), (axis, axis + 1)), mask
 
 
 def clip_conditioning(actions: np.ndarray, poses: np.ndarray, first_action: str = "noop"):
