@@ -19,8 +19,27 @@ REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
+class JsonConfig:
+    """`replace` and a strict JSON round trip for the frozen config dataclasses (DiTConfig, VAEConfig)."""
+
+    def replace(self, **changes: Any):
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str):
+        data = json.loads(text)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{cls.__name__} has unknown fields {unknown}; known fields are {sorted(known)}")
+        return cls(**data)
+
+
 @dataclasses.dataclass(frozen=True)
-class DiTConfig:
+class DiTConfig(JsonConfig):
     """Wan2.1 DiT architecture plus runtime policy. Field names follow `wan/configs` and `../shared/reference/wan21.md`."""
 
     # --- architecture (must match the checkpoint) ---
@@ -89,20 +108,6 @@ class DiTConfig:
     def weight_dtype(self) -> jnp.dtype:
         return DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "DiTConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "DiTConfig":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"DiT config has unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
 
 
 PRESETS: dict[str, DiTConfig] = {

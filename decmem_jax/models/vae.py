@@ -10,14 +10,13 @@ Wan. Blocks live in `vae_blocks.py`; the checkpoint key table in `convert/vae_ke
 from __future__ import annotations
 
 import dataclasses
-import json
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from decmem_jax.models.config import DTYPES
+from decmem_jax.models.config import DTYPES, JsonConfig
 from decmem_jax.models.vae_blocks import CausalConv3d, MidBlock, ResidualBlock, Resample, RMSNorm
 
 # Published per-channel statistics of the Wan2.1 latent space (identical in Wan, diffusers, Self-Forcing, CausVid).
@@ -28,7 +27,7 @@ LATENTS_STD = (2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     """Wan2.1 VAE architecture plus dtype policy; field names follow diffusers' `AutoencoderKLWan` config."""
 
     # --- architecture (must match the checkpoint) ---
@@ -76,20 +75,6 @@ class VAEConfig:
     def weight_dtype(self) -> jnp.dtype:
         return DTYPES[self.param_dtype]
 
-    def replace(self, **changes: Any) -> "VAEConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> "VAEConfig":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"VAE config has unknown fields {unknown}; known fields are {sorted(known)}")
-        return cls(**data)
 
 
 VAE_PRESETS: dict[str, VAEConfig] = {
