@@ -130,3 +130,145 @@ def test_zero_gate_gives_the_alm_branch_and_the_gate_adds_sgm(setup):
     out2 = mem.decmem_attention(q, k2, v, jnp.full_like(q, 0.5), layout, cfg, chunk=CHUNK)
     np.testing.assert_array_equal(np.asarray(out2[:, : (FRAMES - CHUNK) * T]),
                                   np.asarray(gated[:, : (FRAMES - CHUNK) * T]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model level: WanDiT with DiTConfig.memory (items d, e, f) and the teacher-forcing layout.
+# ---------------------------------------------------------------------------------------------------------------
+from flax import nnx  # noqa: E402
+
+from decmem_jax.models.conditioning import ConditioningConfig  # noqa: E402
+from decmem_jax.models.config import get_config  # noqa: E402
+from decmem_jax.models.dit import WanDiT  # noqa: E402
+
+MF, MC, MGRID = 6, 2, (8, 8)  # latent frames, chunk, latent H x W: 16 tokens per frame -> 3 blocks of 6/6/4
+
+
+def tiny_memory_config(**memory):
+    base = get_config("tiny", dtype="float32")
+    kw = dict(blocks_per_frame=3, block_slots=64, top_k=3, window=4, backend="reference")
+    return base.replace(memory=mem.MemoryConfig(**{**kw, **memory}),
+                        conditioning=ConditioningConfig.from_dit(base, hidden=32))
+
+
+def make_model(cfg, seed=0, gate_scale=0.0):
+    model = WanDiT(cfg, rngs=nnx.Rngs(seed))
+    if gate_scale and cfg.memory is not None:  # a trained-looking gate (it is zero at init)
+        kernel = model.blocks.gate.kernel
+        kernel.set_value(gate_scale * jax.random.normal(jax.random.key(7), kernel.get_value().shape))
+    if cfg.conditioning is not None:  # non-zero conditioning output layer (zero at init)
+        lin = model.conditioning.action_mlp.linear_2
+        lin.kernel.set_value(0.5 * jax.random.normal(jax.random.key(8), lin.kernel.get_value().shape))
+    nnx.update(model, jax.device_put(nnx.state(model), jax.devices()[0]))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model_inputs():
+    rng = np.random.default_rng(0)
+    b = 2
+    latents = jnp.asarray(rng.standard_normal((b, MF, *MGRID, 16)), jnp.float32)
+    t = jnp.asarray(rng.uniform(0, 1000, (b, MF // MC)).repeat(MC, axis=1), jnp.float32)
+    ctx = jnp.asarray(rng.standard_normal((b, 5, 64)), jnp.float32)
+    actions = jnp.asarray(rng.integers(0, 3, (b, 1 + 4 * (MF - 1), 8)), jnp.int32)
+    return latents, t, ctx, actions
+
+
+causal = nnx.jit(lambda m, x, t, c, cond: m(x, t, c, chunk_size=MC, cond=cond))
+
+
+def test_d_zero_gate_equals_the_alm_only_model(model_inputs):
+    latents, t, ctx, actions = model_inputs
+    # With a window covering the whole video, ALM-only attention is dense block-causal attention: the DecMem model at
+    # its zero-initialised gate equals the dense model with the same weights, whatever SGM retrieves.
+    wide = make_model(tiny_memory_config(window=MF))
+    dense_cfg = tiny_memory_config().replace(memory=None)
+    dense = WanDiT(dense_cfg, rngs=nnx.Rngs(1))
+    shared = [(path, v) for path, v in nnx.to_flat_state(nnx.state(wide)) if "gate" not in path]
+    nnx.update(dense, nnx.from_flat_state(shared))  # the same parameters, minus the gate
+    cond = wide.embed_conditioning(actions)
+    ref = causal(dense, latents, t, ctx, cond)
+    assert rel(causal(wide, latents, t, ctx, cond), np.asarray(ref)) <= 1e-5
+    # A short window: at G = 0 the output does not depend on SGM's settings; with a non-zero gate it does.
+    outs = [causal(make_model(tiny_memory_config(top_k=k, candidates=c)), latents, t, ctx, cond)
+            for k, c in ((1, "all"), (100, "outside_window"))]
+    np.testing.assert_array_equal(np.asarray(outs[0]), np.asarray(outs[1]))
+    gated = [causal(make_model(tiny_memory_config(top_k=k), gate_scale=0.05), latents, t, ctx, cond) for k in (1, 4)]
+    assert rel(gated[0], np.asarray(gated[1])) > 1e-3
+    assert rel(gated[0], np.asarray(outs[0])) > 1e-3
+
+
+def test_e_later_chunks_do_not_change_earlier_outputs(model_inputs):
+    latents, t, ctx, actions = model_inputs
+    model = make_model(tiny_memory_config(), gate_scale=0.05)
+    cond = model.embed_conditioning(actions)
+    full = causal(model, latents, t, ctx, cond)
+    late = slice(MC, None)
+    out = causal(model, latents.at[:, late].add(3.0), t.at[:, late].set(999.0), ctx, cond.at[:, late].add(1.0))
+    np.testing.assert_array_equal(np.asarray(out[:, :MC]), np.asarray(full[:, :MC]))
+    assert rel(out[:, late], np.asarray(full[:, late])) > 1e-2
+
+
+def _rollout_chunks(model, latents, t, ctx, cond, cache, commit_t=None):
+    """Chunk-by-chunk: forward each chunk at its timesteps, then commit it (at commit_t or the same timesteps)."""
+    fwd = nnx.jit(lambda m, x, t, c, k, cond: m.forward_chunk(x, t, c, k, cond=cond))
+    commit = nnx.jit(lambda m, x, t, c, k, cond: m.commit(x, t, c, k, cond=cond))
+    outs = []
+    for s in range(0, latents.shape[1], MC):
+        rows = slice(s, s + MC)
+        outs.append(fwd(model, latents[:, rows], t[:, rows], ctx, cache, cond[:, rows]))
+        ct = t[:, rows] if commit_t is None else jnp.full_like(t[:, rows], commit_t)
+        cache = commit(model, latents[:, rows], ct, ctx, cache, cond[:, rows])[1]
+    return jnp.concatenate(outs, axis=1), cache
+
+
+@pytest.mark.parametrize("candidates", ["all", "outside_window"])
+def test_f_chunked_cache_inference_equals_full_forward(model_inputs, candidates):
+    latents, t, ctx, actions = model_inputs
+    model = make_model(tiny_memory_config(candidates=candidates, layers=None), gate_scale=0.05)
+    cond = model.embed_conditioning(actions)
+    full = causal(model, latents, t, ctx, cond)
+    chunked, cache = _rollout_chunks(model, latents, t, ctx, cond, model.init_cache(2, MF + MC, MGRID))
+    assert rel(chunked, np.asarray(full)) <= 1e-5
+    assert int(cache.length) == MF and cache.pool.shape == (2, 2, 2, (MF + MC) * 3, 128)
+
+
+def test_f_teacher_forcing_equals_inference_against_the_clean_cache(model_inputs):
+    """A noisy chunk in the [clean ; noisy] training sequence sees exactly what it sees at inference after the clean
+    chunks before it were committed at t = 0; DecMem layers on only some blocks (the others dense) included."""
+    latents, t, ctx, actions = model_inputs
+    noisy = jnp.asarray(np.random.default_rng(1).standard_normal(latents.shape), jnp.float32)
+    for cfg in (tiny_memory_config(layers=(1,)), tiny_memory_config().replace(memory=None)):
+        model = make_model(cfg, gate_scale=0.05)
+        cond = model.embed_conditioning(actions)
+        drop = jnp.asarray([False, True])
+        tf = nnx.jit(lambda m, a, b_, t, c, act, d: m.teacher_forcing(a, b_, t, c, chunk_size=MC, actions=act,
+                                                                      drop=d))(model, latents, noisy, t, ctx,
+                                                                                actions, drop)
+        fwd = nnx.jit(lambda m, x, t, c, k, cond: m.forward_chunk(x, t, c, k, cond=cond))
+        commit = nnx.jit(lambda m, x, t, c, k, cond: m.commit(x, t, c, k, cond=cond))
+        cache = model.init_cache(2, MF, MGRID)
+        noisy_cond = jnp.where(drop[:, None, None], 0.0, cond)
+        for s in range(0, MF, MC):
+            rows = slice(s, s + MC)
+            out = fwd(model, noisy[:, rows], t[:, rows], ctx, cache, noisy_cond[:, rows])
+            assert rel(out, np.asarray(tf[:, rows])) <= 1e-5, (cfg.memory, s)
+            cache = commit(model, latents[:, rows], jnp.zeros_like(t[:, rows]), ctx, cache, cond[:, rows])[1]
+
+
+def test_cfg_branches_share_one_history_cache(model_inputs):
+    latents, t, ctx, actions = model_inputs
+    for cfg in (tiny_memory_config(), tiny_memory_config().replace(memory=None)):
+        model = make_model(cfg, gate_scale=0.05)
+        cond = model.embed_conditioning(actions[:1])
+        one = latents[:1]
+        _, shared = _rollout_chunks(model, one[:, :4], t[:1, :4], ctx[:1], cond[:, :4], model.init_cache(1, MF, MGRID))
+        _, twice = _rollout_chunks(model, jnp.concatenate([one, one])[:, :4], jnp.concatenate([t[:1]] * 2)[:, :4],
+                                   jnp.concatenate([ctx[:1]] * 2), jnp.concatenate([cond] * 2)[:, :4],
+                                   model.init_cache(2, MF, MGRID))
+        x2 = jnp.concatenate([one[:, 4:], latents[1:, 4:]])  # the two branches differ in the chunk only
+        c2 = jnp.concatenate([cond[:, 4:], jnp.zeros_like(cond[:, 4:])])
+        args = (x2, jnp.concatenate([t[:1, 4:]] * 2), jnp.concatenate([ctx[:1]] * 2))
+        a = model.forward_chunk(*args, shared, cond=c2)
+        b = model.forward_chunk(*args, twice, cond=c2)
+        assert rel(a, np.asarray(b)) <= 1e-5

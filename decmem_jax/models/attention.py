@@ -127,19 +127,46 @@ def attention_with_history(q: jax.Array, k: jax.Array, v: jax.Array, hist_k: jax
     """Attention of a chunk's queries over [history prefix ; the chunk itself] without concatenating the two.
 
     The history (a KV cache, only its first `hist_length` rows valid) is read where it lies; the two partial results
-    are merged exactly through their log-sum-exps. This avoids copying the cache on every denoising step.
+    are merged exactly through their log-sum-exps. This avoids copying the cache on every denoising step. A history of
+    batch 1 serves queries of any batch (CFG branches sharing one cache): the query batch is folded into the rows.
     """
     backend = resolve_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     fn = _masked(backend)
-    hist_len = jnp.broadcast_to(jnp.asarray(hist_length, jnp.int32), (q.shape[0],))
-    o_hist, lse_hist = fn(q, hist_k, hist_v, hist_len, scale, with_lse=True)
+    b, sq, h, d = q.shape
+    shared = hist_k.shape[0] == 1 and b > 1
+    if hist_k.shape[0] != b and not shared:
+        raise ValueError(f"history batch {hist_k.shape[0]} must be 1 (shared) or equal the query batch {b}")
+    qh = q.reshape(1, b * sq, h, d) if shared else q
+    hist_len = jnp.broadcast_to(jnp.asarray(hist_length, jnp.int32), (qh.shape[0],))
+    o_hist, lse_hist = fn(qh, hist_k, hist_v, hist_len, scale, with_lse=True)
+    if shared:
+        o_hist, lse_hist = o_hist.reshape(b, sq, h, d), lse_hist.reshape(b, sq, h)
+        hist_len = jnp.broadcast_to(hist_len, (b,))
     o_self, lse_self = _unmasked(backend)(q, k, v, None, scale, with_lse=True)
     # With no history (first chunk) the history half is undefined (all keys masked): give it zero weight.
     has_hist = (hist_len > 0)[:, None, None]
     lse_hist = jnp.where(has_hist, lse_hist.astype(jnp.float32), -jnp.inf)
     o_hist = jnp.where(has_hist[..., None], o_hist, 0)
     return merge_partial(o_hist, lse_hist, o_self, lse_self)[0]
+
+
+def teacher_forcing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_tokens: int,
+                              backend: str) -> jax.Array:
+    """Dense attention over a [clean ; noisy] teacher-forcing sequence [B, 2S, H, D] (decmem_method.md §9.2).
+
+    Clean chunk c sees clean chunks <= c (block-causal); noisy chunk c sees clean chunks < c and itself, i.e. exactly
+    what the chunk sees at inference against a cache of the clean chunks before it."""
+    s = q.shape[1] // 2
+    outs = [block_causal_attention(q[:, :s], k[:, :s], v[:, :s], chunk_tokens=chunk_tokens, backend=backend)]
+    for start in range(0, s, chunk_tokens):
+        rows = slice(s + start, s + min(start + chunk_tokens, s))
+        if start == 0:
+            outs.append(attention(q[:, rows], k[:, rows], v[:, rows], backend=backend))
+        else:
+            outs.append(attention_with_history(q[:, rows], k[:, rows], v[:, rows], k[:, :start], v[:, :start],
+                                               start, backend=backend))
+    return jnp.concatenate(outs, axis=1)
 
 
 def merge_partial(o1, lse1, o2, lse2):

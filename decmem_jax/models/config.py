@@ -39,6 +39,29 @@ class JsonConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MemoryConfig:
+    """DecMem memory settings (models/memory.py); defaults are the paper's / the method spec's recommended ones (§13)."""
+
+    blocks_per_frame: int = 6  # M
+    block_slots: int = 192  # P: slots per block, a multiple of 64 (kernel tiles)
+    top_k: int = 80  # SGM key blocks per query block
+    window: int = 8  # ALM window in latent frames, counting the current chunk (must be >= the chunk)
+    candidates: str = "all"  # "all" committed + current-chunk blocks, or "outside_window" (exclude the ALM window)
+    layers: tuple[int, ...] | None = None  # transformer blocks with DecMem attention; None = all (others: dense)
+    backend: str = "auto"  # sgm_attention backend
+
+    def __post_init__(self):
+        if self.block_slots % 64:
+            raise ValueError(f"MemoryConfig.block_slots={self.block_slots} must be a multiple of 64")
+        if self.candidates not in ("all", "outside_window"):
+            raise ValueError(f"MemoryConfig.candidates={self.candidates!r}; expected 'all' or 'outside_window'")
+        if self.top_k < 1 or self.window < 1 or self.blocks_per_frame < 1:
+            raise ValueError("MemoryConfig.top_k, window and blocks_per_frame must be positive")
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+
+
+@dataclasses.dataclass(frozen=True)
 class DiTConfig(JsonConfig):
     """Wan2.1 DiT architecture plus runtime policy. Field names follow `wan/configs` and `../shared/reference/wan21.md`."""
 
@@ -66,6 +89,10 @@ class DiTConfig(JsonConfig):
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
     residual_dtype: str = "float32"
 
+    # --- DecMem additions (None: plain Wan2.1 / dense block-causal) ---
+    memory: MemoryConfig | None = None  # SGM + ALM + gate in place of dense self-attention
+    conditioning: Any = None  # decmem_jax.models.conditioning.ConditioningConfig: actions/poses added to tokens
+
     def __post_init__(self):
         if self.dim % self.num_heads:
             raise ValueError(f"DiTConfig.dim={self.dim} is not divisible by num_heads={self.num_heads}")
@@ -82,6 +109,33 @@ class DiTConfig(JsonConfig):
         if self.residual_dtype not in ("float32", "compute"):
             raise ValueError(f"DiTConfig.residual_dtype={self.residual_dtype!r}; expected 'float32' or 'compute'")
         object.__setattr__(self, "patch_size", tuple(int(p) for p in self.patch_size))
+        # Nested configs arrive as dicts from JSON / ml_collections.
+        if isinstance(self.memory, dict):
+            object.__setattr__(self, "memory", MemoryConfig(**self.memory))
+        if self.memory is not None and not isinstance(self.memory, MemoryConfig):
+            raise ValueError(f"DiTConfig.memory must be a MemoryConfig, a dict or None, got {type(self.memory)}")
+        if self.memory is not None and self.memory.layers is not None:
+            bad = [i for i in self.memory.layers if not 0 <= i < self.num_layers]
+            if bad:
+                raise ValueError(f"DiTConfig.memory.layers has {bad}, outside 0..{self.num_layers - 1}")
+        if self.conditioning is not None:
+            from decmem_jax.models.conditioning import ConditioningConfig  # imports this module: no cycle at top
+
+            if isinstance(self.conditioning, dict):
+                object.__setattr__(self, "conditioning", ConditioningConfig(**self.conditioning))
+            if not isinstance(self.conditioning, ConditioningConfig):
+                raise ValueError(f"DiTConfig.conditioning must be a ConditioningConfig, a dict or None, "
+                                 f"got {type(self.conditioning)}")
+            if self.conditioning.dim != self.dim:
+                raise ValueError(f"DiTConfig.conditioning.dim={self.conditioning.dim} must equal DiTConfig.dim="
+                                 f"{self.dim} (use ConditioningConfig.from_dit)")
+
+    def memory_layer_mask(self) -> tuple[bool, ...]:
+        """Per transformer block: True where DecMem attention replaces dense self-attention."""
+        if self.memory is None:
+            return (False,) * self.num_layers
+        layers = self.memory.layers
+        return tuple(layers is None or i in layers for i in range(self.num_layers))
 
     @property
     def head_dim(self) -> int:

@@ -1,8 +1,14 @@
-"""Wan2.1 diffusion transformer (`WanModel`) in Flax NNX, with block-causal and KV-cache modes.
+"""Wan2.1 diffusion transformer (`WanModel`) in Flax NNX, with block-causal, teacher-forcing and KV-cache modes, and
+the DecMem additions (`DiTConfig.memory`: SGM + ALM + gate in place of self-attention; `DiTConfig.conditioning`:
+action/pose embeddings added to the patch tokens).
 
 Reads in the order of the forward pass (`../shared/reference/wan21.md` §1.2):
-patchify -> time embedding (per frame) -> text MLP -> N x [modulated self-attention with RoPE, cross-attention,
-modulated FFN] under `nnx.scan` -> modulated head -> unpatchify. Latents are channels-last: [B, F, H, W, C].
+patchify (+ conditioning) -> time embedding (per frame) -> text MLP -> N x [modulated self-attention with RoPE,
+cross-attention, modulated FFN] under `nnx.scan` -> modulated head -> unpatchify. Latents are channels-last:
+[B, F, H, W, C].
+
+Self-attention is the only part that differs between modes; each mode is a "mixer" function
+(q, k, v, gate, per-layer input) -> (o, per-layer output) chosen by `WanDiT` and applied inside every block.
 
 Shape letters: B batch, F latent frames, T tokens per frame, S tokens, D model width, N heads, K head dim,
 L text rows.
@@ -14,8 +20,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import numpy as np
+
 from decmem_jax.models import attention as attn_lib
-from decmem_jax.models.cache import KVCache
+from decmem_jax.models import memory as mem
+from decmem_jax.models.cache import BlockKVCache, KVCache
+from decmem_jax.models.conditioning import Conditioning
 from decmem_jax.models.config import DiTConfig
 from decmem_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, linear, matmul_precision, sinusoidal_embedding
 from decmem_jax.models.rope import apply_rope, rope_cos_sin
@@ -106,8 +116,16 @@ class WanBlock(nnx.Module):
         self.cross_attn = Attention(cfg, rngs=rngs)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
         self.ffn = FeedForward(cfg, rngs=rngs)
+        # DecMem gate G = Linear(h) on the hidden state that feeds q/k/v, zero-initialised: o = o_alm + G * o_sgm
+        # starts as ALM-only attention (decmem_method.md §6).
+        gate = None
+        if cfg.memory is not None:
+            gate = linear(cfg.dim, cfg.dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+            gate.kernel.set_value(jnp.zeros_like(gate.kernel.get_value()))
+            gate.bias.set_value(jnp.zeros_like(gate.bias.get_value()))
+        self.gate = gate
 
-    def __call__(self, x, e0, ctx, cos, sin, *, chunk_tokens=None, cache_kv=None, offset=None):
+    def __call__(self, x, e0, ctx, cos, sin, mixer, layer_in=None):
         cfg = self.cfg
         b, f, t, d = x.shape
         m = self.modulation.get_value().astype(jnp.float32)[None, None] + e0  # [B, F, 6, D]
@@ -118,18 +136,8 @@ class WanBlock(nnx.Module):
         q = apply_rope(self.self_attn.query(h), cos, sin)
         k, v = self.self_attn.key_value(h)
         k = apply_rope(k, cos, sin)
-        new_kv = None
-        if cache_kv is not None:
-            # Committed frames are read in place; the chunk's own (rotated) keys/values go back to the caller,
-            # which writes them into the cache on commit.
-            ck, cv = cache_kv
-            o = attn_lib.attention_with_history(q, k, v, ck.astype(q.dtype), cv.astype(q.dtype), offset,
-                                                backend=cfg.attention)
-            new_kv = (k, v)
-        elif chunk_tokens is not None:
-            o = attn_lib.block_causal_attention(q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention)
-        else:
-            o = attn_lib.attention(q, k, v, backend=cfg.attention)
+        g = None if self.gate is None else self.self_attn._heads(self.gate(h))
+        o, new_kv = mixer(q, k, v, g, layer_in)
         x = (x + self.self_attn.out(o).reshape(b, f, t, d) * gate1).astype(cfg.residual)
 
         # Cross-attention to the (padded) text context: no modulation, no gate, no mask.
@@ -159,8 +167,10 @@ class Head(nnx.Module):
 
 
 class WanDiT(nnx.Module):
-    """Wan2.1 DiT. Full-sequence `__call__` (bidirectional or block-causal) and chunk-by-chunk `forward_chunk`/`commit`
-    against a `KVCache`."""
+    """Wan2.1 DiT (+ DecMem memory and conditioning when configured).
+
+    Full-sequence `__call__` (bidirectional or block-causal), `teacher_forcing` ([clean ; noisy] training sequence),
+    and chunk-by-chunk `forward_chunk`/`commit` against a cache from `init_cache`."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -180,6 +190,7 @@ class WanDiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)  # parameters stacked on a leading layer axis
         self.head = Head(cfg, rngs=rngs)
+        self.conditioning = None if cfg.conditioning is None else Conditioning(cfg.conditioning, rngs=rngs)
 
     # ----- pieces -----
     def embed_time(self, timesteps: jax.Array, num_frames: int) -> tuple[jax.Array, jax.Array]:
@@ -204,6 +215,14 @@ class WanDiT(nnx.Module):
         context = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
         return self.text_embedding(context)
 
+    def embed_conditioning(self, actions: jax.Array, poses: jax.Array | None = None, *, drop=None,
+                           first_latent: bool = True) -> jax.Array:
+        """Per-latent conditioning [B, F, dim] float32 from per-frame actions int [B, T, 8] (and poses [B, T, 5]);
+        drop bool [B] / [B, F] gives the null (zero) condition. T = 1 + 4(F-1), or 4F with first_latent=False."""
+        if self.conditioning is None:
+            raise ValueError("this model has no conditioning module (DiTConfig.conditioning is None)")
+        return self.conditioning(actions, poses, drop=drop, first_latent=first_latent)
+
     def _grid(self, latents: jax.Array) -> tuple[int, int, int]:
         cfg = self.cfg
         if latents.ndim != 5 or latents.shape[-1] != cfg.in_channels:
@@ -222,49 +241,128 @@ class WanDiT(nnx.Module):
         out = out.reshape(b, f, h, w, pt, ph, pw, c)  # the 64-vector is (pt, ph, pw, c) with c fastest
         return out.transpose(0, 1, 4, 2, 5, 3, 6, 7).reshape(b, f * pt, h * ph, w * pw, c)
 
-    def _run_blocks(self, x, e0, ctx, cos, sin, *, chunk_tokens=None, cache: KVCache | None = None):
-        offset = None if cache is None else cache.length * cache.tokens_per_frame
+    def _layout(self, tokens_per_frame: int) -> mem.BlockLayout:
+        m = self.cfg.memory
+        return mem.BlockLayout.create(tokens_per_frame, m.blocks_per_frame, m.block_slots)
 
-        def step(block: WanBlock, x, cache_kv):
-            return block(x, e0, ctx, cos, sin, chunk_tokens=chunk_tokens, cache_kv=cache_kv, offset=offset)
+    def _layer_flags(self):
+        """Per-layer DecMem switch, scanned with the blocks; None when every layer is the same (no lax.cond)."""
+        mask = self.cfg.memory_layer_mask()
+        return None if all(mask) or not any(mask) else jnp.asarray(mask)
+
+    def _run_blocks(self, x, e0, ctx, cos, sin, mixer, layer_in):
+        def step(block: WanBlock, x, layer_in):
+            return block(x, e0, ctx, cos, sin, mixer, layer_in)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
-        cache_kv = None if cache is None else (cache.k, cache.v)
-        scan = nnx.scan(step, in_axes=(0, nnx.Carry, None if cache is None else 0), out_axes=(nnx.Carry, 0))
-        return scan(self.blocks, x, cache_kv)
+        in_axes = None if layer_in is None else 0
+        scan = nnx.scan(step, in_axes=(0, nnx.Carry, in_axes), out_axes=(nnx.Carry, 0))
+        return scan(self.blocks, x, layer_in)
 
-    def _forward(self, latents, timesteps, context, *, chunk_tokens=None, cache=None, frame_offset=0):
+    def _forward(self, latents, timesteps, context, cond, mixer, *, layer_in=None, frame_offset=0, positions=None):
+        """positions: optional static per-frame RoPE positions (teacher forcing); else frames start at frame_offset."""
         cfg = self.cfg
         grid = self._grid(latents)
         f, h, w = grid
         x = self.patch_embedding(latents).reshape(latents.shape[0], f, h * w, cfg.dim).astype(cfg.residual)
+        if cond is not None:
+            if self.conditioning is None:
+                raise ValueError("cond was given but DiTConfig.conditioning is None")
+            if cond.shape != (latents.shape[0], f, cfg.dim):
+                raise ValueError(f"cond must be [B, F, dim] = {(latents.shape[0], f, cfg.dim)}, got {cond.shape}")
+            x = (x + cond[:, :, None, :]).astype(cfg.residual)  # Eq. 2: added to every token of its latent frame
         e, e0 = self.embed_time(timesteps, f)
         ctx = self.embed_text(context)
-        cos, sin = rope_cos_sin(grid, cfg.rope_split, theta=cfg.rope_theta, max_len=cfg.rope_max_len,
-                                frame_offset=frame_offset)
-        x, new_kv = self._run_blocks(x, e0, ctx, cos, sin, chunk_tokens=chunk_tokens, cache=cache)
-        out = self._unpatchify(self.head(x, e), grid)
-        return out, new_kv
+        rope = dict(theta=cfg.rope_theta, max_len=cfg.rope_max_len)
+        if positions is None:
+            cos, sin = rope_cos_sin(grid, cfg.rope_split, frame_offset=frame_offset, **rope)
+        else:
+            cos, sin = rope_cos_sin((int(max(positions)) + 1, h, w), cfg.rope_split, **rope)
+            rows = (np.asarray(positions)[:, None] * h * w + np.arange(h * w)).reshape(-1)
+            cos, sin = cos[rows], sin[rows]
+        if cfg.memory is not None:
+            flags = self._layer_flags()
+            use = bool(any(cfg.memory_layer_mask()))
+            inner = mixer
+            mixer = lambda q, k, v, g, li: inner(q, k, v, g, li[0], use if flags is None else li[1])  # noqa: E731
+            layer_in = (layer_in, flags)
+        x, layer_out = self._run_blocks(x, e0, ctx, cos, sin, mixer, layer_in)
+        return self._unpatchify(self.head(x, e), grid), layer_out
 
-    # ----- public API -----
+    # ----- full-sequence modes -----
+    def _sequence_mixer(self, tokens_per_frame: int, chunk_size: int | None, plan: mem.FramePlan | None):
+        cfg = self.cfg
+        if cfg.memory is not None:
+            if plan is None:
+                raise ValueError("a DecMem model (DiTConfig.memory set) is causal: pass chunk_size")
+            layout = self._layout(tokens_per_frame)
+            return lambda q, k, v, g, _, use: (mem.decmem_attention(q, k, v, g, layout, cfg.memory, plan=plan,
+                                                                    use_memory=use), None)
+        if chunk_size is None:
+            return lambda q, k, v, g, _: (attn_lib.attention(q, k, v, backend=cfg.attention), None)
+        chunk_tokens = chunk_size * tokens_per_frame
+        if plan.teacher_forcing:
+            return lambda q, k, v, g, _: (attn_lib.teacher_forcing_attention(
+                q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention), None)
+        return lambda q, k, v, g, _: (attn_lib.block_causal_attention(
+            q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention), None)
+
     def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, *,
-                 chunk_size: int | None = None) -> jax.Array:
+                 chunk_size: int | None = None, cond: jax.Array | None = None) -> jax.Array:
         """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context [B, L, text_dim].
 
         chunk_size=None: bidirectional over all frames (Wan2.1). chunk_size=c: block-causal over chunks of c latent
-        frames (bidirectional inside a chunk, causal across chunks).
+        frames (bidirectional inside a chunk, causal across chunks); DecMem models need it. cond: per-latent
+        conditioning [B, F, dim] from `embed_conditioning` (None: the null condition).
         """
-        chunk_tokens = None
+        plan = None
+        f, h, w = self._grid(latents)
         if chunk_size is not None:
             if chunk_size <= 0:
                 raise ValueError(f"chunk_size must be a positive number of latent frames, got {chunk_size}")
-            _, h, w = self._grid(latents)
-            chunk_tokens = chunk_size * h * w
-        return self._forward(latents, timesteps, context, chunk_tokens=chunk_tokens)[0]
+            plan = mem.causal_plan(f, chunk_size)
+        mixer = self._sequence_mixer(h * w, chunk_size, plan)
+        return self._forward(latents, timesteps, context, cond, mixer)[0]
 
-    def init_cache(self, batch: int, capacity: int, latent_hw: tuple[int, int]) -> KVCache:
-        """An empty KV cache for `capacity` latent frames of size latent_hw = (H, W) (latent pixels, not patches)."""
+    def teacher_forcing(self, clean: jax.Array, noisy: jax.Array, timesteps: jax.Array, context: jax.Array, *,
+                        chunk_size: int, actions: jax.Array | None = None, poses: jax.Array | None = None,
+                        drop: jax.Array | None = None) -> jax.Array:
+        """Velocity for the noisy frames of a teacher-forcing step (decmem_method.md §9.2).
+
+        clean, noisy: [B, F, H, W, C] (F a multiple of chunk_size); timesteps [B, F]: the noisy frames' timesteps
+        (clean frames run at t = 0). One sequence [clean ; noisy] with shared RoPE positions: clean chunk c sees clean
+        chunks <= c, noisy chunk c sees clean chunks < c and itself. actions int [B, 1+4(F-1), 8] / poses [B, T, 5]
+        condition both copies; drop bool [B] zeroes the noisy copy's condition only (CFG dropout). Returns
+        [B, F, H, W, C] float32."""
+        if clean.shape != noisy.shape:
+            raise ValueError(f"clean {clean.shape} and noisy {noisy.shape} latents must have one shape")
+        b, f = clean.shape[:2]
+        timesteps = jnp.asarray(timesteps)
+        if timesteps.shape != (b, f):
+            raise ValueError(f"timesteps must be [B, F] = {(b, f)} (the noisy frames'), got {timesteps.shape}")
+        cond = None
+        if actions is not None:
+            cond_clean = self.embed_conditioning(actions, poses)
+            cond_noisy = cond_clean if drop is None else jnp.where(jnp.asarray(drop, bool)[:, None, None], 0.0,
+                                                                   cond_clean)
+            cond = jnp.concatenate([cond_clean, cond_noisy], axis=1)
+        elif drop is not None:
+            raise ValueError("drop needs actions")
+        plan = mem.teacher_forcing_plan(f, chunk_size)
+        _, h, w = self._grid(clean)
+        mixer = self._sequence_mixer(h * w, chunk_size, plan)
+        seq = jnp.concatenate([clean, noisy], axis=1)
+        t = jnp.concatenate([jnp.zeros_like(timesteps), timesteps], axis=1)
+        out = self._forward(seq, t, context, cond, mixer, positions=plan.positions)[0]
+        return out[:, f:]
+
+    # ----- KV-cache inference -----
+    def init_cache(self, batch: int, capacity: int, latent_hw: tuple[int, int]) -> KVCache | BlockKVCache:
+        """An empty cache for `capacity` latent frames of size latent_hw = (H, W) (latent pixels, not patches).
+
+        Token-major `KVCache` for a dense model, block-major `BlockKVCache` (with pooled keys) for a DecMem model.
+        batch may be 1 while the chunk forwards run a batch of 2 (cond/uncond CFG branches share the history)."""
         cfg = self.cfg
         ph, pw = cfg.patch_size[1:]
         if latent_hw[0] % ph or latent_hw[1] % pw:
@@ -272,38 +370,59 @@ class WanDiT(nnx.Module):
         if capacity > cfg.rope_max_len:
             raise ValueError(f"cache capacity {capacity} exceeds the RoPE table length {cfg.rope_max_len}")
         tpf = (latent_hw[0] // ph) * (latent_hw[1] // pw)
-        return KVCache.create(num_layers=cfg.num_layers, batch=batch, capacity=capacity, tokens_per_frame=tpf,
-                              num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
+        common = dict(num_layers=cfg.num_layers, batch=batch, capacity=capacity, tokens_per_frame=tpf,
+                      num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=cfg.compute_dtype)
+        if cfg.memory is None:
+            return KVCache.create(**common)
+        layout = self._layout(tpf)
+        return BlockKVCache.create(blocks=layout.blocks, slots=layout.slots, **common)
 
-    def _chunk(self, latents, timesteps, context, cache: KVCache):
+    def _chunk(self, latents, timesteps, context, cache, cond):
+        cfg = self.cfg
         f, h, w = self._grid(latents)
         if h * w != cache.tokens_per_frame:
             raise ValueError(f"chunk has {h * w} tokens per frame but the cache was made for {cache.tokens_per_frame}")
+        if cache.batch not in (1, latents.shape[0]):
+            raise ValueError(f"cache batch {cache.batch} must be 1 (shared history) or the chunk batch "
+                             f"{latents.shape[0]}")
         fits = cache.check_room(f)
-        out, new_kv = self._forward(latents, timesteps, context, cache=cache, frame_offset=cache.length)
+        length = cache.length
+        if cfg.memory is None:
+            offset = length * cache.tokens_per_frame
+
+            def mixer(q, k, v, g, hist):
+                o = attn_lib.attention_with_history(q, k, v, hist[0].astype(q.dtype), hist[1].astype(q.dtype),
+                                                    offset, backend=cfg.attention)
+                return o, (k, v)
+        else:
+            layout = self._layout(h * w)
+
+            def mixer(q, k, v, g, hist, use):
+                hk, hv, hp = hist
+                return mem.chunk_decmem_attention(q, k, v, g, layout, cfg.memory,
+                                                  (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
+                                                  use_memory=use)
+        out, new = self._forward(latents, timesteps, context, cond, mixer, layer_in=cache.layers(),
+                                 frame_offset=length)
         # Inside jit an overflowing chunk cannot raise; poison its output instead of silently clamping the write.
-        return jnp.where(fits, out, jnp.nan), new_kv, fits
+        return jnp.where(fits, out, jnp.nan), new, fits
 
-    def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array,
-                      cache: KVCache) -> jax.Array:
+    def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
+                      cond: jax.Array | None = None) -> jax.Array:
         """Velocity for one chunk [B, c, H, W, C] that follows the cache's committed frames (RoPE frames offset by
-        `cache.length`); attends to the committed frames and, bidirectionally, to itself. The cache is unchanged."""
-        return self._chunk(latents, timesteps, context, cache)[0]
+        `cache.length`); attends to the committed frames and, bidirectionally, to itself. The cache is unchanged.
+        cond: the chunk's per-latent conditioning [B, c, dim] (None: null)."""
+        return self._chunk(latents, timesteps, context, cache, cond)[0]
 
-    def commit(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array,
-               cache: KVCache) -> tuple[jax.Array, KVCache]:
-        """Runs the chunk (normally the clean x0 at t=0) and writes its keys/values into the cache.
+    def commit(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
+               cond: jax.Array | None = None):
+        """Runs the chunk (normally the clean x0 at t=0) and writes its keys/values (and pooled keys) into the cache.
 
-        Returns (velocity, new cache with length + c)."""
-        out, (k, v), fits = self._chunk(latents, timesteps, context, cache)  # k, v: [L, B, c*T, N, K]
-        offset = cache.length * cache.tokens_per_frame
-
-        def write():
-            new_k = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), offset, axis=2)
-            new_v = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), offset, axis=2)
-            return new_k, new_v, cache.length + latents.shape[1]
-
+        Returns (velocity, new cache with length + c). The chunk batch must equal the cache batch."""
+        if latents.shape[0] != cache.batch:
+            raise ValueError(f"commit batch {latents.shape[0]} must equal the cache batch {cache.batch}")
+        out, new, fits = self._chunk(latents, timesteps, context, cache, cond)
         # An overflowing write would be clamped onto the last frames: keep the old cache instead. Donate the cache
         # to a jitted commit to make the write in place.
-        k, v, length = jax.lax.cond(fits, write, lambda: (cache.k, cache.v, cache.length))
-        return out, cache.replace(k=k, v=v, length=length)
+        cache = jax.lax.cond(fits, lambda: cache.write(new, latents.shape[1]), lambda: cache)
+        return out, cache

@@ -25,27 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decmem_jax.models.config import MemoryConfig  # noqa: F401 -- re-exported: the memory settings
 from pallas_kernels.sgm import sgm_attention
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryConfig:
-    """DecMem memory settings; defaults are the paper's / the method spec's recommended ones (§13)."""
-
-    blocks_per_frame: int = 6  # M
-    block_slots: int = 192  # P: slots per block, a multiple of 64 (kernel tiles)
-    top_k: int = 80  # SGM key blocks per query block
-    window: int = 8  # ALM window in latent frames, counting the current chunk
-    candidates: str = "all"  # "all" committed + current-chunk blocks, or "outside_window" (exclude the ALM window)
-    backend: str = "auto"  # sgm_attention backend
-
-    def __post_init__(self):
-        if self.block_slots % 64:
-            raise ValueError(f"MemoryConfig.block_slots={self.block_slots} must be a multiple of 64")
-        if self.candidates not in ("all", "outside_window"):
-            raise ValueError(f"MemoryConfig.candidates={self.candidates!r}; expected 'all' or 'outside_window'")
-        if self.top_k < 1 or self.window < 1 or self.blocks_per_frame < 1:
-            raise ValueError("MemoryConfig.top_k, window and blocks_per_frame must be positive")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,56 +109,226 @@ def select_blocks(q_pool: jax.Array, k_pool: jax.Array, candidates: jax.Array, t
     return jnp.minimum(idx, nk - 1).astype(jnp.int32), cnt
 
 
-def window_lists(frames: int, chunk: int, window: int, blocks: int, batch: int, heads: int):
-    """ALM key-block lists for a block-causal sequence of `frames` latent frames in chunks of `chunk`: every query
-    block of chunk c sees the blocks of frames [max(0, end_c - window), end_c), end_c = the chunk's last frame + 1.
-    Returns (idx [B, H, Nq, K], cnt [B, H, Nq]) as numpy int32, K = window * blocks."""
-    nq = frames * blocks
-    kmax = window * blocks
-    idx = np.zeros((nq, kmax), np.int32)
-    cnt = np.zeros((nq,), np.int32)
-    for f in range(frames):
-        end = min((f // chunk + 1) * chunk, frames)
-        first = max(0, end - window)
-        ids = np.arange(first * blocks, end * blocks, dtype=np.int32)
-        for m in range(blocks):
-            idx[f * blocks + m, : len(ids)] = ids
-            idx[f * blocks + m, len(ids):] = ids[-1]
-            cnt[f * blocks + m] = len(ids)
+@dataclasses.dataclass(frozen=True)
+class FramePlan:
+    """Which latent frames of a full sequence each frame may attend to (host-side, static).
+
+    positions [F]: RoPE time index of each sequence frame; visible [F, F]: query frame f may attend key frame j;
+    end [F]: position just after the query frame's chunk (the ALM window ends there)."""
+
+    positions: np.ndarray
+    visible: np.ndarray
+    end: np.ndarray
+    chunk: int
+    teacher_forcing: bool = False  # [clean ; noisy] layout
+
+    @property
+    def frames(self) -> int:
+        return len(self.positions)
+
+    def window(self, window: int) -> np.ndarray:
+        """ALM keys: visible frames whose position lies in [end - window, end)."""
+        return self.visible & (self.positions[None, :] >= self.end[:, None] - window)
+
+    def candidates(self, window: int, mode: str) -> np.ndarray:
+        """SGM candidates at the frame level: every visible frame, or only those outside the ALM window."""
+        return self.visible & ~self.window(window) if mode == "outside_window" else self.visible
+
+
+def causal_plan(frames: int, chunk: int) -> FramePlan:
+    """One block-causal sequence: chunk c (frames [c*chunk, (c+1)*chunk)) sees chunks 0..c; positions 0..F-1."""
+    f = np.arange(frames)
+    end = np.minimum((f // chunk + 1) * chunk, frames)
+    return FramePlan(f, f[None, :] < end[:, None], end, chunk)
+
+
+def teacher_forcing_plan(frames: int, chunk: int) -> FramePlan:
+    """[clean ; noisy] sequence of 2F frames (§9.2): clean chunk c sees clean chunks <= c; noisy chunk c sees clean
+    chunks < c and itself; both copies share positions 0..F-1."""
+    if frames % chunk:
+        raise ValueError(f"teacher forcing needs whole chunks: {frames} latent frames, chunk {chunk}")
+    f = np.arange(frames)
+    c = f // chunk
+    clean_clean = c[None, :] <= c[:, None]
+    noisy_clean = c[None, :] < c[:, None]
+    noisy_noisy = c[None, :] == c[:, None]
+    visible = np.block([[clean_clean, np.zeros_like(clean_clean)], [noisy_clean, noisy_noisy]])
+    end = np.tile((c + 1) * chunk, 2)
+    return FramePlan(np.tile(f, 2), visible, end, chunk, teacher_forcing=True)
+
+
+def frame_lists_to_blocks(mask: np.ndarray, blocks: int, batch: int, heads: int):
+    """Frame-level key mask [Fq, Fk] -> per-query-block lists of every block of the allowed frames.
+
+    Returns numpy int32 (idx [B, H, Fq*M, K], cnt [B, H, Fq*M]), K = max allowed frames * M (>= 1), lists ascending
+    and padded by repeating the last id."""
+    fq = mask.shape[0]
+    kmax = max(1, int(mask.sum(1).max()) * blocks)
+    idx = np.zeros((fq * blocks, kmax), np.int32)
+    cnt = np.zeros((fq * blocks,), np.int32)
+    for f in range(fq):
+        ids = (np.nonzero(mask[f])[0][:, None] * blocks + np.arange(blocks)).reshape(-1).astype(np.int32)
+        rows = slice(f * blocks, (f + 1) * blocks)
+        if len(ids):
+            idx[rows, : len(ids)] = ids
+            idx[rows, len(ids):] = ids[-1]
+        cnt[rows] = len(ids)
     shape = (batch, heads)
     return np.broadcast_to(idx, shape + idx.shape).copy(), np.broadcast_to(cnt, shape + cnt.shape).copy()
 
 
+def expand_frames(mask: np.ndarray, blocks: int) -> np.ndarray:
+    """Frame-level [Fq, Fk] -> block-level [Fq*M, Fk*M]."""
+    return np.repeat(np.repeat(mask, blocks, axis=0), blocks, axis=1)
+
+
+def window_lists(frames: int, chunk: int, window: int, blocks: int, batch: int, heads: int):
+    """ALM key-block lists of a block-causal sequence (see `causal_plan`), as numpy (idx, cnt)."""
+    return frame_lists_to_blocks(causal_plan(frames, chunk).window(window), blocks, batch, heads)
+
+
 def candidate_mask(frames: int, chunk: int, blocks: int, *, window: int, mode: str) -> np.ndarray:
-    """SGM candidates of every query block in a block-causal sequence: key blocks of frames before the end of the
-    query's chunk ("all"), optionally minus the ALM window ("outside_window"). bool [Nq, Nk], Nq = Nk = frames*M."""
-    frame_of = np.arange(frames * blocks) // blocks
-    end = np.minimum((frame_of // chunk + 1) * chunk, frames)  # first frame after the query's chunk
-    mask = frame_of[None, :] < end[:, None]
-    if mode == "outside_window":
-        mask &= frame_of[None, :] < (end - window)[:, None]
-    return mask
+    """SGM candidates of every query block of a block-causal sequence, bool [F*M, F*M]."""
+    return expand_frames(causal_plan(frames, chunk).candidates(window, mode), blocks)
 
 
-def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, chunk: int):
-    """Block-causal DecMem self-attention over a whole sequence (teacher forcing / full forward).
+def _sgm(q, k, v, idx, cnt, lens, layout: BlockLayout, cfg: MemoryConfig, return_lse=False):
+    return sgm_attention(q, k, v, idx, cnt, lens, block_q=layout.slots, block_kv=layout.slots, backend=cfg.backend,
+                         return_lse=return_lse)
+
+
+def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, plan: FramePlan | None = None,
+                     chunk: int | None = None, use_memory=True):
+    """DecMem self-attention over a whole sequence (teacher forcing / full forward), under a `FramePlan`.
 
     q, k, v: [B, F*T, H, D] token-major (post qk-norm and RoPE); gate: [B, F*T, H, D] (the gate Linear's output,
-    zeros at init). Returns o_alm + gate * o_sgm, token-major [B, F*T, H, D], to be fed to W_o.
+    zeros at init). Returns o_alm + gate * o_sgm, token-major [B, F*T, H, D], to be fed to W_o. `plan` defaults to
+    `causal_plan(F, chunk)`. use_memory: True, or a traced bool (per-layer switch under a layer scan): where False the
+    layer runs dense attention over every visible block instead.
     """
     b, s, h, d = q.shape
     frames = s // layout.tokens_per_frame
+    plan = causal_plan(frames, chunk) if plan is None else plan
+    if plan.frames != frames:
+        raise ValueError(f"plan covers {plan.frames} frames, the sequence has {frames}")
+    if cfg.window < plan.chunk:
+        raise ValueError(f"MemoryConfig.window={cfg.window} is shorter than the chunk ({plan.chunk} latents)")
     qb, kb, vb = (layout.to_blocks(x) for x in (q, k, v))
     lengths = layout.block_lengths(frames)
     kv_len = jnp.broadcast_to(jnp.asarray(lengths), (b, lengths.shape[0]))
-    common = dict(block_q=layout.slots, block_kv=layout.slots, backend=cfg.backend)
 
-    alm_idx, alm_cnt = window_lists(frames, chunk, cfg.window, layout.blocks, b, h)
-    o_alm = sgm_attention(qb, kb, vb, jnp.asarray(alm_idx), jnp.asarray(alm_cnt), kv_len, **common)
+    def memory():
+        alm_idx, alm_cnt = frame_lists_to_blocks(plan.window(cfg.window), layout.blocks, b, h)
+        o_alm = _sgm(qb, kb, vb, jnp.asarray(alm_idx), jnp.asarray(alm_cnt), kv_len, layout, cfg)
+        cand = expand_frames(plan.candidates(cfg.window, cfg.candidates), layout.blocks)
+        sgm_idx, sgm_cnt = select_blocks(pool_blocks(qb, lengths, layout.slots),
+                                         pool_blocks(kb, lengths, layout.slots), jnp.asarray(cand)[None, None],
+                                         cfg.top_k)
+        o_sgm = _sgm(qb, kb, vb, sgm_idx, sgm_cnt, kv_len, layout, cfg)
+        o = layout.from_blocks(o_alm).astype(jnp.float32) + gate.astype(jnp.float32) * layout.from_blocks(o_sgm)
+        return o.astype(q.dtype)
 
-    mask = candidate_mask(frames, chunk, layout.blocks, window=cfg.window, mode=cfg.candidates)
-    sgm_idx, sgm_cnt = select_blocks(pool_blocks(qb, lengths, layout.slots), pool_blocks(kb, lengths, layout.slots),
-                                     jnp.asarray(mask)[None, None], cfg.top_k)
-    o_sgm = sgm_attention(qb, kb, vb, sgm_idx, sgm_cnt, kv_len, **common)
-    o = layout.from_blocks(o_alm).astype(jnp.float32) + gate.astype(jnp.float32) * layout.from_blocks(o_sgm)
-    return o.astype(q.dtype)
+    def dense():
+        idx, cnt = frame_lists_to_blocks(plan.visible, layout.blocks, b, h)
+        return layout.from_blocks(_sgm(qb, kb, vb, jnp.asarray(idx), jnp.asarray(cnt), kv_len, layout, cfg))
+
+    if isinstance(use_memory, (bool, np.bool_)):
+        return memory() if use_memory else dense()
+    return jax.lax.cond(use_memory, memory, dense)
+
+
+def merge_partial(o1, lse1, o2, lse2):
+    """Exact softmax over the union of two disjoint key sets from partial results o [B, T, H, D], lse [B, H, T]
+    (natural log, -inf for rows without keys; such rows get zero weight, and zeros when both are empty)."""
+    lse = jnp.logaddexp(lse1, lse2)
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+    w1 = jnp.exp(lse1 - safe).transpose(0, 2, 1)[..., None]
+    w2 = jnp.exp(lse2 - safe).transpose(0, 2, 1)[..., None]
+    return (w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)).astype(o1.dtype)
+
+
+def _history_attention(qb, hk, hv, idx, cnt, hist_len, layout, cfg):
+    """sgm over the cache with (out, lse). A cache of batch 1 shared by a batch of B queries (the CFG branches): the
+    batch is folded into the query blocks, so the cache is read in place, never broadcast."""
+    b, bh = qb.shape[0], hk.shape[0]
+    if bh == b:
+        return _sgm(qb, hk, hv, idx, cnt, hist_len, layout, cfg, return_lse=True)
+    if bh != 1:
+        raise ValueError(f"cache batch {bh} must be 1 (shared) or equal the query batch {b}")
+    _, tq, h, d = qb.shape
+    nq = idx.shape[2]
+    q1 = qb.reshape(1, b * tq, h, d)
+    idx1 = idx.transpose(1, 0, 2, 3).reshape(1, h, b * nq, -1)
+    cnt1 = cnt.transpose(1, 0, 2).reshape(1, h, b * nq)
+    o, lse = _sgm(q1, hk, hv, idx1, cnt1, hist_len[:1], layout, cfg, return_lse=True)
+    return o.reshape(b, tq, h, d), lse.reshape(h, b, tq).transpose(1, 0, 2)
+
+
+def _take_suffix(idx, start, nk_offset):
+    """Entries idx[..., start:] shifted left (start is per row), minus nk_offset; tail padded with the last entry."""
+    k = idx.shape[-1]
+    pos = jnp.minimum(start[..., None] + jnp.arange(k), k - 1)
+    return jnp.take_along_axis(idx, pos, axis=-1) - nk_offset
+
+
+def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, hist, length, *, use_memory=True):
+    """DecMem attention of one chunk against a block-major cache (inference; forward only).
+
+    q, k, v, gate: [B, C*T, H, D] token-major, the chunk's frames follow the `length` committed ones.
+    hist = (hk, hv, hpool): cache keys/values [Bh, cap*M*P, H, D] block-major and pooled keys [Bh, H, cap*M, D]
+    fp32, Bh = 1 (shared by the CFG branches) or B. Same result as `decmem_attention` on the full causal sequence
+    for this chunk's rows. Returns (o token-major, (kb, vb, k_pool)): the chunk's block-major keys/values and pooled
+    keys, which `commit` writes into the cache.
+    """
+    hk, hv, hpool = hist
+    b, s, h, d = q.shape
+    m, slots = layout.blocks, layout.slots
+    c = s // layout.tokens_per_frame
+    cap_blocks = hpool.shape[2]
+    if cfg.window < c:
+        raise ValueError(f"MemoryConfig.window={cfg.window} is shorter than the chunk ({c} latents)")
+    qb, kb, vb = (layout.to_blocks(x) for x in (q, k, v))
+    own_len = jnp.broadcast_to(jnp.asarray(layout.block_lengths(c)), (b, c * m))
+    hist_len = jnp.broadcast_to(jnp.asarray(layout.block_lengths(cap_blocks // m)), (hk.shape[0], cap_blocks))
+    k_pool = pool_blocks(kb, layout.block_lengths(c), slots)
+    length = jnp.asarray(length, jnp.int32)
+    all_own = (jnp.broadcast_to(jnp.arange(c * m, dtype=jnp.int32), (b, h, c * m, c * m)),
+               jnp.full((b, h, c * m), c * m, jnp.int32))
+
+    def both(hist_list, own_list):
+        o1, l1 = _history_attention(qb, hk, hv, *hist_list, hist_len, layout, cfg)
+        o2, l2 = _sgm(qb, kb, vb, *own_list, own_len, layout, cfg, return_lse=True)
+        return layout.from_blocks(merge_partial(o1, l1, o2, l2))
+
+    def memory():
+        wh = cfg.window - c  # history frames inside the ALM window
+        if wh > 0:
+            first = jnp.maximum(length - wh, 0)
+            ids = jnp.minimum(first * m + jnp.arange(wh * m, dtype=jnp.int32), cap_blocks - 1)
+            alm_hist = (jnp.broadcast_to(ids, (b, h, c * m, wh * m)),
+                        jnp.broadcast_to((length - first) * m, (b, h, c * m)).astype(jnp.int32))
+        else:
+            alm_hist = (jnp.zeros((b, h, c * m, 1), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32))
+        o_alm = both(alm_hist, all_own)
+
+        q_pool = pool_blocks(qb, layout.block_lengths(c), slots)
+        limit = length - max(wh, 0) if cfg.candidates == "outside_window" else length
+        hist_ok = jnp.arange(cap_blocks) < limit * m
+        own_ok = jnp.full((c * m,), cfg.candidates == "all")
+        pools = jnp.concatenate([jnp.broadcast_to(hpool, (b,) + hpool.shape[1:]), k_pool], axis=2)
+        idx, cnt = select_blocks(q_pool, pools, jnp.concatenate([hist_ok, own_ok])[None, None, None], cfg.top_k)
+        # Selected ids are ascending and padded with an own-chunk id, so the history ids are a prefix.
+        cnt_hist = jnp.minimum((idx < cap_blocks).sum(-1, dtype=jnp.int32), cnt)
+        own_idx = jnp.clip(_take_suffix(idx, cnt_hist, cap_blocks), 0, c * m - 1)[..., : min(idx.shape[-1], c * m)]
+        o_sgm = both((idx, cnt_hist), (own_idx, cnt - cnt_hist))
+        return (o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * o_sgm.astype(jnp.float32)).astype(q.dtype)
+
+    def dense():
+        ids = jnp.broadcast_to(jnp.arange(cap_blocks, dtype=jnp.int32), (b, h, c * m, cap_blocks))
+        return both((ids, jnp.broadcast_to(length * m, (b, h, c * m)).astype(jnp.int32)), all_own)
+
+    if isinstance(use_memory, (bool, np.bool_)):
+        o = memory() if use_memory else dense()
+    else:
+        o = jax.lax.cond(use_memory, memory, dense)
+    return o, (kb, vb, k_pool)

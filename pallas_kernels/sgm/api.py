@@ -2,8 +2,9 @@
 
 Backends:
 - `reference`: pure XLA gather + masked fp32 softmax (`reference.py`); any platform; the oracle.
-- `mosaic_gpu`: Pallas Mosaic GPU kernel (`pallas_kernels/sgm/mosaic_gpu.py`), NVIDIA compute capability 9.x.
-- `tpu`: Pallas Mosaic TPU kernel (`pallas_kernels/sgm/tpu.py`).
+- `mosaic_gpu`: Pallas Mosaic GPU kernels (`pallas_kernels/sgm/mosaic_gpu.py`), NVIDIA compute capability 9.x;
+  bfloat16/float16, head dim 64 or 128, block_q and block_kv multiples of 64.
+- `tpu`: Pallas Mosaic TPU kernel (`pallas_kernels/sgm/tpu.py`); float32/bfloat16.
 - `auto`: mosaic_gpu on a 9.x GPU, tpu on TPU, reference on CPU. On a GPU/TPU without a registered kernel `auto`
   raises instead of silently running the reference; `backend="reference"` is the explicit opt-in. The backend that
   runs is logged once per backend.
@@ -184,7 +185,8 @@ def _validate(q, k, v, idx, cnt, lens, block_q, block_kv, entry: Backend):
         raise ValueError(f"sgm_attention: head dim {d} not supported by backend {entry.name!r} "
                          f"(supports {entry.head_dims})")
     if jnp.dtype(q.dtype) not in entry.dtypes:
-        raise ValueError(f"sgm_attention: dtype {q.dtype} not supported by backend {entry.name!r}")
+        raise ValueError(f"sgm_attention: dtype {q.dtype} not supported by backend {entry.name!r} (supports "
+                         f"{', '.join(jnp.dtype(d).name for d in entry.dtypes)})")
     tq_tile, tkv_tile = entry.tile
     if block_q % tq_tile or block_kv % tkv_tile:
         raise ValueError(f"sgm_attention: block_q = {block_q} and block_kv = {block_kv} must be multiples of backend "
@@ -216,13 +218,17 @@ def _validate(q, k, v, idx, cnt, lens, block_q, block_kv, entry: Backend):
 
 
 def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q: int, block_kv: int,
-                  scale: float | None = None, backend: str = "auto") -> jax.Array:
+                  scale: float | None = None, backend: str = "auto", return_lse: bool = False):
     """Softmax attention of each query block's tokens over the valid tokens of its selected key blocks.
 
     q [B, Tq, H, D], k/v [B, Tk, H, D] (block-major, padded), kv_block_idx int [B, H, Nq, K] ascending (entries at
     positions >= count ignored), kv_block_cnt int [B, H, Nq] in [0, K], kv_block_len int [B, Nk] in [0, block_kv].
     Returns [B, Tq, H, D] in q.dtype; a query block with count 0 gets zeros. `scale` (static float) defaults to
     1/sqrt(D). Differentiable in q, k, v (custom VJP, every backend); indices get no gradient.
+
+    return_lse=True returns (out, lse) with lse the natural-log log-sum-exp fp32 [B, H, Tq] (-inf for rows without
+    keys), for merging partial attentions exactly (inference over a cache plus the current chunk). That form is
+    forward-only: differentiating it raises.
 
     Index values are checked when concrete. Traced indices are not checked: ids are clamped into [0, Nk), counts
     clipped to [0, K] and lengths to [0, block_kv], so bad values give wrong results rather than errors.
@@ -245,7 +251,26 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     idx = jnp.clip(jnp.asarray(kv_block_idx, jnp.int32), 0, nk - 1)
     cnt = jnp.clip(jnp.asarray(kv_block_cnt, jnp.int32), 0, kk)
     lens = jnp.clip(jnp.asarray(kv_block_len, jnp.int32), 0, block_kv)
+    if return_lse:
+        return _sgm_with_lse(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name)
     return _sgm(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
+def _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
+    return _REGISTRY[name].fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale)
+
+
+def _sgm_with_lse_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
+    return _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name), None
+
+
+def _sgm_with_lse_bwd(block_q, block_kv, scale, name, res, cotangents):
+    raise NotImplementedError("sgm_attention(return_lse=True) is forward-only (inference merges); differentiate "
+                              "sgm_attention with return_lse=False")
+
+
+_sgm_with_lse.defvjp(_sgm_with_lse_fwd, _sgm_with_lse_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
