@@ -393,15 +393,16 @@ class WanDiT(nnx.Module):
             def mixer(q, k, v, g, hist):
                 o = attn_lib.attention_with_history(q, k, v, hist[0].astype(q.dtype), hist[1].astype(q.dtype),
                                                     offset, backend=cfg.attention)
-                return o, (k, v)
+                return o, ((k, v), None)
         else:
             layout = self._layout(h * w)
 
             def mixer(q, k, v, g, hist, use):
                 hk, hv, hp = hist
-                return mem.chunk_decmem_attention(q, k, v, g, layout, cfg.memory,
-                                                  (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
-                                                  use_memory=use)
+                o, new, selection = mem.chunk_decmem_attention(q, k, v, g, layout, cfg.memory,
+                                                               (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
+                                                               use_memory=use)
+                return o, (new, selection)
         out, new = self._forward(latents, timesteps, context, cond, mixer, layer_in=cache.layers(),
                                  frame_offset=length)
         # Inside jit an overflowing chunk cannot raise; poison its output instead of silently clamping the write.
@@ -412,17 +413,21 @@ class WanDiT(nnx.Module):
         """Velocity for one chunk [B, c, H, W, C] that follows the cache's committed frames (RoPE frames offset by
         `cache.length`); attends to the committed frames and, bidirectionally, to itself. The cache is unchanged.
         cond: the chunk's per-latent conditioning [B, c, dim] (None: null)."""
-        return self._chunk(latents, timesteps, context, cache, cond)[0]
+        return self._chunk(latents, timesteps, context, cache, cond)[0]  # the history outputs are dropped (DCE'd)
 
     def commit(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
-               cond: jax.Array | None = None):
+               cond: jax.Array | None = None, *, with_selection: bool = False):
         """Runs the chunk (normally the clean x0 at t=0) and writes its keys/values (and pooled keys) into the cache.
 
-        Returns (velocity, new cache with length + c). The chunk batch must equal the cache batch."""
+        Returns (velocity, new cache with length + c), plus, with_selection=True on a DecMem model, the SGM retrieval
+        of every layer (global block ids [L, B, H, c*M, K], counts [L, B, H, c*M]) for diagnostics. The chunk batch
+        must equal the cache batch."""
         if latents.shape[0] != cache.batch:
             raise ValueError(f"commit batch {latents.shape[0]} must equal the cache batch {cache.batch}")
-        out, new, fits = self._chunk(latents, timesteps, context, cache, cond)
+        if with_selection and self.cfg.memory is None:
+            raise ValueError("with_selection needs a DecMem model (DiTConfig.memory set)")
+        out, (new, selection), fits = self._chunk(latents, timesteps, context, cache, cond)
         # An overflowing write would be clamped onto the last frames: keep the old cache instead. Donate the cache
         # to a jitted commit to make the write in place.
         cache = jax.lax.cond(fits, lambda: cache.write(new, latents.shape[1]), lambda: cache)
-        return out, cache
+        return (out, cache, selection) if with_selection else (out, cache)

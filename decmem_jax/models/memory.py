@@ -277,8 +277,9 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
     q, k, v, gate: [B, C*T, H, D] token-major, the chunk's frames follow the `length` committed ones.
     hist = (hk, hv, hpool): cache keys/values [Bh, cap*M*P, H, D] block-major and pooled keys [Bh, H, cap*M, D]
     fp32, Bh = 1 (shared by the CFG branches) or B. Same result as `decmem_attention` on the full causal sequence
-    for this chunk's rows. Returns (o token-major, (kb, vb, k_pool)): the chunk's block-major keys/values and pooled
-    keys, which `commit` writes into the cache.
+    for this chunk's rows. Returns (o token-major, (kb, vb, k_pool), (sel, cnt)): the chunk's block-major
+    keys/values and pooled keys, which `commit` writes into the cache, and the SGM retrieval (global block ids
+    frame*M + m [B, H, C*M, K], counts [B, H, C*M]; counts 0 in a dense layer) for diagnostics.
     """
     hk, hv, hpool = hist
     b, s, h, d = q.shape
@@ -321,14 +322,17 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
         cnt_hist = jnp.minimum((idx < cap_blocks).sum(-1, dtype=jnp.int32), cnt)
         own_idx = jnp.clip(_take_suffix(idx, cnt_hist, cap_blocks), 0, c * m - 1)[..., : min(idx.shape[-1], c * m)]
         o_sgm = both((idx, cnt_hist), (own_idx, cnt - cnt_hist))
-        return (o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * o_sgm.astype(jnp.float32)).astype(q.dtype)
+        o = (o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * o_sgm.astype(jnp.float32)).astype(q.dtype)
+        return o, (jnp.where(idx < cap_blocks, idx, length * m + idx - cap_blocks), cnt)
 
     def dense():
         ids = jnp.broadcast_to(jnp.arange(cap_blocks, dtype=jnp.int32), (b, h, c * m, cap_blocks))
-        return both((ids, jnp.broadcast_to(length * m, (b, h, c * m)).astype(jnp.int32)), all_own)
+        o = both((ids, jnp.broadcast_to(length * m, (b, h, c * m)).astype(jnp.int32)), all_own)
+        k_sel = min(cfg.top_k, cap_blocks + c * m)
+        return o, (jnp.zeros((b, h, c * m, k_sel), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32))
 
     if isinstance(use_memory, (bool, np.bool_)):
-        o = memory() if use_memory else dense()
+        o, selection = memory() if use_memory else dense()
     else:
-        o = jax.lax.cond(use_memory, memory, dense)
-    return o, (kb, vb, k_pool)
+        o, selection = jax.lax.cond(use_memory, memory, dense)
+    return o, (kb, vb, k_pool), selection
