@@ -40,6 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.sgm.lists import reverse_block_lists
+
 __all__ = ["sgm_forward_tpu", "sgm_backward_tpu", "reverse_block_lists"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract last dims: a @ b.T
@@ -85,26 +87,6 @@ def _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, nk, block_kv):
     idx = _pad_repeat_last(kv_block_idx, cnt, nk)
     ln = jnp.clip(kv_block_len.astype(jnp.int32), 0, block_kv)
     return idx, cnt, ln
-
-
-def reverse_block_lists(idx, cnt, nk):
-    """Key block -> query blocks that selected it, per (b·h). idx `[BH, Nq, K]` (sanitised), cnt `[BH, Nq]`.
-
-    Returns rev `[BH, Nk, Nq]` (query blocks ascending; positions >= rev_cnt repeat the previous entry, 0 when empty)
-    and rev_cnt `[BH, Nk]`. Built with a stable sort, so it is deterministic. Assumes duplicate-free lists (a key
-    block appears at most once per query block), hence at most Nq entries per key block."""
-    bh, nq, topk = idx.shape
-    valid = jnp.arange(topk, dtype=jnp.int32)[None, None, :] < cnt[..., None]
-    key = jnp.where(valid, idx, nk).reshape(bh, nq * topk)  # invalid entries sort last (sentinel nk)
-    order = jnp.argsort(key, axis=-1, stable=True)
-    q_sorted = (order // topk).astype(jnp.int32)  # query block of each sorted entry, ascending within a key block
-    rev_cnt = jax.vmap(lambda kk: jnp.bincount(kk, length=nk + 1)[:nk])(key).astype(jnp.int32)
-    start = jnp.cumsum(rev_cnt, axis=-1) - rev_cnt
-    pos = jnp.minimum(jnp.arange(nq, dtype=jnp.int32)[None, None, :], jnp.maximum(rev_cnt[..., None] - 1, 0))
-    flat = jnp.minimum(start[..., None] + pos, nq * topk - 1).reshape(bh, nk * nq)
-    rev = jnp.take_along_axis(q_sorted, flat, axis=-1).reshape(bh, nk, nq)
-    rev = jnp.where(rev_cnt[..., None] > 0, rev, 0)
-    return rev, rev_cnt
 
 
 def _to_bhtd(x):

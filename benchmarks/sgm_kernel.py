@@ -1,0 +1,477 @@
+#!/usr/bin/env python
+"""SGM block-sparse attention: the Mosaic GPU kernel (pallas_kernels/sgm/mosaic_gpu*.py) on hardware -- correctness
+first, then speed against cuDNN dense attention and the `vsa` package's Triton kernel, measured in the same run.
+
+1. Checks (always first; any failure prints what failed, by how much, against which bound, and exits 1):
+   fwd + dq/dk/dv of the kernel vs fp32 oracles on N(0, 3²) inputs: small cases (count 0, empty / partial / full
+   key blocks, Tq != Tk, B > 1, bf16 and fp16, D 64 and 128, blocks 64 / 128 / 192), every block listed = dense
+   attention, a bitwise-determinism check of the backward, `sgm_attention(backend="mosaic_gpu")` under jax.grad,
+   and a spot check at each benchmark geometry (head 0, full sequence) against the gather reference.
+   Bounds: forward 1e-2 (bf16) / 2e-3 (fp16), gradients 3e-2 / 4e-3 (max |err| / max |ref|; tests/test_sgm_kernels.py
+   explains them).
+2. Cases (bf16, D 128, H 12, B 1, random sorted top-k lists):
+   vsa     S 49,152 as 768 blocks of 64 tokens, top-k 76 of 768 (90% sparse), q and kv the same length.
+   decmem  3,520 query tokens in 24 blocks of 192 slots (147/145 valid) against 200 latents of history
+           (1,200 key blocks of 192 slots, same valid counts), top-k 80.
+   Timed: forward, and forward+backward (jax.vjp through sgm_attention); backward = difference.
+   Effective TFLOP/s counts only work on valid keys: fwd = 4·B·H·D·Σ_query blocks block_q·(valid keys listed),
+   bwd = 2.5× fwd (the JSON also has the padded work the kernel issues, and the valid-query-token work).
+   cuDNN: jax.nn.dot_product_attention(implementation="cudnn") on the dense problem of the same q, k, v (dense
+   FLOPs). vsa: `vsa/block_sparse_attn_triton.py` loaded by file path under torch with the same lists at 64-token
+   granularity (a 192-slot block = 3 cubes), compared against our output before it is timed; "vsa: not installed"
+   when the package is missing.
+
+Usage:
+  python3 benchmarks/sgm_kernel.py                         # H100/H200: checks, then both cases
+  python3 benchmarks/sgm_kernel.py --check-only            # hardware correctness checks only
+  python3 benchmarks/sgm_kernel.py --small --interpret     # CPU smoke run in the Mosaic GPU interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import os
+import pathlib
+import sys
+import time
+import traceback
+
+# JAX preallocates this fraction of the GPU; the rest is left to torch for the vsa peer (as in dit_forward.py).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks.common import guarded, jax_block, jax_info, timed, write_record  # noqa: E402
+from pallas_kernels.sgm import api  # noqa: E402
+from pallas_kernels.sgm import mosaic_gpu as mg  # noqa: E402
+from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps  # noqa: E402
+from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference, sgm_reference_bwd  # noqa: E402
+
+BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
+FWD_TOL = {BF16: 1e-2, F16: 2e-3}
+GRAD_TOL = {BF16: 3e-2, F16: 4e-3}
+DECMEM_LENS = [147] * 5 + [145]  # valid tokens of the 6 blocks of an 880-token latent frame
+# name -> geometry; heads, batch, head dim shared: H 12, B 1, D 128
+CASES = {
+    "full": {"vsa": dict(nq=768, nk=768, bq=64, bkv=64, topk=76, decmem=False),
+             "decmem": dict(nq=24, nk=1200, bq=192, bkv=192, topk=80, decmem=True)},
+    "small": {"vsa": dict(nq=4, nk=4, bq=64, bkv=64, topk=2, decmem=False),
+              "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
+}
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--cases", default="vsa,decmem", help="comma list of: vsa, decmem")
+    p.add_argument("--small", action="store_true", help="tiny shapes (with --interpret: a CPU smoke run)")
+    p.add_argument("--interpret", action="store_true", help="run the kernel in the Mosaic GPU interpreter (CPU)")
+    p.add_argument("--check-only", action="store_true", help="run the hardware correctness checks and stop")
+    p.add_argument("--skip-checks", action="store_true",
+                   help="time without the correctness checks (only after a passing --check-only run on this build)")
+    p.add_argument("--heads", type=int, default=None, help="heads (default 12; 1 with --small)")
+    p.add_argument("--dtype", choices=("bfloat16", "float16"), default="bfloat16", help="dtype of the timed cases")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
+    p.add_argument("--no-vsa", action="store_true", help="skip the vsa Triton peer")
+    p.add_argument("--stages", type=int, default=None,
+                   help="override the kernels' K/V ring depth (tuning; default mosaic_gpu.default_stages: 2 at D 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="output path (default $OUT/sgm_kernel.json or out/sgm_kernel.json)")
+    args = p.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    for c in args.cases:
+        if c not in CASES["full"]:
+            p.error(f"unknown case {c!r}; expected vsa and/or decmem")
+    args.heads = args.heads or (1 if args.small else 12)
+    if args.json is None:
+        out_dir = os.environ.get("OUT")
+        args.json = str(pathlib.Path(out_dir) / "sgm_kernel.json") if out_dir else "out/sgm_kernel.json"
+    return args
+
+
+# ---------------------------------------------------------------------------------------------- inputs and lists
+
+
+def make_lists(rng, b, h, nq, nk, topk, counts=None):
+    """Random ascending duplicate-free lists [B, H, Nq, K]; counts default to K."""
+    idx = np.sort(np.argsort(rng.random((b, h, nq, nk)), axis=-1)[..., :topk], axis=-1).astype(np.int32)
+    cnt = np.full((b, h, nq), topk, np.int32) if counts is None else counts.astype(np.int32)
+    return idx, cnt
+
+
+def make_case(seed, *, b, h, d, nq, nk, bq, bkv, topk, dtype, sigma=3.0, decmem=False, random_counts=False):
+    """q, k, v ~ N(0, sigma²) in dtype, lists, key lengths (DecMem: 147/145 per latent; else random incl. empty,
+    full and partial blocks when random_counts, else full) and the valid query rows per query block."""
+    r = np.random.default_rng(seed)
+    q = jnp.asarray(r.normal(0, sigma, (b, nq * bq, h, d)), dtype)
+    k = jnp.asarray(r.normal(0, sigma, (b, nk * bkv, h, d)), dtype)
+    v = jnp.asarray(r.normal(0, sigma, (b, nk * bkv, h, d)), dtype)
+    counts = None
+    if random_counts:
+        counts = r.integers(0, topk + 1, (b, h, nq))
+        counts.reshape(-1)[:2] = [0, topk]
+    idx, cnt = make_lists(r, b, h, nq, nk, topk, counts)
+    if decmem:
+        lens = np.resize(np.asarray(DECMEM_LENS, np.int32), (b, nk))
+        q_valid = np.resize(np.asarray(DECMEM_LENS), nq)
+    elif random_counts:
+        lens = r.integers(1, bkv + 1, (b, nk)).astype(np.int32)
+        lens[0, 0], lens[0, 1], lens[-1, -1] = 0, bkv, bkv // 2 + 1
+        q_valid = np.full(nq, bq)
+    else:
+        lens, q_valid = np.full((b, nk), bkv, np.int32), np.full(nq, bq)
+    i32 = lambda x: jnp.asarray(x, jnp.int32)
+    return dict(q=q, k=k, v=v, idx=i32(idx), cnt=i32(cnt), lens=i32(lens), bq=bq, bkv=bkv, q_valid=q_valid)
+
+
+def flop_counts(c):
+    """Effective (valid keys × all query rows), issued (64-key steps × all rows) and valid-token forward FLOPs."""
+    idx, cnt, lens = (np.asarray(c[n]) for n in ("idx", "cnt", "lens"))
+    b, h, nq, kk = idx.shape
+    d = c["q"].shape[-1]
+    listed = np.arange(kk) < cnt[..., None]
+    sel = np.take_along_axis(np.broadcast_to(lens[:, None, None, :], (b, h, nq, lens.shape[1])), idx, -1) * listed
+    keys = sel.sum(-1)  # [B, H, Nq]
+    issued = (np.ceil(sel / mg.TILE) * mg.TILE).sum(-1)
+    fwd = 4.0 * d * c["bq"] * keys.sum()
+    return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd, "fwd_issued": 4.0 * d * c["bq"] * issued.sum(),
+            "fwd_valid_tokens": 4.0 * d * float((keys * c["q_valid"][None, None, :]).sum()),
+            "dense_fwd": 4.0 * b * h * d * c["q"].shape[1] * c["k"].shape[1]}
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------------------- checks
+
+
+def kernel_fns(interpret):
+    return (functools.partial(mg.sgm_forward_mgpu, interpret=interpret),
+            functools.partial(mg.sgm_backward_mgpu, interpret=interpret))
+
+
+def check_case(name, c, interpret, oracle="dense", determinism=False):
+    """Kernel fwd + grads vs an fp32 oracle on the same (16-bit-valued) inputs."""
+    fwd, bwd = kernel_fns(interpret)
+    dt = jnp.dtype(c["q"].dtype)
+    g = dict(block_q=c["bq"], block_kv=c["bkv"])
+    lst = (c["idx"], c["cnt"], c["lens"])
+    out, lse = fwd(c["q"], c["k"], c["v"], *lst, **g)
+    cot = jnp.asarray(np.random.default_rng(7).normal(size=out.shape), dt)
+    grads = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g)
+    f32 = [c[n].astype(F32) for n in ("q", "k", "v")]
+    if oracle == "dense":
+        ref_out, vjp = jax.vjp(lambda q, k, v: dense_masked_reference(q, k, v, *lst, **g), *f32)
+        ref_grads = vjp(cot.astype(F32))
+        _, ref_lse = dense_masked_reference(*f32, *lst, **g, return_lse=True)
+    else:  # gather oracle + its explicit backward: memory O(Nq·K·block_kv), fits the benchmark geometries
+        ref_out, ref_lse = sgm_reference(*f32, *lst, **g)
+        ref_grads = sgm_reference_bwd(*f32, *lst, ref_out, ref_lse, cot.astype(F32), **g)
+    errs = {"out": rel(out, ref_out)}
+    errs.update({n: rel(x, w) for n, x, w in zip(("dq", "dk", "dv"), grads, ref_grads)})
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    fin = np.isfinite(ref_lse)
+    lse_ok = bool(np.array_equal(np.isneginf(lse), np.isneginf(ref_lse)) and np.isfinite(lse[fin]).all())
+    scale = max(float(np.abs(ref_lse[fin]).max(initial=0.0)), 1.0)
+    errs["lse"] = float(np.max(np.abs(lse[fin] - ref_lse[fin]), initial=0.0)) / scale
+    tols = {"out": FWD_TOL[dt], "lse": FWD_TOL[dt], "dq": GRAD_TOL[dt], "dk": GRAD_TOL[dt], "dv": GRAD_TOL[dt]}
+    finite = all(np.isfinite(np.asarray(x, np.float32)).all() for x in (out, *grads))
+    bad = [f"{n} rel err {errs[n]:.3e} > {tols[n]:.0e}" for n in tols if not errs[n] <= tols[n]]
+    if not lse_ok:
+        bad.append("LSE −inf pattern or finiteness differs from the oracle")
+    if not finite:
+        bad.append("non-finite values in out/dq/dk/dv")
+    if determinism:
+        again = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g)
+        same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(grads, again))
+        errs["bitwise_repeat"] = same
+        if not same:
+            bad.append("backward is not bitwise reproducible")
+    return {"name": name, "dtype": dt.name, "shape": {"q": list(c["q"].shape), "k": list(c["k"].shape),
+            "K": int(c["idx"].shape[-1]), "block_q": c["bq"], "block_kv": c["bkv"]}, "errors": errs,
+            "tolerances": tols, "ok": not bad, "failures": bad}
+
+
+def check_api():
+    """sgm_attention(backend="mosaic_gpu") and jax.grad through its custom VJP (hardware only: the registered
+    backend is for the GPU platform)."""
+    c = make_case(60, b=1, h=2, d=128, nq=2, nk=3, bq=64, bkv=64, topk=2, dtype=BF16, random_counts=True)
+    lst, g = (c["idx"], c["cnt"], c["lens"]), dict(block_q=c["bq"], block_kv=c["bkv"])
+    entry = api.resolve_backend("auto")
+    loss = lambda q, k, v, name: jnp.sum(api.sgm_attention(q, k, v, *lst, **g, backend=name).astype(F32) ** 2)
+    got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(c["q"], c["k"], c["v"], "mosaic_gpu")
+    f32 = [c[n].astype(F32) for n in ("q", "k", "v")]
+    want = jax.grad(lambda q, k, v: jnp.sum(dense_masked_reference(q, k, v, *lst, **g) ** 2), argnums=(0, 1, 2))(*f32)
+    # d(sum out²)/dθ also carries the bf16 rounding of `out` itself: bound doubled
+    errs = {n: rel(x, w) for n, x, w in zip(("dq", "dk", "dv"), got, want)}
+    bad = [f"{n} rel err {e:.3e} > {2 * GRAD_TOL[BF16]:.0e}" for n, e in errs.items() if not e <= 2 * GRAD_TOL[BF16]]
+    if entry.name != "mosaic_gpu":
+        bad.append(f"backend 'auto' resolved to {entry.name!r}, expected 'mosaic_gpu'")
+    return {"name": "sgm_attention(backend='mosaic_gpu') + jax.grad", "errors": errs, "ok": not bad, "failures": bad}
+
+
+def run_checks(args):
+    small = [
+        ("vsa-like bf16 D128 64/64 B2", dict(b=2, h=2, d=128, nq=6, nk=9, bq=64, bkv=64, topk=4, dtype=BF16), True),
+        ("decmem-like fp16 D128 192/192", dict(b=1, h=2, d=128, nq=3, nk=8, bq=192, bkv=192, topk=4, dtype=F16,
+                                               decmem=True), False),
+        ("D64 bf16 128/64", dict(b=1, h=3, d=64, nq=3, nk=7, bq=128, bkv=64, topk=3, dtype=BF16), False),
+    ]
+    if args.interpret:  # the interpreter is slow: only the geometry spot checks (tests/ cover the rest)
+        small = []
+    results = []
+    for i, (name, geo, det) in enumerate(small):
+        results.append(guarded_check(name, lambda: check_case(name, make_case(100 + i, random_counts=True, **geo),
+                                                               args.interpret, determinism=det)))
+    if not args.interpret:  # (both covered by tests/test_sgm_kernels.py in the interpreter)
+        dense = make_case(200, b=1, h=2, d=128, nq=4, nk=4, bq=64, bkv=64, topk=4, dtype=BF16)
+        results.append(guarded_check("all blocks listed = dense",
+                                     lambda: check_case("all blocks listed = dense", dense, False)))
+        results.append(guarded_check("api", check_api))
+    for name in args.cases:
+        geo = CASES["small" if args.small else "full"][name]
+        label = f"{name} geometry, head 0"
+        c = make_case(300, b=1, h=1, d=128, dtype=BF16, **geo)
+        results.append(guarded_check(label, lambda: check_case(label, c, args.interpret, oracle="gather")))
+    return results
+
+
+def guarded_check(name, fn):
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 -- a crash is a failed check, reported with its traceback
+        traceback.print_exc()
+        return {"name": name, "ok": False, "failures": [f"raised {type(e).__name__}: {str(e)[:400]}"]}
+
+
+def print_checks(results):
+    print(f"{'check':46} {'result':6} {'out':>9} {'lse':>9} {'dq':>9} {'dk':>9} {'dv':>9}")
+    for r in results:
+        e = r.get("errors", {})
+        cells = [f"{e[n]:.2e}" if isinstance(e.get(n), float) else "-" for n in ("out", "lse", "dq", "dk", "dv")]
+        print(f"{r['name'][:46]:46} {'ok' if r['ok'] else 'FAIL':6} " + " ".join(f"{x:>9}" for x in cells))
+        for f in r.get("failures", []):
+            print(f"    FAILED: {f}")
+
+
+# ------------------------------------------------------------------------------------------------------ timing
+
+
+def time_jax(fn, args, warmup, repeats):
+    def run():
+        out, stats = timed(lambda: fn(*args), jax_block, warmup, repeats)
+        return {"status": "ok", **stats}
+    return guarded(run)
+
+
+def bench_ours(c, name, cot, args):
+    """Through sgm_attention as a model calls it; the lists are arguments, so building the step and reverse lists
+    (XLA, inside the jitted call) is timed too instead of being constant-folded."""
+    g = dict(block_q=c["bq"], block_kv=c["bkv"])
+    attn = lambda q, k, v, *lst: api.sgm_attention(q, k, v, *lst, **g, backend=name)
+    f = jax.jit(attn)
+    fb = jax.jit(lambda q, k, v, *lst: jax.vjp(lambda *x: attn(*x, *lst), q, k, v)[1](cot))
+    a = (c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"])
+    return {"fwd": time_jax(f, a, args.warmup, args.repeats), "fwd_bwd": time_jax(fb, a, args.warmup, args.repeats)}
+
+
+def bench_cudnn(c, cot, args):
+    attn = functools.partial(jax.nn.dot_product_attention, implementation="cudnn")
+    f = jax.jit(attn)
+    fb = jax.jit(lambda q, k, v: jax.vjp(attn, q, k, v)[1](cot))
+    qkv = (c["q"], c["k"], c["v"])
+    return {"fwd": time_jax(f, qkv, args.warmup, args.repeats), "fwd_bwd": time_jax(fb, qkv, args.warmup,
+                                                                                        args.repeats)}
+
+
+def load_vsa():
+    """The vsa package's Triton module, loaded by file path (importing `vsa` itself pulls in its CUDA extension)."""
+    spec = importlib.util.find_spec("vsa")
+    if spec is None or not spec.submodule_search_locations:
+        return None, "vsa: not installed"
+    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "block_sparse_attn_triton.py"
+    if not path.exists():
+        return None, f"vsa: {path} not found"
+    mod_spec = importlib.util.spec_from_file_location("vsa_block_sparse_attn_triton", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module, None
+
+
+def bench_vsa(c, ours_out, cot, args):
+    """vsa Triton fwd and fwd+bwd with the same lists expanded to 64-token cubes; B = 1, bf16 only."""
+    if args.no_vsa:
+        return {"status": "skipped (--no-vsa)"}
+    if jax.default_backend() != "gpu":
+        return {"status": "skipped (needs a GPU)"}
+    try:
+        import torch
+    except ImportError:
+        return {"status": "vsa: torch not installed"}
+    try:
+        module, why = load_vsa()
+    except Exception as e:  # noqa: BLE001 -- e.g. triton missing: report, do not fail the benchmark
+        module, why = None, f"vsa: failed to load block_sparse_attn_triton.py: {type(e).__name__}: {str(e)[:200]}"
+    if module is None:
+        print(why)
+        return {"status": why}
+    if c["q"].shape[0] != 1 or jnp.dtype(c["q"].dtype) != BF16:
+        return {"status": "skipped (vsa needs B = 1, bf16)"}
+    b, tq, h, d = c["q"].shape
+    nqs = c["bq"] // mg.TILE
+    rows, valid, n = subtile_steps(c["idx"], c["cnt"], c["lens"], block_kv=c["bkv"], sub=mg.TILE)
+    q2k = jnp.repeat(rows // mg.TILE, nqs, axis=2)  # [B, H, Tq/64, K·block_kv/64]: cube ids, empty cubes dropped
+    q2k_num = jnp.repeat(n, nqs, axis=2)
+    sizes = jnp.clip(c["lens"][0][:, None] - jnp.arange(c["bkv"] // mg.TILE) * mg.TILE, 0, mg.TILE).reshape(-1)
+    nk64 = sizes.shape[0]
+    k2q, k2q_num = reverse_block_lists(q2k.reshape(b * h, tq // mg.TILE, -1), q2k_num.reshape(b * h, -1), nk64)
+    tt = lambda x: torch.from_dlpack(jax.block_until_ready(x)).cuda()
+    bhtd = lambda x: tt(x).permute(0, 2, 1, 3).contiguous()
+    q, k, v, do = (bhtd(x) for x in (c["q"], c["k"], c["v"], cot.astype(c["q"].dtype)))
+    i32 = lambda x: tt(x.astype(jnp.int32)).contiguous()
+    q2k_t, q2k_num_t, sizes_t = i32(q2k), i32(q2k_num), i32(sizes)
+    k2q_t, k2q_num_t = i32(k2q.reshape(b, h, nk64, -1)), i32(k2q_num.reshape(b, h, nk64))
+    fwd = lambda: module.triton_block_sparse_attn_forward(q, k, v, q2k_t, q2k_num_t, sizes_t)
+    try:
+        o, m = fwd()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001
+        return {"status": f"vsa forward failed: {type(e).__name__}: {str(e)[:200]}"}
+    err = rel(o.permute(0, 2, 1, 3).float().cpu().numpy(), np.asarray(ours_out, np.float32))
+    if not err <= 2e-2:  # a peer that computes something else is not timed
+        return {"status": f"mismatch (rel err {err:.2e} vs ours)", "rel_err_vs_ours": err}
+    sync = lambda x: (torch.cuda.synchronize(), x)[1]
+    res = {"status": "ok", "rel_err_vs_ours": err}
+    res["fwd"] = guarded(lambda: {"status": "ok", **timed(fwd, sync, args.warmup, args.repeats)[1]})
+    bwd = getattr(module, "triton_block_sparse_attn_backward", None)
+    if bwd is None:
+        res["fwd_bwd"] = {"status": "no triton_block_sparse_attn_backward"}
+        return res
+
+    def fwd_bwd():
+        o, m = fwd()
+        return bwd(do, q, k, v, o, m, q2k_t, q2k_num_t, k2q_t, k2q_num_t, sizes_t)
+    res["fwd_bwd"] = guarded(lambda: {"status": "ok", **timed(fwd_bwd, sync, args.warmup, args.repeats)[1]})
+    return res
+
+
+def run_case(name, geo, args, backend):
+    dt = jnp.dtype(args.dtype)
+    c = make_case(args.seed, b=1, h=args.heads, d=128, dtype=dt, sigma=1.0, **geo)
+    fl = flop_counts(c)
+    cot = jnp.asarray(np.random.default_rng(args.seed + 1).normal(size=c["q"].shape), dt)
+    res = {"shapes": {"q": list(c["q"].shape), "k": list(c["k"].shape), "block_q": c["bq"], "block_kv": c["bkv"],
+                      "topk": geo["topk"]}, "flops": fl, "dtype": dt.name}
+    res["mosaic_gpu"] = bench_ours(c, backend, cot, args)
+    ours_out = None
+    if res["mosaic_gpu"]["fwd"]["status"] == "ok":
+        lst = (c["idx"], c["cnt"], c["lens"])
+        ours_out = api.sgm_attention(c["q"], c["k"], c["v"], *lst, block_q=c["bq"], block_kv=c["bkv"],
+                                     backend=backend)
+    if jax.default_backend() == "gpu":
+        res["cudnn"] = bench_cudnn(c, cot, args)
+    else:
+        res["cudnn"] = {"fwd": {"status": "skipped (needs a GPU)"}, "fwd_bwd": {"status": "skipped (needs a GPU)"}}
+    res["vsa"] = bench_vsa(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
+    for peer in ("mosaic_gpu", "cudnn", "vsa"):  # backward alone = (fwd+bwd) − fwd, same run
+        f, fb = _ms(res[peer].get("fwd")), _ms(res[peer].get("fwd_bwd"))
+        if f and fb:
+            res[peer]["bwd_ms_derived"] = fb - f
+    return res
+
+
+def _ms(r):
+    return r["median_ms"] if isinstance(r, dict) and r.get("status") == "ok" else None
+
+
+def print_table(results):
+    hdr = (f"{'case':7} {'pass':8} {'ours ms':>9} {'eff TF/s':>9} {'cuDNN ms':>9} {'cuDNN TF/s':>10} "
+           f"{'speedup':>8} {'TF/s ratio':>10} {'vsa ms':>8} {'vsa TF/s':>9} {'vsa/ours':>9}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for name, c in results.items():
+        fl = c["flops"]
+        for p, key, flops in (("fwd", "fwd", fl["fwd"]), ("fwd+bwd", "fwd_bwd", fl["fwd_bwd"])):
+            ours, cud = _ms(c["mosaic_gpu"][key]), _ms(c["cudnn"][key])
+            vsa = _ms(c["vsa"].get(key)) if c["vsa"].get("status") == "ok" else None
+            dense = fl["dense_fwd"] * (1.0 if key == "fwd" else 3.5)
+            tf = lambda f, ms: f"{f / ms / 1e9:.1f}" if ms else "-"
+            ratio = lambda a, b, fmt="{:.2f}": fmt.format(a / b) if a and b else "-"
+            row = [f"{ours:.3f}" if ours else c["mosaic_gpu"][key].get("status", "?")[:9], tf(flops, ours),
+                   f"{cud:.3f}" if cud else "-", tf(dense, cud), ratio(cud, ours),
+                   ratio(flops / ours if ours else None, dense / cud if cud else None),
+                   f"{vsa:.3f}" if vsa else "-", tf(flops, vsa), ratio(vsa, ours)]
+            print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 8, 9, 9))))
+        st = str(c["vsa"].get("status"))
+        if st != "ok":
+            print(f"{'':7} {st if st.startswith('vsa') else 'vsa: ' + st}")
+    print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; vsa/ours = vsa ms / ours ms"
+          " (> 1: ours faster). Effective TF/s counts valid keys only (bwd = 2.5x fwd).")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    platform = jax.default_backend()
+    if not args.interpret and platform != "gpu":
+        print(f"error: the Mosaic GPU kernel needs an sm_90 GPU, JAX platform is {platform!r}; on a CPU use "
+              "--small --interpret", file=sys.stderr)
+        return 2
+    if args.stages is not None:  # every entry point (sgm_attention included) takes its default from here
+        mg.default_stages = lambda head_dim: args.stages
+    info = jax_info()
+    print(f"device: {info['device']} ({platform}), jax {info['jax']}, cudnn {info.get('cudnn')}; "
+          f"{'INTERPRET mode: timings meaningless' if args.interpret else 'compiled'}", flush=True)
+    record = {"command": [sys.executable, *sys.argv] if argv is None else ["sgm_kernel.main", *argv],
+              "args": vars(args), "jax": info}
+    t0 = time.perf_counter()
+    checks = [] if args.skip_checks else run_checks(args)
+    if args.skip_checks:
+        print("WARNING: --skip-checks: correctness checks NOT run in this process", flush=True)
+    record["checks"] = checks
+    print(f"--- correctness checks ({time.perf_counter() - t0:.1f} s)")
+    print_checks(checks)
+    failed = [c["name"] for c in checks if not c["ok"]]
+    if failed:
+        print(f"\nCHECKS FAILED: {failed}; see the FAILED lines above (error = max|kernel - oracle| / max|oracle|). "
+              "Not benchmarking.", file=sys.stderr)
+        write_record(args.json, record)
+        return 1
+    if args.check_only:
+        write_record(args.json, record)
+        print("all checks passed")
+        return 0
+
+    backend = "mosaic_gpu"
+    if args.interpret:  # the registered backend is GPU-only; run the same adapters in the interpreter
+        backend = "mosaic_gpu_interpret"
+        e = api._REGISTRY["mosaic_gpu"]
+        api.register_backend(backend, functools.partial(mg._api_fwd, interpret=True),
+                             functools.partial(mg._api_bwd, interpret=True), tile=e.tile, head_dims=e.head_dims,
+                             dtypes=e.dtypes)
+    geos = CASES["small" if args.small else "full"]
+    results = {}
+    try:
+        for name in args.cases:
+            print(f"--- case {name} ...", flush=True)
+            results[name] = run_case(name, geos[name], args, backend)
+    finally:
+        if args.interpret:
+            api._REGISTRY.pop(backend, None)
+    print()
+    print_table(results)
+    record["cases"] = results
+    write_record(args.json, record)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

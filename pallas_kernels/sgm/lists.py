@@ -1,0 +1,59 @@
+"""Index-list helpers shared by the SGM kernels (Mosaic TPU in `tpu.py`, Mosaic GPU in `mosaic_gpu*.py`).
+
+All of them run in XLA before a kernel launch, are deterministic (sorts are stable, no atomics) and keep ascending
+order, so kernels that walk the lists accumulate in a fixed order.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["reverse_block_lists", "subtile_steps"]
+
+
+def reverse_block_lists(idx, cnt, nk):
+    """Key block -> query blocks that selected it, per (b·h). idx `[BH, Nq, K]` (sanitised), cnt `[BH, Nq]`.
+
+    Returns rev `[BH, Nk, Nq]` (query blocks ascending; positions >= rev_cnt repeat the previous entry, 0 when empty)
+    and rev_cnt `[BH, Nk]`. Built with a stable sort, so it is deterministic. Assumes duplicate-free lists (a key
+    block appears at most once per query block), hence at most Nq entries per key block."""
+    bh, nq, topk = idx.shape
+    valid = jnp.arange(topk, dtype=jnp.int32)[None, None, :] < cnt[..., None]
+    key = jnp.where(valid, idx, nk).reshape(bh, nq * topk)  # invalid entries sort last (sentinel nk)
+    order = jnp.argsort(key, axis=-1, stable=True)
+    q_sorted = (order // topk).astype(jnp.int32)  # query block of each sorted entry, ascending within a key block
+    rev_cnt = jax.vmap(lambda kk: jnp.bincount(kk, length=nk + 1)[:nk])(key).astype(jnp.int32)
+    start = jnp.cumsum(rev_cnt, axis=-1) - rev_cnt
+    pos = jnp.minimum(jnp.arange(nq, dtype=jnp.int32)[None, None, :], jnp.maximum(rev_cnt[..., None] - 1, 0))
+    flat = jnp.minimum(start[..., None] + pos, nq * topk - 1).reshape(bh, nk * nq)
+    rev = jnp.take_along_axis(q_sorted, flat, axis=-1).reshape(bh, nk, nq)
+    rev = jnp.where(rev_cnt[..., None] > 0, rev, 0)
+    return rev, rev_cnt
+
+
+def subtile_steps(idx, cnt, lens, *, block_kv, sub):
+    """Schedule of a kernel that walks each selected key block in sub-tiles of `sub` rows (sub divides block_kv).
+
+    idx `[B, H, Nq, K]` (ids already in [0, Nk)), cnt `[B, H, Nq]` in [0, K], lens `[B, Nk]` in [0, block_kv].
+    Returns (rows, valid, nsteps):
+      rows   int32 `[B, H, Nq, K·block_kv/sub]`: first key row (in the flat Tk axis) of each step,
+      valid  int32 same shape: valid keys in that step, in 1..sub (a step is partial iff valid < sub),
+      nsteps int32 `[B, H, Nq]`: number of steps.
+    Sub-tiles without any valid key (past the count, or past a block's valid length: empty blocks, the tail of a
+    partial block) are dropped, so every step holds >= 1 valid key and a query block whose selected blocks are all
+    empty gets nsteps = 0. Steps keep list order (key rows ascending). Positions >= nsteps hold row 0, valid 0."""
+    b, h, nq, kk = idx.shape
+    ns = block_kv // sub
+    idx = idx.astype(jnp.int32)
+    sel_len = jnp.take_along_axis(lens.astype(jnp.int32)[:, None, None, :], idx.reshape(b, 1, 1, -1), axis=-1)
+    sel_len = sel_len.reshape(b, h, nq, kk)  # valid tokens of each selected block
+    listed = jnp.arange(kk, dtype=jnp.int32) < cnt[..., None]
+    j = jnp.arange(ns, dtype=jnp.int32)
+    valid = jnp.clip(sel_len[..., None] - j * sub, 0, sub)  # [B, H, Nq, K, ns]
+    valid = jnp.where(listed[..., None], valid, 0).reshape(b, h, nq, kk * ns)
+    rows = (idx[..., None] * block_kv + j * sub).reshape(b, h, nq, kk * ns)
+    order = jnp.argsort((valid == 0).astype(jnp.int32), axis=-1, stable=True)  # non-empty steps first, in order
+    valid = jnp.take_along_axis(valid, order, axis=-1)
+    rows = jnp.where(valid > 0, jnp.take_along_axis(rows, order, axis=-1), 0)
+    return rows.astype(jnp.int32), valid.astype(jnp.int32), jnp.sum(valid > 0, axis=-1).astype(jnp.int32)

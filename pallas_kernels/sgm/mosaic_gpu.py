@@ -1,0 +1,141 @@
+"""Sparse Global Memory (SGM) block-sparse attention as Pallas Mosaic GPU kernels for Hopper (sm_90a, H100/H200),
+jax 0.11.2: forward (`mosaic_gpu_fwd.py`), dq and dk/dv (`mosaic_gpu_bwd.py`), registered as backend "mosaic_gpu" of
+`pallas_kernels.sgm.api.sgm_attention`.
+
+Contract (shared with the other SGM backends): q `[B, Tq, H, D]`, Tq = Nq·block_q; k/v `[B, Tk, H, D]`, Tk =
+Nk·block_kv, block-major and padded; `kv_block_idx` int32 `[B, H, Nq, K]` ascending (entries >= count ignored),
+`kv_block_cnt` `[B, H, Nq]`, `kv_block_len` `[B, Nk]` valid tokens first. Returns out `[B, Tq, H, D]` in q.dtype and
+the natural-log LSE fp32 `[B, H, Tq]` (−inf where a row has no valid key; its output is 0).
+
+Supported: bf16 and fp16 (SMEM holds the input dtype; wgmma takes no fp32 operands in this form), head dim 64 or
+128, block_q and block_kv multiples of 64, any B, H, Tq != Tk. Padded key slots must hold finite values (they are
+multiplied by zero probabilities, as in the reference). Everything runs in XLA around the kernels: list
+sanitising, the step lists (`lists.subtile_steps`), the reverse key->query lists (`lists.reverse_block_lists`,
+stable sort: deterministic), delta = rowsum(dO·O) and the LSE base conversion.
+
+Backward: split and deterministic (no atomics). dq kernel: same CTA layout and step lists as the forward. dk/dv
+kernel: each consumer owns one 64-row key tile and walks the q tiles of the query blocks that selected its key block
+(reverse lists, ascending). Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
+
+`interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
+see `mosaic_gpu_fwd.mma_acc` for the one place where the interpreted body differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps
+from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
+from pallas_kernels.sgm.mosaic_gpu_fwd import LOG2E, TILE, forward_call
+
+__all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "default_stages", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+SUPPORTED_HEAD_DIMS = (64, 128)
+
+
+def default_stages(head_dim):
+    """Ring depth per consumer: the deepest that fits all three kernels in 227 KiB of SMEM (checked by lowering in
+    tests/test_sgm_kernels.py): 2 at D = 128 (3 would need 232,656 B in the forward), 4 at D = 64 (5 fits, 6 not)."""
+    return 2 if head_dim > 64 else 4
+
+
+def _check(q, k, v, idx, cnt, lens, block_q, block_kv, stages):
+    B, Tq, H, D = q.shape
+    if k.shape != v.shape or k.ndim != 4 or (k.shape[0], k.shape[2], k.shape[3]) != (B, H, D):
+        raise ValueError(f"mosaic_gpu SGM: k/v shapes {k.shape}/{v.shape} do not match q {q.shape}")
+    if not (q.dtype == k.dtype == v.dtype) or jnp.dtype(q.dtype) not in SUPPORTED_DTYPES:
+        raise ValueError(f"mosaic_gpu SGM: q, k, v must all be bfloat16 or all float16 (wgmma operands in SMEM), got "
+                         f"{q.dtype}, {k.dtype}, {v.dtype}")
+    if D not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"mosaic_gpu SGM: head dim {D} not supported (supports {SUPPORTED_HEAD_DIMS})")
+    if block_q % TILE or block_kv % TILE or block_q < TILE or block_kv < TILE:
+        raise ValueError(f"mosaic_gpu SGM: block_q ({block_q}) and block_kv ({block_kv}) must be positive multiples "
+                         f"of {TILE}")
+    if Tq % block_q or k.shape[1] % block_kv:
+        raise ValueError(f"mosaic_gpu SGM: Tq = {Tq} / Tk = {k.shape[1]} are not multiples of block_q = {block_q} / "
+                         f"block_kv = {block_kv}")
+    Nq, Nk = Tq // block_q, k.shape[1] // block_kv
+    if idx.ndim != 4 or idx.shape[:3] != (B, H, Nq) or cnt.shape != (B, H, Nq) or lens.shape != (B, Nk):
+        raise ValueError(f"mosaic_gpu SGM: lists must be idx [B, H, Nq, K] = [{B}, {H}, {Nq}, K], cnt [B, H, Nq], "
+                         f"len [B, Nk = {Nk}]; got {idx.shape}, {cnt.shape}, {lens.shape}")
+    stages = default_stages(D) if stages is None else stages
+    if not 1 <= stages <= 16:
+        raise ValueError(f"mosaic_gpu SGM: stages must lie in [1, 16], got {stages}")
+    return B, Tq, H, D, Nq, Nk, stages
+
+
+def _sanitize(idx, cnt, lens, nk, block_kv):
+    """Same clipping as api.py, so the kernels stand alone too (garbage ids past the count never reach a TMA)."""
+    kk = idx.shape[-1]
+    cnt = jnp.clip(cnt.astype(jnp.int32), 0, kk)
+    idx = jnp.clip(idx.astype(jnp.int32), 0, nk - 1)
+    return idx, cnt, jnp.clip(lens.astype(jnp.int32), 0, block_kv)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "interpret"))
+def sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None,
+                     stages=None, interpret=False):
+    """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`)."""
+    B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
+                                         stages)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
+    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=TILE)
+    return forward_call(q, k, v, rows, valid, nsteps, block_q=block_q, scale=scale, stages=stages,
+                        interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "interpret"))
+def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
+                      scale=None, stages=None, interpret=False):
+    """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log)."""
+    B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
+                                         stages)
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
+    d_out = d_out.astype(q.dtype)
+    f32 = jnp.float32
+    delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), d_out.astype(f32))
+    lse = lse.astype(f32)
+    lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # base 2 for exp2 in the kernels; −inf rows run no step
+    statics = dict(block_q=block_q, scale=scale, stages=stages, interpret=interpret)
+
+    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=TILE)
+    dq = dq_call(q, k, v, d_out, lse2, delta, rows, valid, nsteps, **statics)
+
+    rev, rev_cnt = reverse_block_lists(idx.reshape(B * H, Nq, -1), cnt.reshape(B * H, Nq), Nk)
+    rev, rev_cnt = rev.reshape(B, H, Nk, Nq), rev_cnt.reshape(B, H, Nk)
+    nks, nqs = block_kv // TILE, block_q // TILE
+    kvalid = jnp.clip(lens[:, :, None] - jnp.arange(nks, dtype=jnp.int32) * TILE, 0, TILE).reshape(B, Nk * nks)
+    ksteps = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqs, 0).astype(jnp.int32)
+    dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, ksteps, block_kv=block_kv, **statics)
+    return dq, dk, dv
+
+
+# ------------------------------------------------------------------------------------- sgm_attention registration
+
+
+def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale, interpret=False):
+    return sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q, block_kv=block_kv,
+                            scale=scale, interpret=interpret)
+
+
+def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
+             interpret=False):
+    return sgm_backward_mgpu(q, k, v, out, lse, dout, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
+                             block_kv=block_kv, scale=scale, interpret=interpret)
+
+
+try:  # plug into `sgm_attention(..., backend="mosaic_gpu")`; the kernels above stand alone without api.py
+    from pallas_kernels.sgm.api import register_backend
+except ImportError:  # pragma: no cover
+    register_backend = None
+if register_backend is not None:
+    register_backend("mosaic_gpu", _api_fwd, _api_bwd, tile=(TILE, TILE), head_dims=SUPPORTED_HEAD_DIMS,
+                     dtypes=SUPPORTED_DTYPES, platforms=("gpu",))

@@ -1,0 +1,249 @@
+"""Mosaic GPU (sm_90a) SGM backward: a dq kernel and a dk/dv kernel, both deterministic (no atomics, fixed order).
+
+Shared formula (reference.py `sgm_reference_bwd`), with lse2 = base-2 LSE and c = scale·log2(e):
+    P = exp2(c·q·kᵀ − lse2) on valid keys;  dP = dO·vᵀ;  dS = P ∘ (dP − Δ),  Δ = rowsum(dO ∘ O) (XLA)
+    dQ = scale · dS·k;   dK = scale · dSᵀ·q;   dV = Pᵀ·dO
+The logits are recomputed exactly as the forward does (raw bf16/fp16 operands, one fp32 multiply); the scale on dQ
+and dK is applied once to the fp32 accumulators at the end, never to bf16 operands.
+
+dq: the forward's CTA layout (2 consumers × one 64-row q tile each + 1 TMA producer) and step lists; the consumer
+    also holds dO, lse2 and Δ of its tile.
+dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer streaming (q, lse2) and (dO, Δ) of the
+    q tiles of every query block that selected the tile's key block (reverse lists, ascending). A key tile without
+    valid keys, or never selected, runs no step and writes zeros; rows past the tile's valid count are masked.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, interpret_params,
+                                               issue_rows, mask_tail, mma, mma_acc, ring_producer, step_rows,
+                                               tiled_smem, valid_at, zeros_acc)
+
+_COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
+
+
+def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, stages, interpret):
+    """dq `[B, Tq, H, D]` in q.dtype. lse2/delta fp32 `[B, H, Tq]`; rows/valid/nsteps as for the forward."""
+    B, Tq, H, D = q.shape
+    dt = q.dtype
+    nt, nqs, S = Tq // TILE, block_q // TILE, stages
+    c_log2 = float(scale) * LOG2E
+
+    def sgm_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, valid_ref, n_ref, dq_ref,
+               q_smem, do_smem, lse_smem, delta_smem, in_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done):
+        b, h = lax.axis_index("batch"), lax.axis_index("heads")
+        pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
+
+        def tile_of(c):
+            tile = pair * 2 + c
+            return tile, tile < nt, lax.div(jnp.minimum(tile, nt - 1), jnp.int32(nqs))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+            tile, active, qb = tile_of(wg)
+
+            @pl.when(active)
+            def _():
+                rows_q = pl.ds(tile * TILE, TILE)
+                q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
+                n = n_ref[b, h, qb]
+                loads = ((q_ref.at[b, rows_q, h], q_tile), (do_ref.at[b, rows_q, h], do_tile),
+                         (lse_ref.at[b, h, rows_q], lse_smem.at[wg]), (delta_ref.at[b, h, rows_q], delta_smem.at[wg]))
+
+                @pl.when(n > 0)  # a tile without steps only writes zeros
+                def _():
+                    for j, (src, dst) in enumerate(loads):
+                        plgpu.copy_gmem_to_smem(src, dst, in_bar.at[wg * 4 + j])
+                    for j in range(4):
+                        plgpu.barrier_wait(in_bar.at[wg * 4 + j])
+
+                lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+
+                def step(t, carry):
+                    dq, count = carry
+                    count_next = valid_at(valid_ref, b, h, qb, t + 1)  # prefetch, as in the forward
+                    bi = wg * S + lax.rem(t, S)
+                    plgpu.barrier_wait(k_rdy.at[bi])
+                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, TILE))
+                    s = mask_tail(s * c_log2, count, axis=1)
+                    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    plgpu.barrier_wait(v_rdy.at[bi])
+                    dp = mma(do_tile, v_smem.at[bi].transpose((1, 0)), (TILE, TILE))
+                    plgpu.barrier_arrive(v_done.at[bi])
+                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+                    dq = mma_acc(dq, ds.astype(dt), k_smem.at[bi], interpret)
+                    plgpu.barrier_arrive(k_done.at[bi])
+                    return dq, count_next
+
+                carry = (zeros_acc(D), valid_at(valid_ref, b, h, qb, 0))
+                dq, _ = lax.fori_loop(0, n, step, carry)
+                q_tile[...] = (dq * scale).astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, rows_q, h])
+                plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+            streams, counts = [], []
+            for c in range(2):
+                _, active, qb = tile_of(c)
+                counts.append(jnp.where(active, n_ref[b, h, qb], 0))
+                streams.append((functools.partial(step_rows, rows_ref, b, h, qb),
+                                [(functools.partial(issue_rows, k_ref, b, h, k_smem, k_rdy), k_done),
+                                 (functools.partial(issue_rows, v_ref, b, h, v_smem, v_rdy), v_done)]))
+            ring_producer(streams, counts, S)
+
+    f32 = jnp.float32
+    kernel = plgpu.kernel(
+        sgm_dq,
+        out_type=jax.ShapeDtypeStruct(q.shape, dt),
+        scratch_types=[
+            tiled_smem((2, TILE, D), dt),  # q tiles, reused to stage dq
+            tiled_smem((2, TILE, D), dt),  # dO tiles
+            plgpu.SMEM((2, TILE), f32),  # lse2
+            plgpu.SMEM((2, TILE), f32),  # delta
+            plgpu.Barrier(num_barriers=8),  # per consumer: q, dO, lse2, delta loaded
+            tiled_smem((2 * S, TILE, D), dt),  # K rings
+            tiled_smem((2 * S, TILE, D), dt),  # V rings
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+        ],
+        grid=(H, -(-nt // 2), B),
+        grid_names=("heads", "pair", "batch"),
+        interpret=interpret_params(interpret),
+        **_COMMON,
+    )
+    return kernel(q, k, v, do, lse2, delta, rows, valid, nsteps)
+
+
+def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv, scale, stages, interpret):
+    """(dk, dv) `[B, Tk, H, D]` in k.dtype. rev int32 `[B, H, Nk, Nq]` (query blocks per key block, ascending),
+    kvalid int32 `[B, Tk/64]` valid keys per key tile, ksteps int32 `[B, H, Tk/64]` steps per key tile (= reverse
+    count × block_q/64, 0 for a tile without valid keys)."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    dt = k.dtype
+    nkt, nks, nqs, S = Tk // TILE, block_kv // TILE, block_q // TILE, stages
+    c_log2 = float(scale) * LOG2E
+
+    def sgm_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rev_ref, kvalid_ref, n_ref, dk_ref, dv_ref,
+                k_smem, v_smem, kv_bar, q_smem, do_smem, lse_smem, delta_smem,
+                q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done):
+        b, h = lax.axis_index("batch"), lax.axis_index("heads")
+        pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
+
+        def tile_of(c):  # key tile of consumer c, whether it exists, its key block
+            tile = pair * 2 + c
+            return tile, tile < nkt, lax.div(jnp.minimum(tile, nkt - 1), jnp.int32(nks))
+
+        @pl.when(wg < 2)
+        def _consumer():
+            plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+            tile, active, _ = tile_of(wg)
+
+            @pl.when(active)
+            def _():
+                rows_k = pl.ds(tile * TILE, TILE)
+                k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
+                n = n_ref[b, h, tile]
+
+                @pl.when(n > 0)  # a key tile nobody selected (or without valid keys) only writes zeros
+                def _():
+                    plgpu.copy_gmem_to_smem(k_ref.at[b, rows_k, h], k_tile, kv_bar.at[wg * 2])
+                    plgpu.copy_gmem_to_smem(v_ref.at[b, rows_k, h], v_tile, kv_bar.at[wg * 2 + 1])
+                    plgpu.barrier_wait(kv_bar.at[wg * 2])
+                    plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
+
+                kval = kvalid_ref[b, tile]
+
+                def step(t, carry):
+                    dk, dv = carry
+                    bi = wg * S + lax.rem(t, S)
+                    plgpu.barrier_wait(q_rdy.at[bi])
+                    plgpu.barrier_wait(lse_rdy.at[bi])
+                    s_t = mma(k_tile, q_smem.at[bi].transpose((1, 0)), (TILE, TILE))  # [keys, queries]
+                    s_t = mask_tail(s_t * c_log2, kval, axis=0)
+                    lse = plgpu.load(lse_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
+                    p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                    plgpu.barrier_wait(do_rdy.at[bi])
+                    plgpu.barrier_wait(delta_rdy.at[bi])
+                    dv = mma_acc(dv, p_t.astype(dt), do_smem.at[bi], interpret)
+                    dp_t = mma(v_tile, do_smem.at[bi].transpose((1, 0)), (TILE, TILE))
+                    delta = plgpu.load(delta_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
+                    plgpu.barrier_arrive(do_done.at[bi])
+                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+                    dk = mma_acc(dk, ds_t.astype(dt), q_smem.at[bi], interpret)
+                    plgpu.barrier_arrive(q_done.at[bi])
+                    return dk, dv
+
+                dk, dv = lax.fori_loop(0, n, step, (zeros_acc(D), zeros_acc(D)))
+                k_tile[...] = (dk * scale).astype(dt)
+                v_tile[...] = dv.astype(dt)
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, rows_k, h])
+                plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, rows_k, h])
+                plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _producer():
+            plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+            streams, counts = [], []
+            for c in range(2):
+                tile, active, kb = tile_of(c)
+                counts.append(jnp.where(active, n_ref[b, h, jnp.minimum(tile, nkt - 1)], 0))
+
+                def rows_q(t, kb=kb):  # step t: q tile t % nqs of the (t // nqs)-th query block listing kb
+                    t = jnp.minimum(t, rev_ref.shape[-1] * nqs - 1)
+                    qb = rev_ref[b, h, kb, lax.div(t, jnp.int32(nqs))]
+                    return pl.ds(qb * block_q + lax.rem(t, jnp.int32(nqs)) * TILE, TILE)
+
+                def issue_q(r, bi):
+                    plgpu.copy_gmem_to_smem(q_ref.at[b, r, h], q_smem.at[bi], q_rdy.at[bi])
+                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, r], lse_smem.at[bi], lse_rdy.at[bi])
+
+                def issue_do(r, bi):
+                    plgpu.copy_gmem_to_smem(do_ref.at[b, r, h], do_smem.at[bi], do_rdy.at[bi])
+                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, r], delta_smem.at[bi], delta_rdy.at[bi])
+
+                streams.append((rows_q, [(issue_q, q_done), (issue_do, do_done)]))
+            ring_producer(streams, counts, S)
+
+    f32 = jnp.float32
+    kv_out = jax.ShapeDtypeStruct(k.shape, dt)
+    kernel = plgpu.kernel(
+        sgm_dkv,
+        out_type=(kv_out, kv_out),
+        scratch_types=[
+            tiled_smem((2, TILE, D), dt),  # K tiles, reused to stage dK
+            tiled_smem((2, TILE, D), dt),  # V tiles, reused to stage dV
+            plgpu.Barrier(num_barriers=4),
+            tiled_smem((2 * S, TILE, D), dt),  # q rings
+            tiled_smem((2 * S, TILE, D), dt),  # dO rings
+            plgpu.SMEM((2 * S, TILE), f32),  # lse2 rings
+            plgpu.SMEM((2 * S, TILE), f32),  # delta rings
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_barriers=2 * S),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+        ],
+        grid=(H, -(-nkt // 2), B),
+        grid_names=("heads", "pair", "batch"),
+        interpret=interpret_params(interpret),
+        **_COMMON,
+    )
+    return kernel(q, k, v, do, lse2, delta, rev, kvalid, ksteps)
