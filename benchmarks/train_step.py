@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""One stage-3 (DecMem) teacher-forcing training step at Wan2.1-1.3B size on one accelerator: step time and MFU.
+
+Synthetic inputs (N(0, 1) latents at 352x640 -> 44x80 latents, random actions/poses, zero text context), batch 1,
+bf16 compute with fp32 master weights and AdamW state, the config's remat policy. The sweep runs clip lengths in
+latent frames from small to large and stops at the first that does not fit (OOM): the last "ok" row is as many frames
+as fit. The FLOP formula (decmem_jax.train.metrics) is printed with the results; MFU = train-step FLOPs / step time /
+the chip's dense bf16 peak (activation recomputation is not counted).
+
+No peer implementation exists for this step, so the table has no ratio column.
+
+Usage:
+  python benchmarks/train_step.py                                   # H100/H200: frames 8..60, remat full
+  python benchmarks/train_step.py --frames 60 --remat full,dots     # one length, two remat policies
+  python benchmarks/train_step.py --stage dense_long                # the dense block-causal stage instead
+  python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # training needs (nearly) the whole device
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pathlib  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import jax  # noqa: E402
+
+from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
+from configs import common as configs_common  # noqa: E402
+from decmem_jax.parallel import mesh as mesh_lib  # noqa: E402
+from decmem_jax.train import data as data_lib  # noqa: E402
+from decmem_jax.train import loop  # noqa: E402
+from decmem_jax.train import metrics as metrics_lib  # noqa: E402
+from decmem_jax.train import state as state_lib  # noqa: E402
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--stage", default="decmem", choices=configs_common.STAGES)
+    p.add_argument("--frames", default=None, help="comma list of clip lengths in latent frames (multiples of 4); "
+                                                  "default 8,16,24,32,40,48,60 (8 with --small)")
+    p.add_argument("--remat", default="full", help="comma list of DiTConfig.remat policies")
+    p.add_argument("--attention", default="auto", help="DiTConfig.attention (dense self-attention, cross-attention)")
+    p.add_argument("--sgm-backend", default="auto", help="MemoryConfig.backend for the DecMem stage")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
+    p.add_argument("--small", action="store_true", help="tiny config, float32, seconds on a CPU")
+    p.add_argument("--peak-tflops", type=float, default=0.0, help="per-chip peak for MFU (default: by device kind)")
+    p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
+    args = p.parse_args(argv)
+    args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
+    args.remat = [r for r in args.remat.split(",") if r]
+    if args.json is None:
+        out_dir = os.environ.get("OUT")
+        args.json = str(pathlib.Path(out_dir) / "train_step.json") if out_dir else "out/train_step.json"
+    return args
+
+
+def make_config(args, frames: int, remat: str):
+    if args.small:
+        from configs import train_tiny
+
+        cfg = train_tiny.get_config(args.stage)
+    else:
+        cfg = configs_common.train_config(args.stage)
+        cfg.model.attention = args.attention
+    cfg.model.memory.backend = args.sgm_backend
+    cfg.data.source = "synthetic"
+    cfg.data.clip_latents = frames
+    cfg.train.batch = args.batch
+    cfg.train.remat = remat
+    cfg.mesh.update(data=1, fsdp=1, tensor=1, context=1)
+    return cfg
+
+
+def run_case(args, frames: int, remat: str) -> dict:
+    cfg = make_config(args, frames, remat)
+    mesh = mesh_lib.make_mesh(dict(cfg.mesh), jax.devices()[:1])
+    setup = loop.build(cfg, mesh)
+    hw = (cfg.data.size[0] // data_lib.VAE_SPATIAL, cfg.data.size[1] // data_lib.VAE_SPATIAL)
+    host = next(data_lib.SyntheticBatches(args.batch, frames, hw, seed=0))
+    setup.compile(loop.global_shapes(host, args.batch))
+    batch = data_lib.to_global(host, setup.batch_shardings)
+    flops = metrics_lib.step_flops(setup.dit_cfg, batch=args.batch, frames=frames, hw=hw, chunk=int(cfg.train.chunk))
+    res = {"frames": frames, "remat": remat, "tokens": flops["tokens_per_step"], "flops": {
+        k: v for k, v in flops.items() if k != "formula"}}
+
+    def bench():
+        holder = {"state": setup.fresh_state()}
+
+        def call():
+            holder["state"], metrics = setup.step(holder["state"], batch, setup.context)
+            return metrics["loss"]
+
+        loss, stats = timed(call, jax_block, args.warmup, args.repeats)
+        peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, args.peak_tflops)
+        sec = stats["median_ms"] / 1e3
+        return {"status": "ok", **stats, "loss": float(loss), "tflops_per_s": flops["train_step"] / sec / 1e12,
+                "mfu": metrics_lib.mfu(flops["train_step"], sec, peak, 1), "peak_flops": peak}
+
+    res.update(guarded(bench))
+    res["peak_gb_so_far"] = jax_peak_gb()
+    return res
+
+
+def print_table(rows, dtype: str) -> None:
+    hdr = (f"{'frames':>6} {'tokens':>8} {'remat':6} {'dtype':8} {'step ms':>10} {'TFLOP':>8} {'TF/s':>8} {'MFU':>7} "
+           f"{'peak GB':>8}")
+    print(hdr + "\n" + "-" * len(hdr))
+    for r in rows:
+        ok = r.get("status") == "ok"
+        tf = r["flops"]["train_step"] / 1e12
+        ms = f"{r['median_ms']:.1f}" if ok else r.get("status", "?")
+        tfs = f"{r['tflops_per_s']:.1f}" if ok else "-"
+        mfu = f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-"
+        print(f"{r['frames']:>6} {r['tokens']:>8} {r['remat']:6} {dtype:8} {ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} "
+              f"{str(r.get('peak_gb_so_far')):>8}")
+
+
+def main(argv=None):
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    rows = []
+    t0 = time.perf_counter()
+    for remat in args.remat:
+        for frames in sorted(args.frames):
+            print(f"--- {args.stage}: {frames} latent frames, remat {remat} ...", flush=True)
+            row = run_case(args, frames, remat)
+            rows.append(row)
+            if row.get("status") != "ok":
+                print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
+                break
+    dit_cfg = state_lib.dit_config(make_config(args, args.frames[0], args.remat[0]))
+    dtype = jax.numpy.dtype(dit_cfg.compute_dtype).name
+    print()
+    print_table(rows, dtype)
+    print(f"\n{metrics_lib.FLOP_FORMULA}\n(total {time.perf_counter() - t0:.0f} s)")
+    record = {"command": [sys.executable, *sys.argv] if argv is None else ["train_step.main", *argv],
+              "args": vars(args), "config": json.loads(dit_cfg.to_json()), "flop_formula": metrics_lib.FLOP_FORMULA,
+              "jax": jax_info(), "cases": rows}
+    write_record(args.json, record)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+"""Tiny versions of the three stages for CPU tests and smoke runs: `--config=configs/train_tiny.py:decmem`.
+
+Tiny DiT (dim 256, 2 layers), 8 latents of 8x8 (16 tokens per frame, 2 chunks of 4; memory: one 64-slot block per
+frame, top-4, window 8), batch 2, float32, synthetic latents unless data.source/csv are overridden.
+"""
+
+try:
+    from configs import common
+except ImportError:  # loaded from outside the repository root
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from configs import common
+
+
+def get_config(stage: str = "decmem"):
+    c = common.train_config(stage or "decmem")
+    c.init_from = "random"
+    c.model.preset = "tiny"
+    c.model.dtype = "float32"
+    c.model.attention = "xla"
+    c.model.memory.update(blocks_per_frame=1, block_slots=64, top_k=4, window=8)
+    c.model.conditioning.hidden = 32
+    c.data.source = "synthetic"
+    c.data.clip_latents = 8
+    c.data.size = (64, 64)  # 8x8 latents
+    c.data.num_threads = 1
+    c.data.prefetch = 2
+    c.train.steps = 50
+    c.train.batch = 2
+    c.train.lr = 1e-3
+    c.train.warmup = 5
+    c.train.remat = "none"
+    c.train.log_every = 1
+    c.mesh.update(data=1, fsdp=-1, tensor=1, context=1)
+    c.checkpointing.update(every=10, keep=2)
+    return c
