@@ -1,18 +1,23 @@
-"""Smoke test of benchmarks/dit_forward.py on the CPU: tiny config in float32, so the comparison is a real check that
-the diffusers peer (with the KV-cache attention processor of benchmarks/wan_torch_cache.py) computes the same function
-as WanDiT's bidirectional forward and forward_chunk."""
+"""Smoke tests of the benchmark scripts on the CPU (tiny configs in float32).
+
+benchmarks/dit_forward.py: the comparison is a real check that the diffusers peer (with the KV-cache attention
+processor of benchmarks/wan_torch_cache.py) computes the same function as WanDiT's bidirectional forward and
+forward_chunk. benchmarks/rollout.py: DecMem and dense chunk steps against prefilled caches run end to end."""
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 
-pytest.importorskip("torch")
-pytest.importorskip("diffusers")
-
 
 def test_dit_forward_benchmark_small(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
     from benchmarks import dit_forward
 
     out = tmp_path / "dit_forward.json"
@@ -29,3 +34,27 @@ def test_dit_forward_benchmark_small(tmp_path):
         assert case["flops"]["total"] > 0
     chunk = record["cases"]["chunk"]
     assert chunk["kv_tokens"] == chunk["tokens"] + chunk["shapes"]["cached_frames"] * chunk["tokens_per_frame"]
+
+
+def test_rollout_benchmark_small(tmp_path):
+    """benchmarks/rollout.py --small as a subprocess (its CLI, a fresh JAX backend): both variants at both history
+    lengths finish, the commit advances the cache, outputs are finite and the DecMem/dense ratio is filled in."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "rollout.json"
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "rollout.py"), "--small", "--json", str(out)],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = {(r["variant"], r["history"]): r for r in record["rows"]}
+    assert set(rows) == {(v, h) for v in ("decmem", "dense") for h in (4, 8)}
+    for key, row in rows.items():
+        assert row["status"] == "ok", (key, row)
+        assert not row["nan"], key
+        assert row["capacity"] == row["history"] + row["chunk"] and row["steps"] == 2
+        assert len(row["runs_s"]) == 2 and row["s_per_chunk"] > 0
+        assert row["fps"] == pytest.approx(row["chunk"] * 4 / row["s_per_chunk"], rel=1e-2)
+    assert rows[("decmem", 8)]["sgm_backend"] == "reference" and rows[("dense", 8)]["sgm_backend"] is None
+    assert rows[("dense", 8)]["keys_per_query"] > rows[("dense", 4)]["keys_per_query"]
+    assert rows[("decmem", 8)]["decmem_over_dense"] > 0 and rows[("dense", 8)]["decmem_over_dense"] is None
+    assert record["setup"]["dtype"] == "float32" and record["jax"]["platform"] == "cpu"

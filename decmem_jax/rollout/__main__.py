@@ -1,0 +1,276 @@
+"""Minute-long action-conditioned rollout from a context clip, streamed into an mp4.
+
+    python -m decmem_jax.rollout --config=configs/decmem.py --context=clip.mp4 --actions=clip.npz \\
+        --num_frames=600 --out=world.mp4 --config.checkpoint=DIR --config.vae_checkpoint=VAE_DIR
+
+1. The first `rollout.context_frames` frames of --context (221 by default, 1 + 4k) are VAE-encoded (streaming) and
+   teacher-forced into the memory bank (KV cache) at t = 0, chunk by chunk.
+2. Chunks of `rollout.chunk` latents are generated under the --actions that follow the context (`lax.scan` over
+   `rollout.segment_chunks` chunks per call), each decoded by the streaming VAE as soon as its segment is done and
+   appended to --out; a progress bar counts frames.
+3. A sidecar JSON (--out with .json) records the settings, seed, inputs, timing and memory.
+
+--actions is a WorldMem-format npz (actions int [T, 8], poses [T, 5]) covering at least context + num_frames frames
+from the clip's first frame. Generation runs whole chunks and truncates the last one (decmem_method.md §13.17).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+from decmem_jax.rollout import settings as settings_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py",
+                                          lock_config=True)
+_CONTEXT = flags.DEFINE_string("context", None, "context clip (mp4); its first rollout.context_frames frames seed the "
+                               "memory bank")
+_ACTIONS = flags.DEFINE_string("actions", None, "WorldMem npz with actions [T, 8] (and poses [T, 5]) from the "
+                               "context's first frame on")
+_NUM_FRAMES = flags.DEFINE_integer("num_frames", 600, "frames to generate after the context")
+_OUT = flags.DEFINE_string("out", None, "output mp4 (written incrementally; a .json sidecar is written next to it)")
+_SEED = flags.DEFINE_integer("seed", 0, "noise seed")
+_DIAGNOSTICS = flags.DEFINE_string("diagnostics", None, "optional .npz: the SGM blocks each query block retrieved "
+                                   "(per chunk, layer, head) at the commit pass, for plotting")
+
+log = logging.getLogger("decmem_jax.rollout")
+
+
+class RolloutError(ValueError):
+    """A bad input or setting; the message names the file or field."""
+
+
+def _fail(msg: str) -> None:
+    raise RolloutError(msg)
+
+
+def load_inputs(c, context: str, actions: str, num_frames: int):
+    """Validated (context frames uint8 [T, H, W, 3], actions int32 [N, 8], poses float32 [N, 5]) before any model
+    work, so a bad input costs nothing."""
+    from decmem_jax import video
+    from decmem_jax.data.pipeline import clip_conditioning
+    from decmem_jax.data.worldmem_format import load_clip_arrays
+
+    r = c.rollout
+    if num_frames < 1:
+        _fail(f"--num_frames={num_frames} must be >= 1")
+    for flag, path in (("--context", context), ("--actions", actions)):
+        if not path:
+            _fail(f"{flag} is required")
+        if not os.path.isfile(path):
+            _fail(f"{flag} {path}: file not found")
+    info = video.probe(context)  # raises VideoError naming the file for a non-video / truncated file
+    if (info.height, info.width) != (r.height, r.width):
+        _fail(f"--context {context}: frames are {info.height}x{info.width}, the config expects "
+              f"{r.height}x{r.width} (rollout.height/width); resize the clip or change the config")
+    if info.num_frames < r.context_frames:
+        _fail(f"--context {context}: {info.num_frames} frames, fewer than rollout.context_frames={r.context_frames}")
+    try:
+        acts, poses = load_clip_arrays(actions)
+    except (ValueError, KeyError, OSError) as e:
+        _fail(f"--actions {actions}: {e}")
+    needed = r.context_frames + num_frames
+    if acts.shape[0] < needed:
+        _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but context ({r.context_frames}) + "
+              f"--num_frames ({num_frames}) = {needed} are needed")
+    frames = video.read_video(context, num_frames=r.context_frames)
+    acts, poses = clip_conditioning(acts, poses)
+    return frames, acts, poses
+
+
+def build_models(c):
+    """(DiT, VAE, note) from the config: converted/trained checkpoints, or random weights (loudly)."""
+    import jax
+    from flax import nnx
+
+    from decmem_jax.models.config import DiTConfig  # noqa: F401
+    from decmem_jax.models.dit import WanDiT
+    from decmem_jax.models.vae import WanVAE, get_vae_config
+    from decmem_jax.train.state import dit_config
+
+    dtype = c.rollout.dtype
+    run_cfg = dit_config(c).replace(remat="none")
+    if dtype != "auto":
+        run_cfg = run_cfg.replace(dtype=dtype)
+    if c.random_weights:
+        print("=" * 78 + "\nWARNING: RANDOM WEIGHTS (config.random_weights=True). The video is noise: this run only "
+              "checks\nthat the pipeline works. Pass --config.checkpoint and --config.vae_checkpoint for real output.\n"
+              + "=" * 78, file=sys.stderr, flush=True)
+        dit = WanDiT(run_cfg, rngs=nnx.Rngs(0))
+        vae = WanVAE(get_vae_config(c.vae_preset, **({} if dtype == "auto" else {"dtype": dtype})),
+                     rngs=nnx.Rngs(1))
+        nnx.update(dit, jax.device_put(nnx.state(dit), jax.devices()[0]))
+        nnx.update(vae, jax.device_put(nnx.state(vae), jax.devices()[0]))
+        return dit, vae, "random weights"
+    from decmem_jax.convert.vae import load_vae
+    from decmem_jax.train.checkpoint import load_model
+
+    overrides = dict(attention=run_cfg.attention, remat="none", dtype=run_cfg.dtype)
+    dit = load_model(c.checkpoint, **overrides)
+    stored = dit.cfg
+    if (stored.memory is None) != (run_cfg.memory is None):
+        _fail(f"config.checkpoint {c.checkpoint}: the stored model has memory={stored.memory is not None} but "
+              f"model.memory.enabled={run_cfg.memory is not None}; a DecMem rollout needs a stage-3 checkpoint "
+              f"(or set --config.model.memory.enabled={stored.memory is not None})")
+    if run_cfg.memory is not None and run_cfg.memory != stored.memory:  # top-k, window, backend: no new parameters
+        dit = _with_memory(dit, run_cfg.memory)
+    vae = load_vae(c.vae_checkpoint, **({} if dtype == "auto" else {"dtype": dtype}))
+    return dit, vae, f"checkpoint {c.checkpoint}"
+
+
+def _with_memory(dit, memory):
+    from flax import nnx
+
+    from decmem_jax.models.dit import WanDiT
+
+    cfg = dit.cfg.replace(memory=memory)
+    new = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
+    nnx.update(new, nnx.state(dit))
+    return new
+
+
+def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int = 0,
+        diagnostics: str | None = None) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from tqdm.auto import tqdm
+
+    from decmem_jax import video
+    from decmem_jax.models import vae_stream
+    from decmem_jax.models.conditioning import fixed_text_context
+    from decmem_jax.rollout import engine
+
+    problems = settings_lib.check(c)
+    if problems:
+        _fail("bad config: " + "; ".join(problems))
+    if not out:
+        _fail("--out is required")
+    r = c.rollout
+    t_start = time.perf_counter()
+    frames, acts, poses = load_inputs(c, context, actions, num_frames)
+    dit, vae, weights = build_models(c)
+    cfg = dit.cfg
+    settings = settings_lib.sampler_settings(c)
+    chunk = int(r.chunk)
+    n_chunks = -(-num_frames // (4 * chunk))
+    ctx_latents = (r.context_frames - 1) // 4 + 1
+    capacity = int(r.capacity) or ctx_latents + n_chunks * chunk
+    if capacity < ctx_latents + n_chunks * chunk:
+        _fail(f"rollout.capacity={capacity} < context latents {ctx_latents} + generated {n_chunks * chunk}")
+    lat_hw = (r.height // 8, r.width // 8)
+    text = jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None))
+    pose_on = cfg.conditioning is not None and cfg.conditioning.pose == "added"
+
+    def conditioning(first: int, count: int, first_latent: bool):
+        if cfg.conditioning is None:
+            return None
+        a = jnp.asarray(acts[None, first: first + count])
+        p = jnp.asarray(poses[None, first: first + count]) if pose_on else None
+        return dit.embed_conditioning(a, p, first_latent=first_latent)
+
+    # 1. Memory bank: encode the context, teacher-force it into the cache.
+    t0 = time.perf_counter()
+    pixels = jnp.asarray(video.to_model_range(frames))[None]
+    latents = jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
+    cache = dit.init_cache(1, capacity, lat_hw)
+    cache = engine.prefill(dit, cache, latents, text, conditioning(0, r.context_frames, True), chunk=chunk)
+    jax.block_until_ready(cache.length)
+    t_prefill = time.perf_counter() - t0
+
+    # 2. Generate segment by segment; decode and append to the mp4 as each segment lands.
+    first_dec, step_dec = vae_stream.decode_steps(vae)
+    dec_state, ctx_video = first_dec(vae_stream.init_decode_state(vae, 1, lat_hw), latents[:, :1])
+    ctx_pieces = [ctx_video]
+    if latents.shape[1] > 1:
+        dec_state, rest = step_dec(dec_state, latents[:, 1:])
+        ctx_pieces.append(rest)
+    segment = engine.make_segment_fn(settings, with_selection=bool(diagnostics))
+    selections, written, gen_start = [], 0, r.context_frames
+    t_gen = time.perf_counter()
+    chunk_times = []
+    with video.VideoWriter(out, fps=r.fps) as writer, tqdm(total=num_frames, desc="rollout", unit="frame") as bar:
+        if r.include_context:
+            for piece in ctx_pieces:
+                writer.write(video.from_model_range(np.asarray(piece[0])))
+        for s in range(0, n_chunks, int(r.segment_chunks)):
+            n = min(int(r.segment_chunks), n_chunks - s)
+            noises = jnp.stack([engine.chunk_noise(seed, i, (1, chunk, *lat_hw, cfg.in_channels)) for i in
+                                range(s, s + n)])
+            conds = None
+            if cfg.conditioning is not None:
+                conds = jnp.stack([conditioning(gen_start + 4 * chunk * i, 4 * chunk, False) for i in range(s, s + n)])
+            t_seg = time.perf_counter()
+            result = segment(dit, cache, noises, text, conds)
+            new_latents, cache = result[0], result[1]
+            if diagnostics:
+                selections.append(jax.tree.map(np.asarray, result[2]))
+            gen = new_latents.transpose(1, 0, 2, 3, 4, 5).reshape(1, n * chunk, *lat_hw, cfg.in_channels)
+            dec_state, pixels = step_dec(dec_state, gen)
+            pixels = np.asarray(pixels[0])
+            chunk_times.append((time.perf_counter() - t_seg) / n)
+            if not np.isfinite(pixels).all():
+                _fail(f"non-finite frames generated in chunks {s}..{s + n - 1} (check the checkpoint and settings)")
+            take = min(pixels.shape[0], num_frames - written)
+            writer.write(video.from_model_range(pixels[:take]))
+            written += take
+            bar.update(take)
+    t_total = time.perf_counter() - t_start
+    if diagnostics:
+        ids = np.concatenate([s_[0] for s_ in selections])[:, :, 0]  # [chunks, L, H, C*M, K] (batch 1)
+        cnt = np.concatenate([s_[1] for s_ in selections])[:, :, 0]
+        _save_npz(diagnostics, ids=ids, counts=cnt, blocks_per_frame=cfg.memory.blocks_per_frame,
+                  context_latents=ctx_latents, chunk=chunk)
+    record = dict(
+        out=str(out), frames=written, context=str(context), actions=str(actions), context_frames=int(r.context_frames),
+        chunks=n_chunks, seed=seed, weights=weights, model=json.loads(cfg.to_json()), rollout=r.to_dict(),
+        devices=[str(d) for d in jax.devices()][:1], jax=jax.__version__,
+        timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
+                    per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
+                    fps_excluding_compile=(4 * chunk) / float(np.median(chunk_times[1:] or chunk_times))),
+        host_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    )
+    _write_json(Path(out).with_suffix(".json"), record)
+    return record
+
+
+def _write_json(path: Path, record: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def _save_npz(path: str, **arrays) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def main(argv) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        record = run(_CONFIG.value, context=_CONTEXT.value, actions=_ACTIONS.value, num_frames=_NUM_FRAMES.value,
+                     out=_OUT.value, seed=_SEED.value, diagnostics=_DIAGNOSTICS.value)
+    except (RolloutError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t = record["timing"]
+    print(f"wrote {record['out']}: {record['frames']} frames ({record['weights']}); {t['total_s']:.1f} s total, "
+          f"{t['per_chunk_s_median']:.2f} s/chunk; sidecar {Path(record['out']).with_suffix('.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    flags.mark_flags_as_required(["config"])
+    app.run(main)
