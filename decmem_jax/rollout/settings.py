@@ -1,7 +1,8 @@
 """Rollout fields of a run config (`configs/decmem.py`, `configs/tiny.py`) and their validation.
 
-    checkpoint        converted DiT checkpoint dir (`python -m decmem_jax.convert dit`, a Wan2.1 checkpoint: the
-                      memory/gate/conditioning parameters start at their zero init) or a training workdir
+    checkpoint        a training workdir / step dir (stage 3 for DecMem), or a converted DiT dir; the model's
+                      architecture is the stored one (model.memory settings such as top_k or window may change, but
+                      a dense checkpoint cannot run with memory: that is what stage-3 training initialises)
     vae_checkpoint    converted VAE dir (`python -m decmem_jax.convert vae`)
     random_weights    True: random DiT and VAE (smoke tests; the output is noise and the CLI says so loudly)
     rollout.*         geometry, memory-bank length, sampler and CFG, streaming (below)
