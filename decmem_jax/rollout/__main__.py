@@ -92,7 +92,6 @@ def build_models(c):
     import jax
     from flax import nnx
 
-    from decmem_jax.models.config import DiTConfig  # noqa: F401
     from decmem_jax.models.dit import WanDiT
     from decmem_jax.models.vae import WanVAE, get_vae_config
     from decmem_jax.train.state import dit_config

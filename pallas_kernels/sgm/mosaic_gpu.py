@@ -29,6 +29,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.sgm.api import register_backend
 from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
 from pallas_kernels.sgm.mosaic_gpu_fwd import LOG2E, TILE, forward_call
@@ -132,10 +133,6 @@ def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, 
                              block_kv=block_kv, scale=scale, interpret=interpret)
 
 
-try:  # plug into `sgm_attention(..., backend="mosaic_gpu")`; the kernels above stand alone without api.py
-    from pallas_kernels.sgm.api import register_backend
-except ImportError:  # pragma: no cover
-    register_backend = None
-if register_backend is not None:
-    register_backend("mosaic_gpu", _api_fwd, _api_bwd, tile=(TILE, TILE), head_dims=SUPPORTED_HEAD_DIMS,
-                     dtypes=SUPPORTED_DTYPES, platforms=("gpu",))
+# Plugs into `sgm_attention(..., backend="mosaic_gpu")` (api.py imports this module lazily, so no import cycle).
+register_backend("mosaic_gpu", _api_fwd, _api_bwd, tile=(TILE, TILE), head_dims=SUPPORTED_HEAD_DIMS,
+                 dtypes=SUPPORTED_DTYPES, platforms=("gpu",))

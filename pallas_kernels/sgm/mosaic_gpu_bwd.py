@@ -15,8 +15,6 @@ dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer stre
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -24,8 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, interpret_params,
-                                               issue_rows, mask_tail, mma, mma_acc, ring_producer, step_rows,
-                                               tiled_smem, valid_at, zeros_acc)
+                                               kv_producer, mask_tail, mma, mma_acc, ring_producer, tiled_smem,
+                                               valid_at, zeros_acc)
 
 _COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
@@ -94,15 +92,8 @@ def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, st
 
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-            streams, counts = [], []
-            for c in range(2):
-                _, active, qb = tile_of(c)
-                counts.append(jnp.where(active, n_ref[b, h, qb], 0))
-                streams.append((functools.partial(step_rows, rows_ref, b, h, qb),
-                                [(functools.partial(issue_rows, k_ref, b, h, k_smem, k_rdy), k_done),
-                                 (functools.partial(issue_rows, v_ref, b, h, v_smem, v_rdy), v_done)]))
-            ring_producer(streams, counts, S)
+            kv_producer(tile_of, n_ref, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
+                        (v_ref, v_smem, v_rdy, v_done), S)
 
     f32 = jnp.float32
     kernel = plgpu.kernel(

@@ -133,6 +133,19 @@ def ring_producer(streams, counts, stages):
     lax.fori_loop(0, total, step, 0)
 
 
+def kv_producer(tile_of, n_ref, rows_ref, b, h, k, v, stages):
+    """The producer warpgroup of the forward and dq kernels: streams the K and V rows listed for each consumer's q
+    tile into its ring. k, v = (gmem ref, smem ring, ready barriers, consumed barriers)."""
+    plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+    streams, counts = [], []
+    for c in range(2):
+        _, active, qb = tile_of(c)
+        counts.append(jnp.where(active, n_ref[b, h, qb], 0))
+        issues = [(functools.partial(issue_rows, src, b, h, ring, ready), done) for src, ring, ready, done in (k, v)]
+        streams.append((functools.partial(step_rows, rows_ref, b, h, qb), issues))
+    ring_producer(streams, counts, stages)
+
+
 def step_rows(rows_ref, b, h, qb, t):
     """Key rows of step t of query block qb (t clamped into the list: the producer reads before it knows t < n)."""
     t = jnp.minimum(t, rows_ref.shape[-1] - 1)
@@ -215,15 +228,8 @@ def forward_call(q, k, v, rows, valid, nsteps, *, block_q, scale, stages, interp
 
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-            streams, counts = [], []
-            for c in range(2):
-                _, active, qb = tile_of(c)
-                counts.append(jnp.where(active, n_ref[b, h, qb], 0))
-                streams.append((functools.partial(step_rows, rows_ref, b, h, qb),
-                                [(functools.partial(issue_rows, k_ref, b, h, k_smem, k_rdy), k_done),
-                                 (functools.partial(issue_rows, v_ref, b, h, v_smem, v_rdy), v_done)]))
-            ring_producer(streams, counts, S)
+            kv_producer(tile_of, n_ref, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
+                        (v_ref, v_smem, v_rdy, v_done), S)
 
     f32 = jnp.float32
     kernel = plgpu.kernel(

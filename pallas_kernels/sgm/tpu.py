@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.sgm.api import register_backend
 from pallas_kernels.sgm.lists import reverse_block_lists
 
 __all__ = ["sgm_forward_tpu", "sgm_backward_tpu", "reverse_block_lists"]
@@ -342,10 +343,6 @@ def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, 
                             block_kv=block_kv, scale=scale, interpret=interpret)
 
 
-try:  # plug into `sgm_attention(..., backend="tpu")`; the kernels above stand alone without api.py
-    from pallas_kernels.sgm.api import register_backend
-except ImportError:  # pragma: no cover
-    register_backend = None
-if register_backend is not None:
-    register_backend("tpu", _api_fwd, _api_bwd, tile=(8, 128), dtypes=(jnp.float32, jnp.bfloat16),
-                     platforms=("tpu",))
+# Plugs into `sgm_attention(..., backend="tpu")` (api.py imports this module lazily, so no import cycle).
+register_backend("tpu", _api_fwd, _api_bwd, tile=(8, 128), dtypes=(jnp.float32, jnp.bfloat16),
+                 platforms=("tpu",))
