@@ -19,7 +19,10 @@ first, then speed against cuDNN dense attention and the `vsa` package's Triton k
    cuDNN: jax.nn.dot_product_attention(implementation="cudnn") on the dense problem of the same q, k, v (dense
    FLOPs). vsa: `vsa/block_sparse_attn_triton.py` loaded by file path under torch with the same lists at 64-token
    granularity (a 192-slot block = 3 cubes), compared against our output before it is timed; "vsa: not installed"
-   when the package is missing.
+   when the package is missing. vsa needs Tq = Tk: in the decmem case its queries are zero-padded to Tk with empty
+   lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa).
+3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.ForwardPlan), each checked against
+   the automatic plan's output and timed, so a tuning run needs one process.
 
 Usage:
   python3 benchmarks/sgm_kernel.py                         # H100/H200: checks, then both cases
@@ -30,6 +33,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import importlib.util
 import os
@@ -67,6 +71,13 @@ CASES = {
               "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
 }
 
+# forward plan variants timed by --sweep (ForwardPlan field overrides; {} = the automatic plan)
+SWEEP = {
+    "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1)],
+    "decmem": [{}, dict(splits=1), dict(splits=2), dict(splits=3), dict(box=64), dict(width=128, splits=2),
+               dict(consumers=2, share=1, box=64, width=64, splits=1)],  # the last = the 2026-11-21 kernel
+}
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -82,7 +93,11 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
     p.add_argument("--no-vsa", action="store_true", help="skip the vsa Triton peer")
     p.add_argument("--stages", type=int, default=None,
-                   help="override the kernels' K/V ring depth (tuning; default mosaic_gpu.default_stages: 2 at D 128)")
+                   help="override the backward kernels' ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
+                        "D 128); the forward sizes its rings from its plan (--sweep times alternatives)")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the forward under alternative kernel plans (SWEEP), each checked against the "
+                        "default plan's output first")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output path (default $OUT/sgm_kernel.json or out/sgm_kernel.json)")
     args = p.parse_args(argv)
@@ -133,14 +148,17 @@ def make_case(seed, *, b, h, d, nq, nk, bq, bkv, topk, dtype, sigma=3.0, decmem=
 
 
 def flop_counts(c):
-    """Effective (valid keys × all query rows), issued (64-key steps × all rows) and valid-token forward FLOPs."""
+    """Effective (valid keys × all query rows), issued (the forward plan's key steps × all rows) and valid-token
+    forward FLOPs."""
     idx, cnt, lens = (np.asarray(c[n]) for n in ("idx", "cnt", "lens"))
     b, h, nq, kk = idx.shape
     d = c["q"].shape[-1]
     listed = np.arange(kk) < cnt[..., None]
     sel = np.take_along_axis(np.broadcast_to(lens[:, None, None, :], (b, h, nq, lens.shape[1])), idx, -1) * listed
     keys = sel.sum(-1)  # [B, H, Nq]
-    issued = (np.ceil(sel / mg.TILE) * mg.TILE).sum(-1)
+    plan = mg.forward_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype)  # key rows the forward issues: whole
+    boxes = np.ceil(sel / plan.box).sum(-1)  # boxes of the listed blocks, grouped into steps of `width` rows
+    issued = np.ceil(boxes / plan.nbox) * plan.width
     fwd = 4.0 * d * c["bq"] * keys.sum()
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd, "fwd_issued": 4.0 * d * c["bq"] * issued.sum(),
             "fwd_valid_tokens": 4.0 * d * float((keys * c["q_valid"][None, None, :]).sum()),
@@ -328,41 +346,88 @@ def bench_vsa(c, ours_out, cot, args):
     if c["q"].shape[0] != 1 or jnp.dtype(c["q"].dtype) != BF16:
         return {"status": "skipped (vsa needs B = 1, bf16)"}
     b, tq, h, d = c["q"].shape
+    tk = c["k"].shape[1]
     nqs = c["bq"] // mg.TILE
     rows, valid, n = subtile_steps(c["idx"], c["cnt"], c["lens"], block_kv=c["bkv"], sub=mg.TILE)
     q2k = jnp.repeat(rows // mg.TILE, nqs, axis=2)  # [B, H, Tq/64, K·block_kv/64]: cube ids, empty cubes dropped
     q2k_num = jnp.repeat(n, nqs, axis=2)
+    # vsa's kernels take one length T for q and k/v (K's shape and the strides come from q); for Tq < Tk the
+    # queries are zero-padded to Tk with empty lists, and the cost of those empty q tiles is timed separately
+    # (same call with every list empty) and subtracted: "net" (the number the ratio uses, favourable to vsa).
+    pad_t = tk - tq
+    if pad_t < 0:
+        return {"status": "skipped (vsa needs Tq <= Tk)"}
+    q2k = jnp.pad(q2k, ((0, 0), (0, 0), (0, pad_t // mg.TILE), (0, 0)))
+    q2k_num = jnp.pad(q2k_num, ((0, 0), (0, 0), (0, pad_t // mg.TILE)))
     sizes = jnp.clip(c["lens"][0][:, None] - jnp.arange(c["bkv"] // mg.TILE) * mg.TILE, 0, mg.TILE).reshape(-1)
     nk64 = sizes.shape[0]
-    k2q, k2q_num = reverse_block_lists(q2k.reshape(b * h, tq // mg.TILE, -1), q2k_num.reshape(b * h, -1), nk64)
+    k2q, k2q_num = reverse_block_lists(q2k.reshape(b * h, tk // mg.TILE, -1), q2k_num.reshape(b * h, -1), nk64)
     tt = lambda x: torch.from_dlpack(jax.block_until_ready(x)).cuda()
-    bhtd = lambda x: tt(x).permute(0, 2, 1, 3).contiguous()
+    bhtd = lambda x: tt(jnp.pad(x, ((0, 0), (0, tk - x.shape[1]), (0, 0), (0, 0)))).permute(0, 2, 1, 3).contiguous()
     q, k, v, do = (bhtd(x) for x in (c["q"], c["k"], c["v"], cot.astype(c["q"].dtype)))
     i32 = lambda x: tt(x.astype(jnp.int32)).contiguous()
     q2k_t, q2k_num_t, sizes_t = i32(q2k), i32(q2k_num), i32(sizes)
     k2q_t, k2q_num_t = i32(k2q.reshape(b, h, nk64, -1)), i32(k2q_num.reshape(b, h, nk64))
-    fwd = lambda: module.triton_block_sparse_attn_forward(q, k, v, q2k_t, q2k_num_t, sizes_t)
+    fwd = lambda num=q2k_num_t: module.triton_block_sparse_attn_forward(q, k, v, q2k_t, num, sizes_t)
     try:
         o, m = fwd()
         torch.cuda.synchronize()
     except Exception as e:  # noqa: BLE001
         return {"status": f"vsa forward failed: {type(e).__name__}: {str(e)[:200]}"}
-    err = rel(o.permute(0, 2, 1, 3).float().cpu().numpy(), np.asarray(ours_out, np.float32))
+    err = rel(o.permute(0, 2, 1, 3)[:, :tq].float().cpu().numpy(), np.asarray(ours_out, np.float32))
     if not err <= 2e-2:  # a peer that computes something else is not timed
         return {"status": f"mismatch (rel err {err:.2e} vs ours)", "rel_err_vs_ours": err}
     sync = lambda x: (torch.cuda.synchronize(), x)[1]
-    res = {"status": "ok", "rel_err_vs_ours": err}
-    res["fwd"] = guarded(lambda: {"status": "ok", **timed(fwd, sync, args.warmup, args.repeats)[1]})
+    res = {"status": "ok", "rel_err_vs_ours": err, "q_padded_to": tk if pad_t else None}
+    time_it = lambda f: guarded(lambda: {"status": "ok", **timed(f, sync, args.warmup, args.repeats)[1]})
     bwd = getattr(module, "triton_block_sparse_attn_backward", None)
-    if bwd is None:
-        res["fwd_bwd"] = {"status": "no triton_block_sparse_attn_backward"}
-        return res
 
-    def fwd_bwd():
-        o, m = fwd()
-        return bwd(do, q, k, v, o, m, q2k_t, q2k_num_t, k2q_t, k2q_num_t, sizes_t)
-    res["fwd_bwd"] = guarded(lambda: {"status": "ok", **timed(fwd_bwd, sync, args.warmup, args.repeats)[1]})
+    def fwd_bwd(num=q2k_num_t, rnum=k2q_num_t):
+        o, m = fwd(num)
+        return bwd(do, q, k, v, o, m, q2k_t, num, k2q_t, rnum, sizes_t)
+    runs = {"fwd": fwd, "fwd_bwd": fwd_bwd if bwd is not None else None}
+    for key, f in runs.items():
+        res[key] = time_it(f) if f is not None else {"status": "no triton_block_sparse_attn_backward"}
+        if pad_t and _ms(res[key]):
+            empty = torch.zeros_like(q2k_num_t), torch.zeros_like(k2q_num_t)
+            res[key + "_empty_tiles"] = time_it(lambda f=f: f(*empty[:1 if key == "fwd" else 2]))
+            base = _ms(res[key + "_empty_tiles"])
+            res[key + "_raw"] = res[key]
+            res[key] = {**res[key], "median_ms": res[key]["median_ms"] - base} if base else res[key]
     return res
+
+
+def sweep_case(name, c, ref_out, args):
+    """Forward under each plan of SWEEP[name]: checked against the automatic plan's (oracle-checked) output, then
+    timed directly (not through sgm_attention). Returns rows for the JSON and the table."""
+    rows = []
+    g = dict(block_q=c["bq"], block_kv=c["bkv"])
+    a = (c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"])
+    fl = flop_counts(c)["fwd"]
+    for over in SWEEP[name]:
+        row = {"plan_overrides": over}
+        try:
+            plan = mg.forward_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over)
+            row["plan"] = dataclasses.asdict(plan)
+            f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_forward_mgpu(*x, **g, plan=over,
+                                                                                interpret=args.interpret)[0])
+            err = rel(f(*a), ref_out)
+            row["rel_err_vs_auto"] = err
+            if not err <= FWD_TOL[jnp.dtype(c["q"].dtype)]:
+                row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
+            else:
+                row.update(time_jax(f, a, args.warmup, args.repeats))
+                if _ms(row):
+                    row["eff_tflops"] = fl / _ms(row) / 1e9
+        except Exception as e:  # noqa: BLE001 -- a plan that does not build is reported, not fatal
+            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        p = row.get("plan", {})
+        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits"))
+        ms = _ms(row)
+        print(f"  sweep {name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
+              f"{row.get('eff_tflops', 0):7.1f} TF/s", flush=True)
+        rows.append(row)
+    return rows
 
 
 def run_case(name, geo, args, backend):
@@ -383,6 +448,8 @@ def run_case(name, geo, args, backend):
     else:
         res["cudnn"] = {"fwd": {"status": "skipped (needs a GPU)"}, "fwd_bwd": {"status": "skipped (needs a GPU)"}}
     res["vsa"] = bench_vsa(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
+    if args.sweep and ours_out is not None:
+        res["sweep"] = sweep_case(name, c, ours_out, args)
     for peer in ("mosaic_gpu", "cudnn", "vsa"):  # backward alone = (fwd+bwd) − fwd, same run
         f, fb = _ms(res[peer].get("fwd")), _ms(res[peer].get("fwd_bwd"))
         if f and fb:
@@ -412,6 +479,9 @@ def print_table(results):
                    f"{vsa:.3f}" if vsa else "-", tf(flops, vsa), ratio(vsa, ours)]
             print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 8, 9, 9))))
         st = str(c["vsa"].get("status"))
+        if c["vsa"].get("q_padded_to"):
+            print(f"{'':7} vsa: queries zero-padded to Tk = {c['vsa']['q_padded_to']} (vsa needs Tq = Tk); its ms are "
+                  "net of the empty q tiles' time (timed separately, subtracted)")
         if st != "ok":
             print(f"{'':7} {st if st.startswith('vsa') else 'vsa: ' + st}")
     print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; vsa/ours = vsa ms / ours ms"

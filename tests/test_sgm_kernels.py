@@ -35,8 +35,9 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sgm import api
-from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps
-from pallas_kernels.sgm.mosaic_gpu import sgm_backward_mgpu, sgm_forward_mgpu
+from pallas_kernels.sgm import mosaic_gpu_fwd
+from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
+from pallas_kernels.sgm.mosaic_gpu import forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
 from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference
 from pallas_kernels.sgm.tpu import sgm_backward_tpu, sgm_forward_tpu
 
@@ -276,12 +277,80 @@ def test_subtile_steps_drop_empty_subtiles_in_order():
     assert (valid[0, 0, 0, 7:] == 0).all() and (valid[0, 0, 1, 2:] == 0).all() and (rows[0, 0, 1, 2:] == 0).all()
 
 
+def test_group_steps_packs_boxes_and_keeps_a_valid_first_box():
+    idx = jnp.asarray([[[[0, 1]]]], jnp.int32)
+    lens = jnp.asarray([[147, 40]], jnp.int32)
+    rows, valid, n = subtile_steps(idx, jnp.asarray([[[2]]], jnp.int32), lens, block_kv=192, sub=32)
+    assert n.tolist() == [[[7]]]  # 147 = 4 x 32 + 19 (box 160 empty, dropped), 40 = 32 + 8
+    g_rows, code, g_n = (np.asarray(x) for x in group_steps(rows, valid, n, 2))
+    assert g_rows.shape == (1, 1, 1, 6, 2) and g_n.tolist() == [[[4]]]
+    assert g_rows[0, 0, 0, :4].tolist() == [[0, 32], [64, 96], [128, 192], [224, 0]]
+    unpack = lambda c: [c % 128, c // 128]
+    assert [unpack(c) for c in code[0, 0, 0, :4]] == [[32, 32], [32, 32], [19, 32], [8, 0]]
+    assert (code[0, 0, 0, 4:] == 0).all()
+    _, code5, n5 = group_steps(rows, valid, n, 5)  # 7 of 12 boxes -> 2 steps; the list is padded to 15 boxes
+    assert np.asarray(n5).tolist() == [[[2]]] and code5.shape == (1, 1, 1, 3)
+
+
 # --------------------------------------------------------------------------------------------- Mosaic GPU
 
 
+def test_mgpu_forward_plan_choice_and_errors():
+    """Shared streams where a query block has 2 or 3 q tiles, own lists for 64-row blocks; 32-row boxes for blocks
+    larger than 64; the deepest ring that fits; splits only for grids under 3 waves; clear errors otherwise."""
+    plan = lambda bq, bkv, d=128, q_rows=None, **o: forward_plan((1, q_rows or 24 * bq, 12, d), bq, bkv,
+                                                                 jnp.bfloat16, plan=o)
+    p = plan(192, 192)
+    assert (p.consumers, p.share, p.box, p.width, p.stages, p.splits) == (3, 3, 32, 64, 4, 2)
+    p = plan(64, 64, q_rows=49152)
+    assert (p.consumers, p.share, p.box, p.width, p.stages, p.splits) == (2, 1, 64, 64, 2, 1)
+    p = plan(128, 128, d=64)
+    assert (p.consumers, p.share, p.box, p.width, p.stages) == (2, 2, 32, 128, 4)
+    assert plan(192, 192, splits=1).splits == 1 and plan(64, 64, width=128).stages == 1
+    for p in (plan(192, 192), plan(64, 64), plan(128, 64), plan(64, 64, width=128)):
+        assert p.smem_bytes(128, 2) <= mosaic_gpu_fwd.SMEM_BUDGET
+    with pytest.raises(ValueError, match="divisible by consumers"):
+        plan(192, 192, consumers=2, share=2)
+    with pytest.raises(ValueError, match="box must be 32 or 64"):
+        plan(192, 192, box=48)
+    with pytest.raises(ValueError, match="SMEM"):
+        forward_plan((1, 64, 1, 128), 64, 64, jnp.bfloat16, stages=3)
+
+
+@pytest.mark.parametrize("bq, bkv, over", [
+    (192, 192, dict(splits=1)),  # 3 consumers on one stream of 2 x 32-row boxes
+    (192, 192, dict(box=64, splits=3)),  # 64-row boxes; 3 splits merged by LSE (some splits empty)
+    (128, 64, {}),  # 2 consumers on one stream of 128-row steps (2 boxes of 64), auto splits
+    (64, 128, dict(width=128, splits=1)),  # own lists, 128-row steps of 4 x 32-row boxes
+    (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
+], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2"])
+def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
+    """Every forward plan (mosaic_gpu_fwd.ForwardPlan) against the dense oracle, with count 0, empty, partial and
+    full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
+    c = make_case(70 + bq, B=2, H=1, D=64, bq=bq, bkv=bkv, Nq=4 if bq == 64 else 2, Nk=5, K=3, dtype=BF16)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, plan=tuple(over.items()), interpret=True)
+    ref_out, ref_lse, _ = oracle(c)
+    assert rel(out, ref_out) <= FWD_TOL[BF16]
+    lse_close(lse, ref_lse, FWD_TOL[BF16])
+
+
+def test_mgpu_merge_splits_is_exact():
+    r = np.random.default_rng(3)
+    lse = jnp.asarray(r.normal(0, 5, (3, 1, 2, 8)), jnp.float32).at[1, 0, 0].set(-jnp.inf).at[:, 0, 1, :2].set(-jnp.inf)
+    out = jnp.asarray(r.normal(0, 1, (3, 1, 8, 2, 4)), jnp.float32)
+    merged, lse_all = mosaic_gpu_fwd.merge_splits(out, lse)
+    fin = np.isfinite(np.asarray(lse_all))
+    w = np.exp(np.asarray(lse) - np.where(fin, np.asarray(lse_all), 0.0)[None])  # exact weights
+    want = np.einsum("sbqhd,sbhq->bqhd", np.asarray(out), np.where(fin[None], w, 0.0))
+    np.testing.assert_allclose(np.asarray(merged), want, rtol=1e-5, atol=1e-6)
+    assert np.isneginf(np.asarray(lse_all)[0, 1, :2]).all() and (np.asarray(merged)[0, :2, 1] == 0).all()
+    np.testing.assert_allclose(np.asarray(lse_all)[fin], np.log(np.exp(np.asarray(lse)).sum(0)[fin]), rtol=1e-5)
+
+
 def test_mgpu_decmem_geometry_fp16():
-    """DecMem-like geometry at toy size: 192-slot blocks (3 q tiles / 3 key sub-tiles per block; an odd number of
-    q tiles so one consumer warpgroup idles; partial tails), D = 128, fp16, Tq != Tk, B = 2."""
+    """DecMem-like geometry at toy size: 192-slot blocks (forward: 3 consumers sharing one stream of 32-row boxes;
+    dq: an odd number of q tiles so one consumer warpgroup idles; partial tails), D = 128, fp16, Tq != Tk, B = 2."""
     c = make_case(20, B=2, H=1, D=128, bq=192, bkv=192, Nq=1, Nk=3, K=2, dtype=F16)
     c["kv_block_len"] = jnp.asarray([[147, 145, 192], [0, 100, 145]], jnp.int32)
     c["kv_block_cnt"] = jnp.asarray([[[2]], [[2]]], jnp.int32)
@@ -303,11 +372,18 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
     ref_out, _, vjp = oracle(c)
     d_out = jnp.asarray(np.random.default_rng(31).normal(size=ref_out.shape), BF16)
     for stages in (1, 3):
-        out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, stages=stages, interpret=ip)
+        out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, stages=stages, plan=(("splits", 1),),
+                                    interpret=ip)
         assert rel(out, ref_out) <= FWD_TOL[BF16], stages
         got = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lst, stages=stages, interpret=ip)
         for nm, g, w in zip(("dq", "dk", "dv"), got, vjp(d_out.astype(jnp.float32))):
             assert rel(g, w) <= GRAD_TOL[BF16], (stages, nm)
+    # the shared-stream forward: 3 consumers waiting on one ring (consumed barriers with 3 arrivals, ready barriers
+    # with one arrival per 32-row box), split over CTAs
+    c = make_case(32, B=1, H=1, D=64, bq=192, bkv=192, Nq=1, Nk=4, K=3, dtype=BF16)
+    c["kv_block_cnt"] = jnp.asarray([[[3]]], jnp.int32)
+    out, _ = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2),), stages=2, interpret=ip)
+    assert rel(out, oracle(c)[0]) <= FWD_TOL[BF16]
     assert "RACE DETECTED" not in capfd.readouterr().out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["reverse_block_lists", "subtile_steps"]
+__all__ = ["reverse_block_lists", "subtile_steps", "group_steps"]
 
 
 def reverse_block_lists(idx, cnt, nk):
@@ -57,3 +57,21 @@ def subtile_steps(idx, cnt, lens, *, block_kv, sub):
     valid = jnp.take_along_axis(valid, order, axis=-1)
     rows = jnp.where(valid > 0, jnp.take_along_axis(rows, order, axis=-1), 0)
     return rows.astype(jnp.int32), valid.astype(jnp.int32), jnp.sum(valid > 0, axis=-1).astype(jnp.int32)
+
+
+def group_steps(rows, valid, nsteps, nbox, base=128):
+    """Groups `subtile_steps` boxes `nbox` at a time into wider kernel steps (one SMEM slot of nbox·sub rows).
+
+    Returns (rows `[B, H, Nq, M, nbox]`, code `[B, H, Nq, M]`, nsteps `[B, H, Nq]`) with M = ceil(L / nbox): the
+    first key row of every box, the boxes' valid counts packed as Σ_j valid_j·base^j (a box past the list: row 0,
+    valid 0, i.e. loaded but fully masked) and ceil(nsteps / nbox) steps. The first box of a step is always valid,
+    so every step still holds >= 1 valid key."""
+    b, h, nq, length = rows.shape
+    pad = -length % nbox
+    if pad:
+        widths = ((0, 0),) * 3 + ((0, pad),)
+        rows, valid = jnp.pad(rows, widths), jnp.pad(valid, widths)
+    rows = rows.reshape(b, h, nq, -1, nbox)
+    weights = jnp.asarray([base ** j for j in range(nbox)], jnp.int32)
+    code = jnp.sum(valid.reshape(b, h, nq, -1, nbox) * weights, axis=-1)
+    return rows.astype(jnp.int32), code.astype(jnp.int32), ((nsteps + nbox - 1) // nbox).astype(jnp.int32)

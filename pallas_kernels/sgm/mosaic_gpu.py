@@ -23,6 +23,7 @@ see `mosaic_gpu_fwd.mma_acc` for the one place where the interpreted body differ
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -30,20 +31,36 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sgm.api import register_backend
-from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps
+from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
-from pallas_kernels.sgm.mosaic_gpu_fwd import LOG2E, TILE, forward_call
+from pallas_kernels.sgm.mosaic_gpu_fwd import (LOG2E, TILE, ForwardPlan, default_splits, forward_call, merge_splits,
+                                               plan_forward)
 
-__all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "default_stages", "SUPPORTED_DTYPES", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "default_stages", "SUPPORTED_DTYPES",
+           "SUPPORTED_HEAD_DIMS", "ForwardPlan"]
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 def default_stages(head_dim):
-    """Ring depth per consumer: the deepest that fits all three kernels in 227 KiB of SMEM (checked by lowering in
-    tests/test_sgm_kernels.py): 2 at D = 128 (3 would need 232,656 B in the forward), 4 at D = 64 (5 fits, 6 not)."""
+    """Ring depth per consumer of the backward kernels (own 64-row rings, 2 consumers): the deepest that fits both in
+    227 KiB of SMEM (checked by lowering in tests/test_sgm_kernels.py): 2 at D = 128, 4 at D = 64. The forward
+    sizes its rings from its plan (`forward_plan`)."""
     return 2 if head_dim > 64 else 4
+
+
+def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None, n_batch_heads=None):
+    """The forward kernel's plan for q `[B, Tq, H, D]`: `plan_forward`'s choice, `plan` (a dict of overrides, for
+    tuning) applied on top, and the step lists split over CTAs when the grid would be under 3 waves."""
+    B, Tq, H, D = q_shape
+    overrides = dict(plan or {})
+    stages = overrides.pop("stages", stages)
+    p = plan_forward(block_q, block_kv, D, jnp.dtype(dtype).itemsize, stages=stages, **overrides)
+    if "splits" not in overrides:
+        ctas = B * H * -(-(Tq // TILE) // p.consumers)
+        p = dataclasses.replace(p, splits=default_splits(p, ctas))
+    return p
 
 
 def _check(q, k, v, idx, cnt, lens, block_q, block_kv, stages):
@@ -79,17 +96,20 @@ def _sanitize(idx, cnt, lens, nk, block_kv):
     return idx, cnt, jnp.clip(lens.astype(jnp.int32), 0, block_kv)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
 def sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None,
-                     stages=None, interpret=False):
-    """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`)."""
-    B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
-                                         stages)
+                     stages=None, plan=None, interpret=False):
+    """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`).
+    `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `ForwardPlan`, hashable for jit)
+    overrides the automatic plan; both are for tuning."""
+    B, Tq, H, D, Nq, Nk, _ = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, stages)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    p = forward_plan(q.shape, block_q, block_kv, q.dtype, stages=stages, plan=dict(plan or ()))
     idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
-    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=TILE)
-    return forward_call(q, k, v, rows, valid, nsteps, block_q=block_q, scale=scale, stages=stages,
-                        interpret=interpret)
+    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=p.box)
+    rows, code, nsteps = group_steps(rows, valid, nsteps, p.nbox)
+    out, lse = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p, interpret=interpret)
+    return merge_splits(out, lse) if p.splits > 1 else (out, lse)
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "interpret"))
@@ -108,7 +128,7 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
     statics = dict(block_q=block_q, scale=scale, stages=stages, interpret=interpret)
 
     rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=TILE)
-    dq = dq_call(q, k, v, d_out, lse2, delta, rows, valid, nsteps, **statics)
+    dq = dq_call(q, k, v, d_out, lse2, delta, rows[..., None], valid, nsteps, **statics)
 
     rev, rev_cnt = reverse_block_lists(idx.reshape(B * H, Nq, -1), cnt.reshape(B * H, Nq), Nk)
     rev, rev_cnt = rev.reshape(B, H, Nk, Nq), rev_cnt.reshape(B, H, Nk)

@@ -23,13 +23,19 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, interpret_params,
                                                kv_producer, mask_tail, mma, mma_acc, ring_producer, tiled_smem,
-                                               valid_at, zeros_acc)
+                                               zeros_acc)
+
+def valid_at(valid_ref, b, h, qb, t):
+    """Valid keys of step t (clamped into the list; used to prefetch the next step's count)."""
+    return valid_ref[b, h, qb, jnp.minimum(t, valid_ref.shape[-1] - 1)]
+
 
 _COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
 def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, stages, interpret):
-    """dq `[B, Tq, H, D]` in q.dtype. lse2/delta fp32 `[B, H, Tq]`; rows/valid/nsteps as for the forward."""
+    """dq `[B, Tq, H, D]` in q.dtype. lse2/delta fp32 `[B, H, Tq]`; rows `[B, H, Nq, M, 1]` / valid / nsteps:
+    `lists.subtile_steps(sub=64)` (rows with a trailing box axis for `kv_producer`)."""
     B, Tq, H, D = q.shape
     dt = q.dtype
     nt, nqs, S = Tq // TILE, block_q // TILE, stages
@@ -46,7 +52,7 @@ def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, st
 
         @pl.when(wg < 2)
         def _consumer():
-            plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGS[2], action="increase")
             tile, active, qb = tile_of(wg)
 
             @pl.when(active)
@@ -92,8 +98,12 @@ def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, st
 
         @pl.when(wg == 2)
         def _producer():
-            kv_producer(tile_of, n_ref, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
-                        (v_ref, v_smem, v_rdy, v_done), S)
+            streams = []
+            for c in range(2):
+                _, active, qb = tile_of(c)
+                streams.append((qb, 0, jnp.where(active, n_ref[b, h, qb], 0)))
+            kv_producer(streams, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done), (v_ref, v_smem, v_rdy, v_done), S,
+                        TILE)
 
     f32 = jnp.float32
     kernel = plgpu.kernel(
@@ -142,7 +152,7 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv
 
         @pl.when(wg < 2)
         def _consumer():
-            plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGS[2], action="increase")
             tile, active, _ = tile_of(wg)
 
             @pl.when(active)

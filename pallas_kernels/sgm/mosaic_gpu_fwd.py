@@ -1,23 +1,27 @@
 """Mosaic GPU (sm_90a) SGM forward kernel and the helpers the backward kernels share (`mosaic_gpu_bwd.py`).
 
-Design (kernels.md §5.3, option (a)): every CTA holds 3 warpgroups: 2 consumers, each owning one 64-row q tile with
-its *own* step list and its own K/V ring in SMEM, plus 1 producer warpgroup that reads the step lists from GMEM and
-issues the TMA loads of the selected 64-row key sub-tiles into both rings. Why (a) and not one CTA per query block with
-3 consumers sharing one KV stream ((b), which would cut K/V traffic 3× for 192-slot DecMem blocks): (a) is the layout
-of the measured prototype (478–486 TFLOP/s at 90% sparsity), works unchanged for 64-token VSA cubes and for any
-block_q multiple of 64 (a 192-slot block is simply 3 tiles with the same list), and keeps 2 consumers per CTA with the
-reference kernel's 232/40 register split; (b) needs 4 warpgroups (≈157 registers per consumer thread) and a different
-CTA shape per block size. Consumers do not ping-pong on a schedule barrier: their step counts differ.
+CTA layout (kernels.md §5.3): `plan.consumers` consumer warpgroups, each owning one 64-row q tile, plus 1 producer
+warpgroup that reads step lists from GMEM and issues the TMA loads of the listed key rows into SMEM rings. A
+`ForwardPlan` picks one of two options per geometry:
+  (a) own lists (share = 1, 2 consumers): every q tile streams its own list through its own ring. Needed when a
+      query block is one 64-row tile (VSA-style cubes: neighbouring tiles select different blocks).
+  (b) shared stream (share = consumers): the consumers are the tiles of ONE query block, which all use the same
+      list, so the producer loads each listed key row once for all of them (3× less K/V traffic at 192-slot DecMem
+      blocks) and the ring can hold wider steps.
+A "step" is `width` key rows assembled from `width / box` TMA boxes of `box` rows, each box holding >= 1 valid key
+(`lists.subtile_steps` + `lists.group_steps`): empty blocks and the empty tail of a partial block are never loaded,
+and with 32-row boxes a 147-valid DecMem block costs 160 rows instead of 192. The −inf mask is applied (under
+`lax.cond`) only on a step with a partially valid or unused box. `plan.splits` > 1 splits a tile group's steps over
+several CTAs (more CTAs than SMs' worth of waves when a problem has few query blocks); their normalised partial
+outputs and LSEs are merged exactly in XLA (`merge_splits`).
 
-Steps: a "step" is one 64-row sub-tile of a selected key block that holds >= 1 valid key (`lists.subtile_steps`), so
-empty blocks and the empty tail of a partial block cost nothing, and the -inf mask is applied (under `lax.cond`) only
-on a partial step. Every step has a valid key, so after the first step the running max is finite and no NaN appears;
-a tile with 0 steps writes O = 0 and LSE = −inf.
+Every step has a valid key (its first box), so after the first step the running max is finite and no NaN appears; a
+tile with 0 steps writes O = 0 and LSE = −inf.
 
-Barrier protocol per consumer ring slot: K-ready / V-ready (TMA arrival) and K-consumed / V-consumed (1 arrival, the
-consumer). The producer walks t = 0 .. n+S−1: it waits for the consumption of step t−S before reusing its slot and,
-past the end, still waits for the last S consumptions, so every barrier completion is observed exactly once (the GPU
-interpreter checks this; on hardware it is harmless).
+Barrier protocol per ring slot: K-ready / V-ready (one TMA arrival per box) and K-consumed / V-consumed (one arrival
+per consumer of the stream). The producer walks t = 0 .. n+S−1: it waits for the consumption of step t−S before
+reusing its slot and, past the end, still waits for the last S consumptions, so every barrier completion is observed
+exactly once (the GPU interpreter checks this; on hardware it is harmless).
 
 Numerics: QKᵀ takes the raw bf16/fp16 operands; the fp32 result gets ONE multiply by scale·log2(e); the online softmax
 runs in base 2 in fp32; the LSE written out is natural-log (m·ln2 + ln l), the `sgm_attention` contract.
@@ -25,6 +29,7 @@ runs in base 2 in fp32; the LSE written out is natural-log (m·ln2 + ln l), the 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -35,12 +40,88 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-TILE = 64  # rows of a q tile and of a key step; also the wgmma M
+TILE = 64  # rows of a q tile and of a backward key step; also the wgmma M
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Debug aid for a GPU run: apply the tail mask on every step instead of under lax.cond on partial steps only.
 ALWAYS_MASK = os.environ.get("SGM_MGPU_ALWAYS_MASK", "0") == "1"
-CONSUMER_REGS, PRODUCER_REGS = 232, 40  # as the reference FA3 kernel (2 consumer warpgroups + 1 producer)
+PRODUCER_REGS = 40
+CONSUMER_REGS = {1: 232, 2: 232, 3: 152}  # per consumer thread: 65,536 registers over the CTA, multiples of 8
+SMEM_BUDGET = 232_448 - 4096  # sm_90 opt-in maximum minus room for barriers and buffer alignment (~2.8 KB seen)
+CODE_BASE = 128  # valid counts (0..64) of a step's boxes packed base 128 into one int32
+
+
+@dataclasses.dataclass(frozen=True)
+class ForwardPlan:
+    """How the forward kernel covers a geometry (see the module docstring)."""
+    consumers: int  # consumer warpgroups per CTA (1..3), one 64-row q tile each
+    share: int  # consumers per K/V stream: 1 (own lists) or `consumers` (the tiles of one query block)
+    box: int  # key rows per TMA box: 32 or 64
+    width: int  # key rows per step (a multiple of box): the N of QKᵀ and the K of PV
+    stages: int  # ring slots per stream
+    splits: int = 1  # CTAs sharing one tile group's step list
+
+    @property
+    def streams(self):
+        return self.consumers // self.share
+
+    @property
+    def nbox(self):
+        return self.width // self.box
+
+    def smem_bytes(self, head_dim, itemsize):
+        q = self.consumers * TILE * head_dim * itemsize
+        rings = 2 * self.streams * self.stages * self.width * head_dim * itemsize
+        return q + rings + self.consumers * TILE * 4
+
+
+def plan_forward(block_q, block_kv, head_dim, itemsize, *, stages=None, **overrides):
+    """The forward plan for a geometry. Shared stream when a query block has 2 or 3 (or a multiple) q tiles; 32-row
+    boxes when key blocks are larger than one box (they may be partially valid); the deepest ring (<= 4) that fits
+    SMEM. `overrides` (consumers, share, box, width, splits) are for tuning; `stages` overrides the ring depth."""
+    nqs = block_q // TILE
+    if nqs % 3 == 0:
+        base = dict(consumers=3, share=3, width=64)
+    elif nqs % 2 == 0:
+        base = dict(consumers=2, share=2, width=128)
+    else:
+        base = dict(consumers=2, share=1, width=64)
+    base["box"] = 64 if block_kv == 64 else 32
+    base.update(overrides)
+    p = ForwardPlan(stages=1, **base)
+    where = f"SGM forward plan {dataclasses.replace(p, stages='?')} (block_q {block_q}, block_kv {block_kv}, D {head_dim})"
+    if p.consumers not in CONSUMER_REGS or p.share not in (1, p.consumers):
+        raise ValueError(f"{where}: consumers must be 1..3 and share 1 or consumers")
+    if p.share > 1 and nqs % p.consumers:
+        raise ValueError(f"{where}: a shared stream needs block_q/64 = {nqs} divisible by consumers")
+    if p.box not in (32, 64) or block_kv % p.box or p.width % p.box or not 64 <= p.width <= 256:
+        raise ValueError(f"{where}: box must be 32 or 64 dividing block_kv, width a multiple of box in [64, 256]")
+    if p.splits < 1:
+        raise ValueError(f"{where}: splits must be >= 1")
+    if stages is None:
+        fits = [s for s in range(1, 5) if dataclasses.replace(p, stages=s).smem_bytes(head_dim, itemsize)
+                <= SMEM_BUDGET]
+        if not fits:
+            raise ValueError(f"{where}: even one ring slot exceeds the SMEM budget of {SMEM_BUDGET} B")
+        stages = fits[-1]
+    p = dataclasses.replace(p, stages=stages)
+    if not 1 <= stages <= 16:
+        raise ValueError(f"{where}: stages must lie in [1, 16], got {stages}")
+    if p.smem_bytes(head_dim, itemsize) > SMEM_BUDGET:
+        raise ValueError(f"{where}: stages = {stages} needs {p.smem_bytes(head_dim, itemsize)} B of SMEM > budget "
+                         f"{SMEM_BUDGET} B; use fewer stages")
+    return p
+
+
+def default_splits(plan, n_ctas, n_sms=None):
+    """Split the step lists when the grid is under 3 waves of CTAs (one CTA per SM at these register counts):
+    the last, partial wave otherwise idles most of the GPU (e.g. 288 CTAs = 2.2 waves on 132 SMs)."""
+    if n_sms is None:
+        dev = jax.devices()[0]
+        n_sms = getattr(dev, "core_count", None) or 132
+    if n_ctas >= 3 * n_sms:
+        return 1
+    return min(4, -(-3 * n_sms // n_ctas))
 
 
 def interpret_params(interpret):
@@ -99,6 +180,26 @@ def mask_tail(s, count, axis):
     return lax.cond(count < s.shape[axis], apply, lambda x: x, s)
 
 
+def mask_boxes(s, code, box, nbox):
+    """Key columns of a step of `nbox` boxes: column j·box + i is valid iff i < valid_j, with the valid counts packed
+    in `code` (`lists.group_steps`). Masked (−inf) under lax.cond only when some box is not full."""
+    if nbox == 1:
+        return mask_tail(s, code, axis=1)
+    full = sum(box * CODE_BASE ** j for j in range(nbox))
+
+    def apply(x):
+        pos = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA)
+        ok = None
+        for j in range(nbox):
+            vj = lax.rem(lax.div(code, jnp.int32(CODE_BASE ** j)), jnp.int32(CODE_BASE))
+            in_box = jnp.logical_and(pos >= j * box, pos < j * box + vj)
+            ok = in_box if ok is None else jnp.logical_or(ok, in_box)
+        return jnp.where(ok, x, -jnp.inf)
+    if ALWAYS_MASK:
+        return apply(s)
+    return lax.cond(code != full, apply, lambda x: x, s)
+
+
 def row_vector(value):
     """Per-row fp32 vector of a 64-row tile in the layout of a row reduction of a wgmma result."""
     return plgpu.layout_cast(jnp.full((TILE,), value, jnp.float32), plgpu.Layout.WGMMA.reduce(1))
@@ -109,15 +210,15 @@ def zeros_acc(d):
 
 
 def ring_producer(streams, counts, stages):
-    """Producer loop feeding one SMEM ring per consumer (consumers c = 0, 1).
+    """Producer loop feeding one SMEM ring per stream (ring slots s·S .. s·S+S−1 belong to stream s).
 
-    streams: per consumer (address, copies): address(t) reads the GMEM list entry of step t (it must clamp t into
+    streams: per stream (address, copies): address(t) reads the GMEM list entry of step t (it must clamp t into
     the list's bounds: it is called for every t); copies is a list of (issue(addr, slot_index), consumed), issue
     starting the TMA copies of the step into ring slot `slot_index` and `consumed` being the barrier array the
-    consumer arrives on when done with that slot. counts: per consumer its (traced) number of steps.
+    consumers arrive on when done with that slot. counts: per stream its (traced) number of steps.
     For t in [0, max(count) + S): read step t's address first (the load's latency overlaps the wait), wait for the
     consumption of step t − S (slot reuse, or the final drain), then issue step t."""
-    total = jnp.maximum(counts[0], counts[1]) + stages
+    total = functools.reduce(jnp.maximum, counts) + stages
 
     def step(t, carry):
         slot = lax.rem(t, stages)
@@ -133,63 +234,73 @@ def ring_producer(streams, counts, stages):
     lax.fori_loop(0, total, step, 0)
 
 
-def kv_producer(tile_of, n_ref, rows_ref, b, h, k, v, stages):
-    """The producer warpgroup of the forward and dq kernels: streams the K and V rows listed for each consumer's q
-    tile into its ring. k, v = (gmem ref, smem ring, ready barriers, consumed barriers)."""
+def kv_producer(streams, rows_ref, b, h, k, v, stages, box):
+    """The producer warpgroup of the forward and dq kernels: for each stream (query block qb, first list position
+    t0, step count n) streams the listed K and V boxes into its ring. rows_ref `[B, H, Nq, M, nbox]` holds the first
+    key row of every box; k, v = (gmem ref, smem ring, ready barriers, consumed barriers)."""
     plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-    streams, counts = [], []
-    for c in range(2):
-        _, active, qb = tile_of(c)
-        counts.append(jnp.where(active, n_ref[b, h, qb], 0))
-        issues = [(functools.partial(issue_rows, src, b, h, ring, ready), done) for src, ring, ready, done in (k, v)]
-        streams.append((functools.partial(step_rows, rows_ref, b, h, qb), issues))
-    ring_producer(streams, counts, stages)
+    last = rows_ref.shape[3] - 1
+
+    def address(qb, t0, t):  # clamped: the producer reads step t before it knows t < n
+        pos = jnp.minimum(t0 + t, last)
+        return tuple(rows_ref[b, h, qb, pos, j] for j in range(rows_ref.shape[4]))
+
+    def issue(src, ring, ready, starts, bi):
+        for j, r in enumerate(starts):
+            dst = ring.at[bi] if len(starts) == 1 else ring.at[bi, pl.ds(j * box, box)]
+            plgpu.copy_gmem_to_smem(src.at[b, pl.ds(pl.multiple_of(r, box), box), h], dst, ready.at[bi])
+
+    specs = [(functools.partial(address, qb, t0),
+              [(functools.partial(issue, src, ring, ready), done) for src, ring, ready, done in (k, v)])
+             for qb, t0, _ in streams]
+    ring_producer(specs, [n for _, _, n in streams], stages)
 
 
-def step_rows(rows_ref, b, h, qb, t):
-    """Key rows of step t of query block qb (t clamped into the list: the producer reads before it knows t < n)."""
-    t = jnp.minimum(t, rows_ref.shape[-1] - 1)
-    return pl.ds(pl.multiple_of(rows_ref[b, h, qb, t], TILE), TILE)
-
-
-def issue_rows(src_ref, b, h, ring, ready, rows, bi):
-    """TMA of rows `rows` of head h of src [B, T, H, D] into ring slot bi."""
-    plgpu.copy_gmem_to_smem(src_ref.at[b, rows, h], ring.at[bi], ready.at[bi])
-
-
-def valid_at(valid_ref, b, h, qb, t):
-    """Valid keys of step t (clamped into the list; used to prefetch the next step's count)."""
-    return valid_ref[b, h, qb, jnp.minimum(t, valid_ref.shape[-1] - 1)]
-
-
-def forward_call(q, k, v, rows, valid, nsteps, *, block_q, scale, stages, interpret):
-    """Launches the forward kernel. rows/valid/nsteps: `lists.subtile_steps` with sub = 64. Returns (out, lse)."""
+def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret):
+    """Launches the forward kernel. rows `[B, H, Nq, M, nbox]` / code `[B, H, Nq, M]` / nsteps `[B, H, Nq]`:
+    `lists.group_steps` of `lists.subtile_steps(sub=plan.box)`. Returns (out, lse), each with a leading split axis
+    when plan.splits > 1 (partial results: see merge_splits)."""
     B, Tq, H, D = q.shape
     dt = q.dtype
-    nt, nqs, S = Tq // TILE, block_q // TILE, stages
-    pairs = -(-nt // 2)
+    nc, S, W, nsplit = plan.consumers, plan.stages, plan.width, plan.splits
+    nt, nqs = Tq // TILE, block_q // TILE
+    groups = -(-nt // nc)
     c_log2 = float(scale) * LOG2E
-    params = interpret_params(interpret)
+    last = code.shape[-1] - 1
 
-    def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, valid_ref, n_ref, o_ref, lse_ref,
+    def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref,
                 q_smem, k_smem, v_smem, lse_smem, q_bar, k_rdy, v_rdy, k_done, v_done):
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
-        pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
+        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
+        split, group = (lax.rem(cta, nsplit), lax.div(cta, nsplit)) if nsplit > 1 else (0, cta)
 
-        def tile_of(c):  # q tile of consumer c, whether it exists (odd tile counts), its query block
-            tile = pair * 2 + c
+        def tile_of(c):  # q tile of consumer c, whether it exists (ragged last group), its query block
+            tile = group * nc + c
             return tile, tile < nt, lax.div(jnp.minimum(tile, nt - 1), jnp.int32(nqs))
 
-        @pl.when(wg < 2)
+        def span(qb):  # (first list position, step count) of this CTA's split of query block qb's list
+            n = n_ref[b, h, qb]
+            if nsplit == 1:
+                return 0, n
+            per = lax.div(n + (nsplit - 1), jnp.int32(nsplit))
+            t0 = jnp.minimum(split * per, n)
+            return t0, jnp.minimum(n - t0, per)
+
+        def out_at(ref, *idx):
+            return ref.at[(split, *idx) if nsplit > 1 else idx]
+
+        @pl.when(wg < nc)
         def _consumer():
-            plgpu.set_max_registers(CONSUMER_REGS, action="increase")
+            plgpu.set_max_registers(CONSUMER_REGS[nc], action="increase")
             tile, active, qb = tile_of(wg)
+            stream = wg if plan.share == 1 else 0
 
             @pl.when(active)
             def _():
                 q_tile = q_smem.at[wg]
                 rows_q = pl.ds(tile * TILE, TILE)
-                n = n_ref[b, h, qb]
+                t0, n = span(qb)
+                code_at = lambda t: code_ref[b, h, qb, jnp.minimum(t0 + t, last)]
 
                 @pl.when(n > 0)  # a tile without steps only writes zeros
                 def _():
@@ -197,13 +308,13 @@ def forward_call(q, k, v, rows, valid, nsteps, *, block_q, scale, stages, interp
                     plgpu.barrier_wait(q_bar.at[wg])
 
                 def step(t, carry):
-                    acc, m_i, l_i, count = carry
-                    count_next = valid_at(valid_ref, b, h, qb, t + 1)  # GMEM latency hidden behind this step
-                    bi = wg * S + lax.rem(t, S)
+                    acc, m_i, l_i, cd = carry
+                    cd_next = code_at(t + 1)  # GMEM latency hidden behind this step
+                    bi = stream * S + lax.rem(t, S)
                     plgpu.barrier_wait(k_rdy.at[bi])
-                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, TILE))
+                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W))
                     plgpu.barrier_arrive(k_done.at[bi])
-                    s = mask_tail(s * c_log2, count, axis=1)
+                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
                     m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
                     alpha = jnp.exp2(m_i - m_new)
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
@@ -212,9 +323,9 @@ def forward_call(q, k, v, rows, valid, nsteps, *, block_q, scale, stages, interp
                     plgpu.barrier_wait(v_rdy.at[bi])
                     acc = mma_acc(acc, p.astype(dt), v_smem.at[bi], interpret)
                     plgpu.barrier_arrive(v_done.at[bi])
-                    return acc, m_new, l_i, count_next
+                    return acc, m_new, l_i, cd_next
 
-                carry = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0), valid_at(valid_ref, b, h, qb, 0))
+                carry = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0), code_at(0))
                 acc, m_i, l_i, _ = lax.fori_loop(0, n, step, carry)
                 has = l_i > 0.0  # false only for a tile without steps
                 l_safe = jnp.where(has, l_i, 1.0)
@@ -222,35 +333,56 @@ def forward_call(q, k, v, rows, valid, nsteps, *, block_q, scale, stages, interp
                 q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt)
                 lse_smem.at[wg][...] = jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, o_ref.at[b, rows_q, h])
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, h, rows_q])
+                plgpu.copy_smem_to_gmem(q_tile, out_at(o_ref, b, rows_q, h))
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], out_at(lse_ref, b, h, rows_q))
                 plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
+        @pl.when(wg == nc)
         def _producer():
-            kv_producer(tile_of, n_ref, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
-                        (v_ref, v_smem, v_rdy, v_done), S)
+            streams = []
+            for s in range(plan.streams):
+                _, active, qb = tile_of(s * plan.share)
+                t0, n = span(qb)
+                streams.append((qb, t0, jnp.where(active, n, 0)))
+            kv_producer(streams, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done), (v_ref, v_smem, v_rdy, v_done), S,
+                        plan.box)
 
     f32 = jnp.float32
+    lead = (nsplit,) if nsplit > 1 else ()
+    slots = plan.streams * S
     kernel = plgpu.kernel(
         sgm_fwd,
-        out_type=(jax.ShapeDtypeStruct(q.shape, dt), jax.ShapeDtypeStruct((B, H, Tq), f32)),
+        out_type=(jax.ShapeDtypeStruct(lead + q.shape, dt), jax.ShapeDtypeStruct(lead + (B, H, Tq), f32)),
         scratch_types=[
-            tiled_smem((2, TILE, D), dt),  # q tiles, reused to stage the output
-            tiled_smem((2 * S, TILE, D), dt),  # K rings (consumer c owns slots c·S .. c·S+S−1)
-            tiled_smem((2 * S, TILE, D), dt),  # V rings
-            plgpu.SMEM((2, TILE), f32),  # LSE staging
-            plgpu.Barrier(num_barriers=2),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+            tiled_smem((nc, TILE, D), dt),  # q tiles, reused to stage the output
+            tiled_smem((slots, W, D), dt),  # K rings (stream s owns slots s·S .. s·S+S−1)
+            tiled_smem((slots, W, D), dt),  # V rings
+            plgpu.SMEM((nc, TILE), f32),  # LSE staging
+            plgpu.Barrier(num_barriers=nc),
+            plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots),  # one TMA arrival per box
+            plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots),
+            plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots),  # every consumer of the stream
+            plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots),
         ],
-        grid=(H, pairs, B),
-        grid_names=("heads", "pair", "batch"),
-        num_threads=3,
+        grid=(H, groups * nsplit, B),
+        grid_names=("heads", "cta", "batch"),
+        num_threads=nc + 1,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=params,
+        interpret=interpret_params(interpret),
     )
-    return kernel(q, k, v, rows, valid, nsteps)
+    return kernel(q, k, v, rows, code, nsteps)
+
+
+def merge_splits(out, lse):
+    """Exact merge of the per-split normalised outputs `[splits, B, Tq, H, D]` and natural-log LSEs
+    `[splits, B, H, Tq]` (−inf for a split without steps): weights exp(lse_s − lse)."""
+    m = jnp.max(lse, axis=0)
+    m_safe = jnp.where(jnp.isneginf(m), 0.0, m)
+    w = jnp.exp(lse - m_safe)  # 0 for empty splits
+    total = jnp.sum(w, axis=0)
+    has = total > 0.0
+    lse_all = jnp.where(has, m_safe + jnp.log(jnp.where(has, total, 1.0)), -jnp.inf)
+    wn = jnp.where(has, w / jnp.where(has, total, 1.0), 0.0)  # [S, B, H, Tq]
+    merged = jnp.einsum("sbqhd,sbhq->bqhd", out.astype(jnp.float32), wn)
+    return merged.astype(out.dtype), lse_all
