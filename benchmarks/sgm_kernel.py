@@ -21,8 +21,9 @@ first, then speed against cuDNN dense attention and the `vsa` package's Triton k
    granularity (a 192-slot block = 3 cubes), compared against our output before it is timed; "vsa: not installed"
    when the package is missing. vsa needs Tq = Tk: in the decmem case its queries are zero-padded to Tk with empty
    lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa).
-3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.ForwardPlan), each checked against
-   the automatic plan's output and timed, so a tuning run needs one process.
+3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.StreamPlan), each checked against
+   the automatic plan's output and timed, and the backward under alternative dq plans (SWEEP_DQ), so a tuning run
+   needs one process.
 
 Usage:
   python3 benchmarks/sgm_kernel.py                         # H100/H200: checks, then both cases
@@ -71,11 +72,16 @@ CASES = {
               "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
 }
 
-# forward plan variants timed by --sweep (ForwardPlan field overrides; {} = the automatic plan)
+# forward plan variants timed by --sweep (StreamPlan field overrides; {} = the automatic plan)
 SWEEP = {
     "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1)],
     "decmem": [{}, dict(splits=1), dict(splits=2), dict(splits=3), dict(box=64), dict(width=128, splits=2),
-               dict(consumers=2, share=1, box=64, width=64, splits=1)],  # the last = the 2026-11-21 kernel
+               dict(consumers=2, share=1, box=64, width=64, splits=1)],  # the last = the first (e792bb1) kernel
+}
+# dq plan variants timed by --sweep (the whole backward is timed; only the dq kernel's plan differs)
+SWEEP_DQ = {
+    "vsa": [],
+    "decmem": [{}, dict(box=64), dict(consumers=3, share=3), dict(consumers=3, share=3, splits=1)],
 }
 
 
@@ -95,6 +101,9 @@ def parse_args(argv):
     p.add_argument("--stages", type=int, default=None,
                    help="override the backward kernels' ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
                         "D 128); the forward sizes its rings from its plan (--sweep times alternatives)")
+    p.add_argument("--sweep-cases", default=None,
+                   help="with --sweep: comma list of cases to sweep (default: all timed cases)")
+    p.add_argument("--sweep-fwd", default=None, help="with --sweep: indices into SWEEP[case] to time (default all)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the forward under alternative kernel plans (SWEEP), each checked against the "
                         "default plan's output first")
@@ -404,7 +413,8 @@ def sweep_case(name, c, ref_out, args):
     g = dict(block_q=c["bq"], block_kv=c["bkv"])
     a = (c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"])
     fl = flop_counts(c)["fwd"]
-    for over in SWEEP[name]:
+    picks = SWEEP[name] if args.sweep_fwd is None else [SWEEP[name][int(i)] for i in args.sweep_fwd.split(",") if i]
+    for over in picks:
         row = {"plan_overrides": over}
         try:
             plan = mg.forward_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over)
@@ -430,6 +440,37 @@ def sweep_case(name, c, ref_out, args):
     return rows
 
 
+def sweep_dq(name, c, out, lse, cot, args):
+    """The backward under each dq plan of SWEEP_DQ[name], checked against the automatic plan's dq, then timed."""
+    rows = []
+    g = dict(block_q=c["bq"], block_kv=c["bkv"], interpret=args.interpret)
+    a = (c["q"], c["k"], c["v"], out, lse, cot, c["idx"], c["cnt"], c["lens"])
+    ref_dq = None
+    for over in SWEEP_DQ[name]:
+        row = {"dq_plan_overrides": over}
+        try:
+            plan = mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over)
+            row["plan"] = dataclasses.asdict(plan)
+            f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(
+                *x, **g, dq_plan_overrides=over))
+            dq = f(*a)[0]
+            ref_dq = dq if ref_dq is None else ref_dq
+            row["dq_rel_err_vs_auto"] = err = rel(dq, ref_dq)
+            if not err <= GRAD_TOL[jnp.dtype(c["q"].dtype)]:
+                row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
+            else:
+                row.update(time_jax(f, a, args.warmup, args.repeats))
+        except Exception as e:  # noqa: BLE001
+            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
+        p = row.get("plan", {})
+        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits"))
+        ms = _ms(row)
+        print(f"  sweep dq {name:7} {desc:62} bwd {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12}",
+              flush=True)
+        rows.append(row)
+    return rows
+
+
 def run_case(name, geo, args, backend):
     dt = jnp.dtype(args.dtype)
     c = make_case(args.seed, b=1, h=args.heads, d=128, dtype=dt, sigma=1.0, **geo)
@@ -448,8 +489,12 @@ def run_case(name, geo, args, backend):
     else:
         res["cudnn"] = {"fwd": {"status": "skipped (needs a GPU)"}, "fwd_bwd": {"status": "skipped (needs a GPU)"}}
     res["vsa"] = bench_vsa(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
-    if args.sweep and ours_out is not None:
+    if args.sweep and ours_out is not None and (args.sweep_cases is None or name in args.sweep_cases.split(",")):
         res["sweep"] = sweep_case(name, c, ours_out, args)
+        if SWEEP_DQ[name]:
+            out, lse = mg.sgm_forward_mgpu(c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"], block_q=c["bq"],
+                                           block_kv=c["bkv"], interpret=args.interpret)
+            res["sweep_dq"] = sweep_dq(name, c, out, lse, cot, args)
     for peer in ("mosaic_gpu", "cudnn", "vsa"):  # backward alone = (fwd+bwd) − fwd, same run
         f, fb = _ms(res[peer].get("fwd")), _ms(res[peer].get("fwd_bwd"))
         if f and fb:

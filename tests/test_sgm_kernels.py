@@ -37,7 +37,7 @@ import pytest
 from pallas_kernels.sgm import api
 from pallas_kernels.sgm import mosaic_gpu_fwd
 from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
-from pallas_kernels.sgm.mosaic_gpu import forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
+from pallas_kernels.sgm.mosaic_gpu import dq_plan, forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
 from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference
 from pallas_kernels.sgm.tpu import sgm_backward_tpu, sgm_forward_tpu
 
@@ -301,7 +301,7 @@ def test_mgpu_forward_plan_choice_and_errors():
     plan = lambda bq, bkv, d=128, q_rows=None, **o: forward_plan((1, q_rows or 24 * bq, 12, d), bq, bkv,
                                                                  jnp.bfloat16, plan=o)
     p = plan(192, 192)
-    assert (p.consumers, p.share, p.box, p.width, p.stages, p.splits) == (3, 3, 32, 64, 4, 2)
+    assert (p.consumers, p.share, p.box, p.width, p.stages, p.splits) == (3, 3, 32, 64, 4, 3)
     p = plan(64, 64, q_rows=49152)
     assert (p.consumers, p.share, p.box, p.width, p.stages, p.splits) == (2, 1, 64, 64, 2, 1)
     p = plan(128, 128, d=64)
@@ -309,6 +309,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     assert plan(192, 192, splits=1).splits == 1 and plan(64, 64, width=128).stages == 1
     for p in (plan(192, 192), plan(64, 64), plan(128, 64), plan(64, 64, width=128)):
         assert p.smem_bytes(128, 2) <= mosaic_gpu_fwd.SMEM_BUDGET
+    q = dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16)  # dq: own lists, 64-row boxes (measured best)
+    assert (q.consumers, q.share, q.box, q.width, q.stages, q.splits) == (2, 1, 64, 64, 2, 1)
+    assert forward_plan((2, 24 * 192, 12, 128), 192, 192, jnp.bfloat16).splits == 1  # CFG batch 2: 4.4 waves
+    assert q.smem_bytes(128, 2, tiles=2, vectors=2) <= mosaic_gpu_fwd.SMEM_BUDGET
     with pytest.raises(ValueError, match="divisible by consumers"):
         plan(192, 192, consumers=2, share=2)
     with pytest.raises(ValueError, match="box must be 32 or 64"):
@@ -325,7 +329,7 @@ def test_mgpu_forward_plan_choice_and_errors():
     (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
 ], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
-    """Every forward plan (mosaic_gpu_fwd.ForwardPlan) against the dense oracle, with count 0, empty, partial and
+    """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
     c = make_case(70 + bq, B=2, H=1, D=64, bq=bq, bkv=bkv, Nq=4 if bq == 64 else 2, Nk=5, K=3, dtype=BF16)
     lst = lists_of(c)
@@ -333,6 +337,23 @@ def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     ref_out, ref_lse, _ = oracle(c)
     assert rel(out, ref_out) <= FWD_TOL[BF16]
     lse_close(lse, ref_lse, FWD_TOL[BF16])
+
+
+@pytest.mark.parametrize("bq, bkv, over", [
+    (192, 192, dict(consumers=3, share=3, splits=2)),  # shared stream of 32-row boxes, partial dq sums added
+    (64, 128, dict(width=128, splits=1)),  # own lists, 128-row steps of 4 boxes
+], ids=["shared3-split2", "own-w128"])
+def test_mgpu_dq_plans_match_the_oracle(bq, bkv, over):
+    """The dq kernel under non-default StreamPlans against the oracle's gradient (dk/dv do not depend on it)."""
+    c = make_case(90 + bq, B=2, H=1, D=64, bq=bq, bkv=bkv, Nq=2, Nk=5, K=3, dtype=BF16)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    ref_out, _, vjp = oracle(c)
+    d_out = jnp.asarray(np.random.default_rng(5).normal(size=out.shape), BF16)
+    dq, _, _ = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lst, dq_plan_overrides=tuple(over.items()),
+                                 interpret=True)
+    assert rel(dq, vjp(d_out.astype(jnp.float32))[0]) <= GRAD_TOL[BF16]
+    assert int(c["kv_block_cnt"][0, 0, 0]) == 0 and not np.asarray(dq[0, :bq, 0], np.float32).any()  # count 0
 
 
 def test_mgpu_merge_splits_is_exact():
@@ -382,8 +403,14 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
     # with one arrival per 32-row box), split over CTAs
     c = make_case(32, B=1, H=1, D=64, bq=192, bkv=192, Nq=1, Nk=4, K=3, dtype=BF16)
     c["kv_block_cnt"] = jnp.asarray([[[3]]], jnp.int32)
-    out, _ = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2),), stages=2, interpret=ip)
-    assert rel(out, oracle(c)[0]) <= FWD_TOL[BF16]
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2),), stages=2,
+                                interpret=ip)
+    ref_out, _, vjp = oracle(c)
+    assert rel(out, ref_out) <= FWD_TOL[BF16]
+    d_out = jnp.asarray(np.random.default_rng(33).normal(size=out.shape), BF16)
+    dq = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), interpret=ip,
+                           dq_plan_overrides=(("consumers", 3), ("share", 3), ("splits", 2)))[0]
+    assert rel(dq, vjp(d_out.astype(jnp.float32))[0]) <= GRAD_TOL[BF16]
     assert "RACE DETECTED" not in capfd.readouterr().out
 
 

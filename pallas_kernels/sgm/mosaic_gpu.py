@@ -33,11 +33,11 @@ import jax.numpy as jnp
 from pallas_kernels.sgm.api import register_backend
 from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
-from pallas_kernels.sgm.mosaic_gpu_fwd import (LOG2E, TILE, ForwardPlan, default_splits, forward_call, merge_splits,
-                                               plan_forward)
+from pallas_kernels.sgm.mosaic_gpu_fwd import (LOG2E, TILE, StreamPlan, default_splits, forward_call, merge_splits,
+                                               plan_stream)
 
-__all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "default_stages", "SUPPORTED_DTYPES",
-           "SUPPORTED_HEAD_DIMS", "ForwardPlan"]
+__all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "dq_plan", "default_stages", "SUPPORTED_DTYPES",
+           "SUPPORTED_HEAD_DIMS", "StreamPlan"]
 
 SUPPORTED_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 SUPPORTED_HEAD_DIMS = (64, 128)
@@ -50,17 +50,40 @@ def default_stages(head_dim):
     return 2 if head_dim > 64 else 4
 
 
-def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None, n_batch_heads=None):
-    """The forward kernel's plan for q `[B, Tq, H, D]`: `plan_forward`'s choice, `plan` (a dict of overrides, for
-    tuning) applied on top, and the step lists split over CTAs when the grid would be under 3 waves."""
+def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
+    """The forward kernel's StreamPlan for q `[B, Tq, H, D]`: `plan_stream`'s choice, `plan` (a dict of overrides,
+    for tuning) applied on top, and the step lists split over CTAs when the grid would be under 3 waves."""
+    return _plan(q_shape, block_q, block_kv, dtype, stages, plan, {}, tiles=1, vectors=1)
+
+
+# dq keeps the first design by default: 2 consumers with their own lists and 64-row boxes. On an H100 the DecMem
+# geometry's backward took 3.57 ms with it, 3.76 with 32-row boxes, 3.55 / 3.75 with 3 consumers on a shared stream
+# (2 / 1 splits): no plan beat it beyond run-to-run noise (docs/benchmarks.md), and 3 consumers holding dq, S, dP
+# and dS at 152 registers per thread are at the spill edge.
+DQ_DEFAULTS = dict(consumers=2, share=1, width=64, box=64)
+
+
+def dq_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
+    """The dq kernel's StreamPlan: DQ_DEFAULTS, `plan` overrides on top, splits as in the forward (partial dq sums
+    added in XLA)."""
+    return _plan(q_shape, block_q, block_kv, dtype, stages, plan, DQ_DEFAULTS, tiles=2, vectors=2)
+
+
+def _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles, vectors):
     B, Tq, H, D = q_shape
     overrides = dict(plan or {})
     stages = overrides.pop("stages", stages)
-    p = plan_forward(block_q, block_kv, D, jnp.dtype(dtype).itemsize, stages=stages, **overrides)
+    p = plan_stream(block_q, block_kv, D, jnp.dtype(dtype).itemsize, tiles=tiles, vectors=vectors, stages=stages,
+                    **{**defaults, **overrides})
     if "splits" not in overrides:
         ctas = B * H * -(-(Tq // TILE) // p.consumers)
         p = dataclasses.replace(p, splits=default_splits(p, ctas))
     return p
+
+
+def _step_lists(idx, cnt, lens, block_kv, p):
+    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=p.box)
+    return group_steps(rows, valid, nsteps, p.nbox)
 
 
 def _check(q, k, v, idx, cnt, lens, block_q, block_kv, stages):
@@ -100,22 +123,24 @@ def _sanitize(idx, cnt, lens, nk, block_kv):
 def sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None,
                      stages=None, plan=None, interpret=False):
     """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`).
-    `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `ForwardPlan`, hashable for jit)
+    `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `StreamPlan`, hashable for jit)
     overrides the automatic plan; both are for tuning."""
     B, Tq, H, D, Nq, Nk, _ = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, stages)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     p = forward_plan(q.shape, block_q, block_kv, q.dtype, stages=stages, plan=dict(plan or ()))
     idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
-    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=p.box)
-    rows, code, nsteps = group_steps(rows, valid, nsteps, p.nbox)
+    rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, p)
     out, lse = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p, interpret=interpret)
     return merge_splits(out, lse) if p.splits > 1 else (out, lse)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
+                                             "interpret"))
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
-                      scale=None, stages=None, interpret=False):
-    """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log)."""
+                      scale=None, stages=None, dq_plan_overrides=None, interpret=False):
+    """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log). `stages`
+    sets both kernels' ring depth, `dq_plan_overrides` ((field, value) pairs) the dq kernel's plan (tuning)."""
+    dq_stages = stages  # None: the dq plan sizes its own ring
     B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
                                          stages)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -127,8 +152,12 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
     lse2 = jnp.where(jnp.isneginf(lse), 0.0, lse * LOG2E)  # base 2 for exp2 in the kernels; −inf rows run no step
     statics = dict(block_q=block_q, scale=scale, stages=stages, interpret=interpret)
 
-    rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=TILE)
-    dq = dq_call(q, k, v, d_out, lse2, delta, rows[..., None], valid, nsteps, **statics)
+    pq = dq_plan(q.shape, block_q, block_kv, q.dtype, stages=dq_stages, plan=dict(dq_plan_overrides or ()))
+    rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, pq)
+    dq = dq_call(q, k, v, d_out, lse2, delta, rows, code, nsteps, block_q=block_q, scale=scale, plan=pq,
+                 interpret=interpret)
+    if pq.splits > 1:
+        dq = jnp.sum(dq.astype(f32), axis=0).astype(q.dtype)
 
     rev, rev_cnt = reverse_block_lists(idx.reshape(B * H, Nq, -1), cnt.reshape(B * H, Nq), Nk)
     rev, rev_cnt = rev.reshape(B, H, Nk, Nq), rev_cnt.reshape(B, H, Nk)

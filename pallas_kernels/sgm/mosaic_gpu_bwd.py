@@ -6,8 +6,9 @@ Shared formula (reference.py `sgm_reference_bwd`), with lse2 = base-2 LSE and c 
 The logits are recomputed exactly as the forward does (raw bf16/fp16 operands, one fp32 multiply); the scale on dQ
 and dK is applied once to the fp32 accumulators at the end, never to bf16 operands.
 
-dq: the forward's CTA layout (2 consumers × one 64-row q tile each + 1 TMA producer) and step lists; the consumer
-    also holds dO, lse2 and Δ of its tile.
+dq: the forward's CTA layout and step machinery under its own StreamPlan (`mosaic_gpu.dq_plan`; by default 2
+    consumers with their own lists and 64-row steps, the tuning sweep found nothing faster); the consumer also holds
+    dO, lse2 and Δ of its tile. Split plans write partial dq sums, added in XLA.
 dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer streaming (q, lse2) and (dO, Δ) of the
     q tiles of every query block that selected the tile's key block (reverse lists, ascending). A key tile without
     valid keys, or never selected, runs no step and writes zeros; rows past the tile's valid count are masked.
@@ -21,45 +22,41 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, interpret_params,
-                                               kv_producer, mask_tail, mma, mma_acc, ring_producer, tiled_smem,
-                                               zeros_acc)
-
-def valid_at(valid_ref, b, h, qb, t):
-    """Valid keys of step t (clamped into the list; used to prefetch the next step's count)."""
-    return valid_ref[b, h, qb, jnp.minimum(t, valid_ref.shape[-1] - 1)]
-
+from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, CtaTiles,
+                                               interpret_params, kv_producer, launch_params, mask_boxes, mask_tail,
+                                               mma, mma_acc, ring_producer, ring_scratch, tiled_smem, zeros_acc)
 
 _COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
 
-def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, stages, interpret):
-    """dq `[B, Tq, H, D]` in q.dtype. lse2/delta fp32 `[B, H, Tq]`; rows `[B, H, Nq, M, 1]` / valid / nsteps:
-    `lists.subtile_steps(sub=64)` (rows with a trailing box axis for `kv_producer`)."""
+def dq_call(q, k, v, do, lse2, delta, rows, code, nsteps, *, block_q, scale, plan, interpret):
+    """dq `[B, Tq, H, D]` in q.dtype (partial sums `[splits, B, Tq, H, D]` when plan.splits > 1: their sum is dq).
+    lse2/delta fp32 `[B, H, Tq]`; rows/code/nsteps: the step lists of `plan` (`lists.group_steps`), as for the
+    forward, whose CTA layout this kernel shares (`CtaTiles`, `kv_producer`)."""
     B, Tq, H, D = q.shape
     dt = q.dtype
-    nt, nqs, S = Tq // TILE, block_q // TILE, stages
+    nc, S, W = plan.consumers, plan.stages, plan.width
+    nt, nqs = Tq // TILE, block_q // TILE
     c_log2 = float(scale) * LOG2E
+    last = code.shape[-1] - 1
 
-    def sgm_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, valid_ref, n_ref, dq_ref,
+    def sgm_dq(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rows_ref, code_ref, n_ref, dq_ref,
                q_smem, do_smem, lse_smem, delta_smem, in_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done):
-        b, h = lax.axis_index("batch"), lax.axis_index("heads")
-        pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
+        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        cta = CtaTiles(plan, nt, nqs, n_ref, b, h)
 
-        def tile_of(c):
-            tile = pair * 2 + c
-            return tile, tile < nt, lax.div(jnp.minimum(tile, nt - 1), jnp.int32(nqs))
-
-        @pl.when(wg < 2)
+        @pl.when(wg < nc)
         def _consumer():
-            plgpu.set_max_registers(CONSUMER_REGS[2], action="increase")
-            tile, active, qb = tile_of(wg)
+            plgpu.set_max_registers(CONSUMER_REGS[nc], action="increase")
+            tile, active, qb = cta.tile_of(wg)
+            stream = cta.stream_of(wg)
 
             @pl.when(active)
             def _():
                 rows_q = pl.ds(tile * TILE, TILE)
                 q_tile, do_tile = q_smem.at[wg], do_smem.at[wg]
-                n = n_ref[b, h, qb]
+                t0, n = cta.span(qb)
+                code_at = lambda t: code_ref[b, h, qb, jnp.minimum(t0 + t, last)]
                 loads = ((q_ref.at[b, rows_q, h], q_tile), (do_ref.at[b, rows_q, h], do_tile),
                          (lse_ref.at[b, h, rows_q], lse_smem.at[wg]), (delta_ref.at[b, h, rows_q], delta_smem.at[wg]))
 
@@ -74,60 +71,48 @@ def dq_call(q, k, v, do, lse2, delta, rows, valid, nsteps, *, block_q, scale, st
                 delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
                 def step(t, carry):
-                    dq, count = carry
-                    count_next = valid_at(valid_ref, b, h, qb, t + 1)  # prefetch, as in the forward
-                    bi = wg * S + lax.rem(t, S)
+                    dq, cd = carry
+                    cd_next = code_at(t + 1)  # prefetch, as in the forward
+                    bi = stream * S + lax.rem(t, S)
                     plgpu.barrier_wait(k_rdy.at[bi])
-                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, TILE))
-                    s = mask_tail(s * c_log2, count, axis=1)
+                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W))
+                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
                     p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
                     plgpu.barrier_wait(v_rdy.at[bi])
-                    dp = mma(do_tile, v_smem.at[bi].transpose((1, 0)), (TILE, TILE))
+                    dp = mma(do_tile, v_smem.at[bi].transpose((1, 0)), (TILE, W))
                     plgpu.barrier_arrive(v_done.at[bi])
                     ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
                     dq = mma_acc(dq, ds.astype(dt), k_smem.at[bi], interpret)
                     plgpu.barrier_arrive(k_done.at[bi])
-                    return dq, count_next
+                    return dq, cd_next
 
-                carry = (zeros_acc(D), valid_at(valid_ref, b, h, qb, 0))
-                dq, _ = lax.fori_loop(0, n, step, carry)
+                dq, _ = lax.fori_loop(0, n, step, (zeros_acc(D), code_at(0)))
                 q_tile[...] = (dq * scale).astype(dt)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, dq_ref.at[b, rows_q, h])
+                plgpu.copy_smem_to_gmem(q_tile, cta.out(dq_ref, b, rows_q, h))
                 plgpu.wait_smem_to_gmem(0)
 
-        @pl.when(wg == 2)
+        @pl.when(wg == nc)
         def _producer():
-            streams = []
-            for c in range(2):
-                _, active, qb = tile_of(c)
-                streams.append((qb, 0, jnp.where(active, n_ref[b, h, qb], 0)))
-            kv_producer(streams, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done), (v_ref, v_smem, v_rdy, v_done), S,
-                        TILE)
+            kv_producer(cta.producer_streams(), rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
+                        (v_ref, v_smem, v_rdy, v_done), S, plan.box)
 
     f32 = jnp.float32
+    lead = (plan.splits,) if plan.splits > 1 else ()
     kernel = plgpu.kernel(
         sgm_dq,
-        out_type=jax.ShapeDtypeStruct(q.shape, dt),
+        out_type=jax.ShapeDtypeStruct(lead + q.shape, dt),
         scratch_types=[
-            tiled_smem((2, TILE, D), dt),  # q tiles, reused to stage dq
-            tiled_smem((2, TILE, D), dt),  # dO tiles
-            plgpu.SMEM((2, TILE), f32),  # lse2
-            plgpu.SMEM((2, TILE), f32),  # delta
-            plgpu.Barrier(num_barriers=8),  # per consumer: q, dO, lse2, delta loaded
-            tiled_smem((2 * S, TILE, D), dt),  # K rings
-            tiled_smem((2 * S, TILE, D), dt),  # V rings
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+            tiled_smem((nc, TILE, D), dt),  # q tiles, reused to stage dq
+            tiled_smem((nc, TILE, D), dt),  # dO tiles
+            plgpu.SMEM((nc, TILE), f32),  # lse2
+            plgpu.SMEM((nc, TILE), f32),  # delta
+            plgpu.Barrier(num_barriers=4 * nc),  # per consumer: q, dO, lse2, delta loaded
+            *ring_scratch(plan, D, dt),
         ],
-        grid=(H, -(-nt // 2), B),
-        grid_names=("heads", "pair", "batch"),
-        interpret=interpret_params(interpret),
-        **_COMMON,
+        **launch_params(plan, H, B, -(-nt // nc) * plan.splits, interpret),
     )
-    return kernel(q, k, v, do, lse2, delta, rows, valid, nsteps)
+    return kernel(q, k, v, do, lse2, delta, rows, code, nsteps)
 
 
 def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv, scale, stages, interpret):

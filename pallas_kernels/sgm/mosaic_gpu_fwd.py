@@ -2,7 +2,7 @@
 
 CTA layout (kernels.md §5.3): `plan.consumers` consumer warpgroups, each owning one 64-row q tile, plus 1 producer
 warpgroup that reads step lists from GMEM and issues the TMA loads of the listed key rows into SMEM rings. A
-`ForwardPlan` picks one of two options per geometry:
+`StreamPlan` picks one of two options per geometry:
   (a) own lists (share = 1, 2 consumers): every q tile streams its own list through its own ring. Needed when a
       query block is one 64-row tile (VSA-style cubes: neighbouring tiles select different blocks).
   (b) shared stream (share = consumers): the consumers are the tiles of ONE query block, which all use the same
@@ -52,8 +52,8 @@ CODE_BASE = 128  # valid counts (0..64) of a step's boxes packed base 128 into o
 
 
 @dataclasses.dataclass(frozen=True)
-class ForwardPlan:
-    """How the forward kernel covers a geometry (see the module docstring)."""
+class StreamPlan:
+    """How a kernel whose consumers own q tiles (the forward; dq) streams K/V (see the module docstring)."""
     consumers: int  # consumer warpgroups per CTA (1..3), one 64-row q tile each
     share: int  # consumers per K/V stream: 1 (own lists) or `consumers` (the tiles of one query block)
     box: int  # key rows per TMA box: 32 or 64
@@ -69,16 +69,18 @@ class ForwardPlan:
     def nbox(self):
         return self.width // self.box
 
-    def smem_bytes(self, head_dim, itemsize):
-        q = self.consumers * TILE * head_dim * itemsize
-        rings = 2 * self.streams * self.stages * self.width * head_dim * itemsize
-        return q + rings + self.consumers * TILE * 4
+    def smem_bytes(self, head_dim, itemsize, tiles=1, vectors=1):
+        """SMEM of a kernel holding `tiles` 16-bit [64, D] tiles and `vectors` fp32 [64] vectors per consumer
+        (forward: q, lse; dq: q and dO, lse and Δ) plus the K and V rings."""
+        own = self.consumers * TILE * (tiles * head_dim * itemsize + vectors * 4)
+        return own + 2 * self.streams * self.stages * self.width * head_dim * itemsize
 
 
-def plan_forward(block_q, block_kv, head_dim, itemsize, *, stages=None, **overrides):
-    """The forward plan for a geometry. Shared stream when a query block has 2 or 3 (or a multiple) q tiles; 32-row
-    boxes when key blocks are larger than one box (they may be partially valid); the deepest ring (<= 4) that fits
-    SMEM. `overrides` (consumers, share, box, width, splits) are for tuning; `stages` overrides the ring depth."""
+def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, stages=None, **overrides):
+    """The plan of a q-tile kernel for a geometry. Shared stream when a query block has 2 or 3 (or a multiple) q
+    tiles; 32-row boxes when key blocks are larger than one box (they may be partially valid); the deepest ring
+    (<= 4) that fits SMEM with `tiles`/`vectors` per consumer (StreamPlan.smem_bytes). `overrides` (consumers,
+    share, box, width, splits) are for tuning; `stages` overrides the ring depth."""
     nqs = block_q // TILE
     if nqs % 3 == 0:
         base = dict(consumers=3, share=3, width=64)
@@ -88,8 +90,8 @@ def plan_forward(block_q, block_kv, head_dim, itemsize, *, stages=None, **overri
         base = dict(consumers=2, share=1, width=64)
     base["box"] = 64 if block_kv == 64 else 32
     base.update(overrides)
-    p = ForwardPlan(stages=1, **base)
-    where = f"SGM forward plan {dataclasses.replace(p, stages='?')} (block_q {block_q}, block_kv {block_kv}, D {head_dim})"
+    p = StreamPlan(stages=1, **base)
+    where = f"SGM kernel plan {dataclasses.replace(p, stages='?')} (block_q {block_q}, block_kv {block_kv}, D {head_dim})"
     if p.consumers not in CONSUMER_REGS or p.share not in (1, p.consumers):
         raise ValueError(f"{where}: consumers must be 1..3 and share 1 or consumers")
     if p.share > 1 and nqs % p.consumers:
@@ -99,29 +101,73 @@ def plan_forward(block_q, block_kv, head_dim, itemsize, *, stages=None, **overri
     if p.splits < 1:
         raise ValueError(f"{where}: splits must be >= 1")
     if stages is None:
-        fits = [s for s in range(1, 5) if dataclasses.replace(p, stages=s).smem_bytes(head_dim, itemsize)
-                <= SMEM_BUDGET]
+        fits = [s for s in range(1, 5)
+                if dataclasses.replace(p, stages=s).smem_bytes(head_dim, itemsize, tiles, vectors) <= SMEM_BUDGET]
         if not fits:
             raise ValueError(f"{where}: even one ring slot exceeds the SMEM budget of {SMEM_BUDGET} B")
         stages = fits[-1]
     p = dataclasses.replace(p, stages=stages)
     if not 1 <= stages <= 16:
         raise ValueError(f"{where}: stages must lie in [1, 16], got {stages}")
-    if p.smem_bytes(head_dim, itemsize) > SMEM_BUDGET:
-        raise ValueError(f"{where}: stages = {stages} needs {p.smem_bytes(head_dim, itemsize)} B of SMEM > budget "
-                         f"{SMEM_BUDGET} B; use fewer stages")
+    need = p.smem_bytes(head_dim, itemsize, tiles, vectors)
+    if need > SMEM_BUDGET:
+        raise ValueError(f"{where}: stages = {stages} needs {need} B of SMEM > budget {SMEM_BUDGET} B; use fewer "
+                         "stages")
     return p
 
 
 def default_splits(plan, n_ctas, n_sms=None):
-    """Split the step lists when the grid is under 3 waves of CTAs (one CTA per SM at these register counts):
-    the last, partial wave otherwise idles most of the GPU (e.g. 288 CTAs = 2.2 waves on 132 SMs)."""
+    """Split the step lists when the grid is under 3 waves of CTAs (one CTA per SM at these register counts): the
+    last, partial wave otherwise idles much of the GPU (e.g. 288 CTAs = 2.2 waves on 132 SMs). Such grids are split
+    up to >= 6 waves (at most 4 splits): on an H100 the DecMem benchmark geometry took 1.00 ms with 3 splits, 1.20
+    with 2 and 1.23 with 1 (docs/benchmarks.md)."""
     if n_sms is None:
         dev = jax.devices()[0]
         n_sms = getattr(dev, "core_count", None) or 132
     if n_ctas >= 3 * n_sms:
         return 1
-    return min(4, -(-3 * n_sms // n_ctas))
+    return min(4, -(-6 * n_sms // n_ctas))
+
+
+class CtaTiles:
+    """Index arithmetic of a CTA of a q-tile kernel (forward, dq) under a StreamPlan: grid axis "cta" enumerates
+    (tile group, split) with the split fastest; consumer c owns q tile group·consumers + c."""
+
+    def __init__(self, plan, nt, nqs, n_ref, b, h):
+        self.plan, self.nt, self.nqs, self.n_ref, self.b, self.h = plan, nt, nqs, n_ref, b, h
+        cta, ns = lax.axis_index("cta"), plan.splits
+        self.split, self.group = (lax.rem(cta, ns), lax.div(cta, ns)) if ns > 1 else (0, cta)
+
+    def tile_of(self, c):
+        """(q tile, whether it exists (ragged last group), its query block) of consumer c."""
+        tile = self.group * self.plan.consumers + c
+        return tile, tile < self.nt, lax.div(jnp.minimum(tile, self.nt - 1), jnp.int32(self.nqs))
+
+    def span(self, qb):
+        """(first list position, step count) of this CTA's split of query block qb's step list."""
+        n = self.n_ref[self.b, self.h, qb]
+        ns = self.plan.splits
+        if ns == 1:
+            return 0, n
+        per = lax.div(n + (ns - 1), jnp.int32(ns))
+        t0 = jnp.minimum(self.split * per, n)
+        return t0, jnp.minimum(n - t0, per)
+
+    def out(self, ref, *idx):
+        """Output window of this CTA (with the leading split axis when splits > 1)."""
+        return ref.at[(self.split, *idx) if self.plan.splits > 1 else idx]
+
+    def stream_of(self, wg):
+        return wg if self.plan.share == 1 else 0
+
+    def producer_streams(self):
+        """(query block, first list position, step count) of every stream, for kv_producer."""
+        streams = []
+        for s in range(self.plan.streams):
+            _, active, qb = self.tile_of(s * self.plan.share)
+            t0, n = self.span(qb)
+            streams.append((qb, t0, jnp.where(active, n, 0)))
+        return streams
 
 
 def interpret_params(interpret):
@@ -269,37 +315,21 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
     last = code.shape[-1] - 1
 
     def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref,
-                q_smem, k_smem, v_smem, lse_smem, q_bar, k_rdy, v_rdy, k_done, v_done):
-        b, h = lax.axis_index("batch"), lax.axis_index("heads")
-        cta, wg = lax.axis_index("cta"), lax.axis_index("wg")
-        split, group = (lax.rem(cta, nsplit), lax.div(cta, nsplit)) if nsplit > 1 else (0, cta)
-
-        def tile_of(c):  # q tile of consumer c, whether it exists (ragged last group), its query block
-            tile = group * nc + c
-            return tile, tile < nt, lax.div(jnp.minimum(tile, nt - 1), jnp.int32(nqs))
-
-        def span(qb):  # (first list position, step count) of this CTA's split of query block qb's list
-            n = n_ref[b, h, qb]
-            if nsplit == 1:
-                return 0, n
-            per = lax.div(n + (nsplit - 1), jnp.int32(nsplit))
-            t0 = jnp.minimum(split * per, n)
-            return t0, jnp.minimum(n - t0, per)
-
-        def out_at(ref, *idx):
-            return ref.at[(split, *idx) if nsplit > 1 else idx]
+                q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done):
+        b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
+        cta = CtaTiles(plan, nt, nqs, n_ref, b, h)
 
         @pl.when(wg < nc)
         def _consumer():
             plgpu.set_max_registers(CONSUMER_REGS[nc], action="increase")
-            tile, active, qb = tile_of(wg)
-            stream = wg if plan.share == 1 else 0
+            tile, active, qb = cta.tile_of(wg)
+            stream = cta.stream_of(wg)
 
             @pl.when(active)
             def _():
                 q_tile = q_smem.at[wg]
                 rows_q = pl.ds(tile * TILE, TILE)
-                t0, n = span(qb)
+                t0, n = cta.span(qb)
                 code_at = lambda t: code_ref[b, h, qb, jnp.minimum(t0 + t, last)]
 
                 @pl.when(n > 0)  # a tile without steps only writes zeros
@@ -333,45 +363,45 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                 q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt)
                 lse_smem.at[wg][...] = jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf)
                 plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, out_at(o_ref, b, rows_q, h))
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], out_at(lse_ref, b, h, rows_q))
+                plgpu.copy_smem_to_gmem(q_tile, cta.out(o_ref, b, rows_q, h))
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], cta.out(lse_ref, b, h, rows_q))
                 plgpu.wait_smem_to_gmem(0)
 
         @pl.when(wg == nc)
         def _producer():
-            streams = []
-            for s in range(plan.streams):
-                _, active, qb = tile_of(s * plan.share)
-                t0, n = span(qb)
-                streams.append((qb, t0, jnp.where(active, n, 0)))
-            kv_producer(streams, rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done), (v_ref, v_smem, v_rdy, v_done), S,
-                        plan.box)
+            kv_producer(cta.producer_streams(), rows_ref, b, h, (k_ref, k_smem, k_rdy, k_done),
+                        (v_ref, v_smem, v_rdy, v_done), S, plan.box)
 
     f32 = jnp.float32
     lead = (nsplit,) if nsplit > 1 else ()
-    slots = plan.streams * S
     kernel = plgpu.kernel(
         sgm_fwd,
         out_type=(jax.ShapeDtypeStruct(lead + q.shape, dt), jax.ShapeDtypeStruct(lead + (B, H, Tq), f32)),
         scratch_types=[
             tiled_smem((nc, TILE, D), dt),  # q tiles, reused to stage the output
-            tiled_smem((slots, W, D), dt),  # K rings (stream s owns slots s·S .. s·S+S−1)
-            tiled_smem((slots, W, D), dt),  # V rings
             plgpu.SMEM((nc, TILE), f32),  # LSE staging
             plgpu.Barrier(num_barriers=nc),
-            plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots),  # one TMA arrival per box
-            plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots),
-            plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots),  # every consumer of the stream
-            plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots),
+            *ring_scratch(plan, D, dt),
         ],
-        grid=(H, groups * nsplit, B),
-        grid_names=("heads", "cta", "batch"),
-        num_threads=nc + 1,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=interpret_params(interpret),
+        **launch_params(plan, H, B, groups * nsplit, interpret),
     )
     return kernel(q, k, v, rows, code, nsteps)
+
+
+def ring_scratch(plan, d, dt):
+    """K and V rings (stream s owns slots s·S .. s·S+S−1) and their ready (one TMA arrival per box) and consumed
+    (one arrival per consumer of the stream) barriers, in kernel-argument order k, v, k_rdy, v_rdy, k_done, v_done."""
+    slots = plan.streams * plan.stages
+    ring = tiled_smem((slots, plan.width, d), dt)
+    ready = plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots)
+    done = plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots)
+    return [ring, ring, ready, ready, done, done]
+
+
+def launch_params(plan, heads, batch, ctas, interpret):
+    return dict(grid=(heads, ctas, batch), grid_names=("heads", "cta", "batch"), num_threads=plan.consumers + 1,
+                thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True),
+                interpret=interpret_params(interpret))
 
 
 def merge_splits(out, lse):
