@@ -36,9 +36,11 @@ import pytest
 
 from pallas_kernels.sgm import api
 from pallas_kernels.sgm import mosaic_gpu_fwd
-from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
+from pallas_kernels.sgm import lists as lists_mod
+from pallas_kernels.sgm.lists import group_steps, pair_lists, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu import dq_plan, forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
 from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference
+from pallas_kernels.sgm import tpu as tpu_mod
 from pallas_kernels.sgm.tpu import sgm_backward_tpu, sgm_forward_tpu
 
 HI = jax.lax.Precision.HIGHEST
@@ -489,6 +491,32 @@ def test_mgpu_compiled_on_hardware(dtype, geo):
 # ------------------------------------------------------------------------------------------------------ TPU
 
 
+def test_tpu_pair_lists_sorted_flagged_and_padded():
+    """The dk/dv work list: pairs sorted by key block then query block, first/last flags per key block, padding
+    repeating the last pair with no flag, and per-key-block pair counts."""
+    idx = jnp.asarray([[[2, 0, 0], [0, 2, 3]], [[0, 0, 0], [0, 0, 0]]], jnp.int32)  # [BH=2, Nq=2, K=3]
+    cnt = jnp.asarray([[1, 3], [0, 0]], jnp.int32)
+    code, counts = (np.asarray(x) for x in pair_lists(idx, cnt, 4))
+    F = lists_mod.PAIR_FLAGS
+    decode = lambda c: (c // F // 2, c // F % 2, c % F)  # (kb, qb, flags) with Nq = 2
+    V, FI, LA = lists_mod.PAIR_VALID, lists_mod.PAIR_FIRST, lists_mod.PAIR_LAST
+    assert [decode(c) for c in code[0]] == [(0, 1, V | FI | LA), (2, 0, V | FI), (2, 1, V | LA), (3, 1, V | FI | LA),
+                                            (3, 1, 0), (3, 1, 0)]
+    assert counts[0].tolist() == [1, 0, 2, 1]
+    assert [decode(c) for c in code[1]] == [(0, 0, 0)] * 6 and counts[1].tolist() == [0, 0, 0, 0]
+
+
+def test_tpu_lists_split_into_calls_that_fit_smem(monkeypatch):
+    """With a tiny SMEM budget the kernels run B·H in chunks (lax.map) and still match the oracle; a single
+    (b, h) row over the budget is refused with the sizes."""
+    c = make_case(35, B=2, H=2, D=64, bq=16, bkv=32, Nq=3, Nk=5, K=3, dtype=F32)
+    monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 4 * 40)  # 2 of the 4 (b, h) rows per call
+    run_kernel("tpu", c, seed=36)
+    monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 16)
+    with pytest.raises(ValueError, match="SMEM"):
+        sgm_forward_tpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True)
+
+
 def test_tpu_tile_rules():
     c = make_case(7)
     with pytest.raises(ValueError, match="multiple of 128"):
@@ -524,9 +552,13 @@ def test_tpu_interpreter_two_cores_no_races():
 
 
 @pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
-def test_tpu_lowers_to_mosaic_for_real_tpu_tiles(device_kind):
+@pytest.mark.parametrize("chunked", [False, True], ids=["one-call", "chunked"])
+def test_tpu_lowers_to_mosaic_for_real_tpu_tiles(device_kind, chunked, monkeypatch):
     """Without a TPU, lower (not compile) the non-interpret kernels at TPU tiles (128 × 128, D = 128, bf16) against an
-    abstract TPU device: this runs Pallas' Mosaic lowering rules; Mosaic's own layout passes run only in libtpu."""
+    abstract TPU device: this runs Pallas' Mosaic lowering rules; Mosaic's own layout passes run only in libtpu.
+    `chunked`: an SMEM budget of one (b, h) row per call, so every kernel runs under lax.map."""
+    if chunked:
+        monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 100)
     try:
         from jax._src.mesh import AbstractDevice, AbstractMesh
     except ImportError:  # pragma: no cover

@@ -1,4 +1,5 @@
-"""Index-list helpers shared by the SGM kernels (Mosaic TPU in `tpu.py`, Mosaic GPU in `mosaic_gpu*.py`).
+"""Index-list helpers of the SGM kernels: `reverse_block_lists`, `subtile_steps`, `group_steps` (Mosaic GPU,
+`mosaic_gpu*.py`) and `pair_lists` (the dk/dv work list of the TPU kernel, `tpu.py`).
 
 All of them run in XLA before a kernel launch, are deterministic (sorts are stable, no atomics) and keep ascending
 order, so kernels that walk the lists accumulate in a fixed order.
@@ -9,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["reverse_block_lists", "subtile_steps", "group_steps"]
+__all__ = ["reverse_block_lists", "subtile_steps", "group_steps", "pair_lists"]
 
 
 def reverse_block_lists(idx, cnt, nk):
@@ -75,3 +76,29 @@ def group_steps(rows, valid, nsteps, nbox, base=128):
     weights = jnp.asarray([base ** j for j in range(nbox)], jnp.int32)
     code = jnp.sum(valid.reshape(b, h, nq, -1, nbox) * weights, axis=-1)
     return rows.astype(jnp.int32), code.astype(jnp.int32), ((nsteps + nbox - 1) // nbox).astype(jnp.int32)
+
+
+PAIR_VALID, PAIR_FIRST, PAIR_LAST, PAIR_FLAGS = 1, 2, 4, 8
+
+
+def pair_lists(idx, cnt, nk):
+    """The dk/dv kernel's work list: idx `[BH, Nq, K]` (sanitised), cnt `[BH, Nq]` -> int32 `[BH, Nq·K]` codes
+    (kb·Nq + qb)·8 + flags, one per selected (key block kb, query block qb) pair, sorted by kb then qb, with flags
+    PAIR_VALID, PAIR_FIRST / PAIR_LAST (first / last pair of its key block). Positions past the pair count repeat
+    the last valid pair with flags 0 (pair 0 with flags 0 when there is none). Deterministic (keys are unique for
+    duplicate-free lists); returns also the per-key-block pair counts `[BH, Nk]`."""
+    bh, nq, topk = idx.shape
+    valid = jnp.arange(topk, dtype=jnp.int32) < cnt[..., None]
+    qb = jnp.broadcast_to(jnp.arange(nq, dtype=jnp.int32)[:, None], (nq, topk))
+    key = jnp.sort(jnp.where(valid, idx * nq + qb, nk * nq).reshape(bh, -1), axis=-1)
+    n = jnp.sum(valid, axis=(1, 2), dtype=jnp.int32)[:, None]
+    pos = jnp.arange(nq * topk, dtype=jnp.int32)[None, :]
+    key = jnp.where(n > 0, jnp.take_along_axis(key, jnp.minimum(pos, jnp.maximum(n - 1, 0)), axis=-1), 0)
+    kb = key // nq
+    live = pos < n
+    edge = jnp.full((bh, 1), -1, jnp.int32)
+    first = live & (kb != jnp.concatenate([edge, kb[:, :-1]], axis=1))
+    last = live & ((pos == n - 1) | (kb != jnp.concatenate([kb[:, 1:], edge], axis=1)))
+    code = key * PAIR_FLAGS + live * PAIR_VALID + first * PAIR_FIRST + last * PAIR_LAST
+    counts = jax.vmap(lambda k, m: jnp.bincount(jnp.where(m, k, nk), length=nk + 1)[:nk])(kb, live)
+    return code.astype(jnp.int32), counts.astype(jnp.int32)

@@ -17,11 +17,16 @@ Design (kernels.md §6):
 * Forward grid (B·H "parallel", Nq "parallel", K "arbitrary"): the selected-block axis is innermost, so the output
   block is revisited on consecutive steps. fp32 running max / sum / accumulator live in VMEM scratch, initialised at
   j == 0 and finalised at j == K−1. Key tokens >= kv_block_len[b, idx] are masked only when that block is partial.
-* Backward: delta = rowsum(dO·O) in XLA. dq kernel: same grid as the forward. dk/dv kernel: grid (B·H, Nk, Nq), each
-  key block walks its reverse list of query blocks, built in XLA by a stable sort (deterministic, query blocks
-  ascending), padded to Nq entries (the maximum possible count for duplicate-free lists) by repeating the previous
-  entry, with the reverse count as validity flag. Logits are recomputed exactly as in the forward (raw operands into
-  the matmul, fp32 accumulate, fp32 scale after) from the saved natural-log LSE; nothing is pre-scaled in bf16.
+* Backward: delta = rowsum(dO·O) in XLA. dq kernel: same grid as the forward. dk/dv kernel: grid (B·H, Nq·K) over
+  the selected (key block, query block) pairs, sorted by key block then query block in XLA (`pair_lists`:
+  deterministic, query blocks ascending per key block), so the grid does exactly the forward's work instead of
+  Nk·Nq steps; a pair's code carries "first/last pair of its key block" flags (init / finalise the dK, dV
+  accumulators) and padding pairs repeat the last valid pair (no new DMA). Key blocks nobody selected are zeroed in
+  XLA. Logits are recomputed exactly as in the forward (raw operands into the matmul, fp32 accumulate, fp32 scale
+  after) from the saved natural-log LSE; nothing is pre-scaled in bf16.
+* SMEM budget: the scalar-prefetched lists of one call must fit half of the 1 MiB SMEM of TPU v4–v6e
+  (`SMEM_BUDGET`). Every list is per (b, h), so B·H is split into the fewest equal chunks that fit, run by
+  `lax.map` (one compiled kernel); a single (b, h) too large for the budget is refused with the sizes.
 
 Registered as backend "tpu" of `pallas_kernels.sgm.api.sgm_attention` (tile (8, 128), f32/bf16, TPU platform only).
 
@@ -41,9 +46,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sgm.api import register_backend
-from pallas_kernels.sgm.lists import reverse_block_lists
+from pallas_kernels.sgm.lists import PAIR_FIRST, PAIR_FLAGS, PAIR_LAST, PAIR_VALID, pair_lists
 
-__all__ = ["sgm_forward_tpu", "sgm_backward_tpu", "reverse_block_lists"]
+__all__ = ["sgm_forward_tpu", "sgm_backward_tpu", "SMEM_BUDGET"]
 
 _NT = (((1,), (1,)), ((), ()))  # contract last dims: a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # contract first dims: a.T @ b
@@ -100,6 +105,29 @@ def _from_bhtd(x, B, H):
     return jnp.transpose(x.reshape(B, H, T, D), (0, 2, 1, 3))
 
 
+SMEM_BUDGET = 512 * 1024  # bytes of scalar-prefetched lists per call: half of the 1 MiB SMEM (v4–v6e)
+
+
+def _rows_per_call(bh, per_row_entries, what):
+    """Largest divisor of bh whose int32 lists (per_row_entries per (b, h) row) fit SMEM_BUDGET."""
+    cap = SMEM_BUDGET // (4 * per_row_entries)
+    if cap < 1:
+        raise ValueError(f"SGM tpu {what}: the index lists of one (batch, head) take {4 * per_row_entries} B of "
+                         f"SMEM, more than the {SMEM_BUDGET} B budget; use fewer query/key blocks per call or a "
+                         "smaller top-k")
+    return max(d for d in range(1, min(bh, cap) + 1) if bh % d == 0)
+
+
+def _chunked(call, rows, *arrays):
+    """call(*arrays) on chunks of `rows` rows of the leading B·H axis (lax.map: one kernel for all chunks)."""
+    bh = arrays[0].shape[0]
+    if rows == bh:
+        return call(*arrays)
+    split = lambda x: x.reshape(bh // rows, rows, *x.shape[1:])
+    outs = lax.map(lambda xs: call(*xs), tuple(split(x) for x in arrays))
+    return jax.tree.map(lambda y: y.reshape(bh, *y.shape[2:]), outs)
+
+
 def _logits(q, k, scale, kv_len, masked):
     """fp32 logits of one tile exactly as every kernel computes them: raw operands, fp32 accumulate, fp32 scale."""
     s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * scale
@@ -121,18 +149,15 @@ def _split_masked(kv_len, block_kv, active, body):
     pl.when(jnp.logical_and(active, jnp.logical_not(full)))(lambda: body(True))
 
 
-def _params(interpret):
-    return dict(
-        interpret=interpret,
-        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-    )
+def _params(interpret, semantics=("parallel", "parallel", "arbitrary")):
+    return dict(interpret=interpret, compiler_params=pltpu.CompilerParams(dimension_semantics=semantics))
 
 
 # ----------------------------------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, m_sc, l_sc, acc_sc,
-                *, scale, heads, nq, nk, topk, block_kv):
+                *, scale, nq, nk, topk, block_kv):
     bh, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cnt = cnt_ref[bh * nq + i]
 
@@ -143,7 +168,7 @@ def _fwd_kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, 
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
     kb = idx_ref[(bh * nq + i) * topk + j]
-    kv_len = len_ref[(bh // heads) * nk + kb]
+    kv_len = len_ref[bh * nk + kb]
 
     def body(masked):
         s = _logits(q_ref[...], k_ref[...], scale, kv_len, masked)
@@ -173,48 +198,60 @@ def sgm_forward_tpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_
     """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, lse `[B, H, Tq]` fp32)."""
     B, H, D, Nq, Nk, K = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, interpret)
     scale = float(1.0 / math.sqrt(D) if scale is None else scale)
-    idx, cnt, ln = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
+    idx, cnt, ln = _row_lists(kv_block_idx, kv_block_cnt, kv_block_len, H, Nk, block_kv)
     BH, Tq = B * H, q.shape[1]
-    qt, kt, vt = _to_bhtd(q), _to_bhtd(k), _to_bhtd(v)
+    kernel = functools.partial(_fwd_kernel, scale=scale, nq=Nq, nk=Nk, topk=K, block_kv=block_kv)
 
-    q_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, i, 0)
-    kv_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, idx_r[(b * Nq + i) * K + j], 0)
-    kernel = functools.partial(_fwd_kernel, scale=scale, heads=H, nq=Nq, nk=Nk, topk=K, block_kv=block_kv)
-    out, lse = pl.pallas_call(
-        kernel,
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(BH, Nq, K),
-            in_specs=[
-                pl.BlockSpec((None, block_q, D), q_map),
-                pl.BlockSpec((None, block_kv, D), kv_map),
-                pl.BlockSpec((None, block_kv, D), kv_map),
+    def call(idx, cnt, ln, qt, kt, vt):  # one chunk of `rows` (b, h) rows
+        rows = qt.shape[0]
+        q_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, i, 0)
+        kv_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, idx_r[(b * Nq + i) * K + j], 0)
+        return pl.pallas_call(
+            kernel,
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(rows, Nq, K),
+                in_specs=[
+                    pl.BlockSpec((None, block_q, D), q_map),
+                    pl.BlockSpec((None, block_kv, D), kv_map),
+                    pl.BlockSpec((None, block_kv, D), kv_map),
+                ],
+                out_specs=[
+                    pl.BlockSpec((None, block_q, D), q_map),
+                    pl.BlockSpec((None, block_q, 1), q_map),
+                ],
+                scratch_shapes=[
+                    pltpu.VMEM((block_q, 1), jnp.float32),  # running max
+                    pltpu.VMEM((block_q, 1), jnp.float32),  # running sum
+                    pltpu.VMEM((block_q, D), jnp.float32),  # accumulator
+                ],
+            ),
+            out_shape=[
+                jax.ShapeDtypeStruct((rows, Tq, D), q.dtype),
+                jax.ShapeDtypeStruct((rows, Tq, 1), jnp.float32),
             ],
-            out_specs=[
-                pl.BlockSpec((None, block_q, D), q_map),
-                pl.BlockSpec((None, block_q, 1), q_map),
-            ],
-            scratch_shapes=[
-                pltpu.VMEM((block_q, 1), jnp.float32),  # running max
-                pltpu.VMEM((block_q, 1), jnp.float32),  # running sum
-                pltpu.VMEM((block_q, D), jnp.float32),  # accumulator
-            ],
-        ),
-        out_shape=[
-            jax.ShapeDtypeStruct((BH, Tq, D), q.dtype),
-            jax.ShapeDtypeStruct((BH, Tq, 1), jnp.float32),
-        ],
-        name="sgm_fwd_tpu",
-        **_params(interpret),
-    )(idx.reshape(-1), cnt.reshape(-1), ln.reshape(-1), qt, kt, vt)
+            name="sgm_fwd_tpu",
+            **_params(interpret),
+        )(idx.reshape(-1), cnt.reshape(-1), ln.reshape(-1), qt, kt, vt)
+
+    rows = _rows_per_call(BH, Nq * K + Nq + Nk, "forward")
+    out, lse = _chunked(call, rows, idx, cnt, ln, _to_bhtd(q), _to_bhtd(k), _to_bhtd(v))
     return _from_bhtd(out, B, H), lse.reshape(B, H, Tq)
+
+
+def _row_lists(kv_block_idx, kv_block_cnt, kv_block_len, heads, nk, block_kv):
+    """Sanitised lists with one row per (b, h): idx `[BH, Nq, K]`, cnt `[BH, Nq]`, key-block lengths `[BH, Nk]`
+    (each batch's lengths repeated per head), so a chunk of rows carries everything its kernel reads."""
+    idx, cnt, ln = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, nk, block_kv)
+    B, H, Nq, K = idx.shape
+    return idx.reshape(B * H, Nq, K), cnt.reshape(B * H, Nq), jnp.repeat(ln, heads, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------------- backward
 
 
 def _dq_kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, dq_sc,
-               *, scale, heads, nq, nk, topk, block_kv):
+               *, scale, nq, nk, topk, block_kv):
     bh, i, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     cnt = cnt_ref[bh * nq + i]
 
@@ -223,7 +260,7 @@ def _dq_kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         dq_sc[...] = jnp.zeros(dq_sc.shape, jnp.float32)
 
     kb = idx_ref[(bh * nq + i) * topk + j]
-    kv_len = len_ref[(bh // heads) * nk + kb]
+    kv_len = len_ref[bh * nk + kb]
 
     def body(masked):
         k = k_ref[...]
@@ -240,17 +277,19 @@ def _dq_kernel(idx_ref, cnt_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, 
         dq_ref[...] = dq_sc[...].astype(dq_ref.dtype)
 
 
-def _dkv_kernel(rev_ref, rcnt_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref,
-                dk_sc, dv_sc, *, scale, heads, nq, nk, block_kv):
-    bh, kb, r = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    rcnt = rcnt_ref[bh * nk + kb]
+def _dkv_kernel(pair_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dk_ref, dv_ref, dk_sc, dv_sc,
+                *, scale, nq, nk, npairs, block_kv):
+    bh, p = pl.program_id(0), pl.program_id(1)
+    code = pair_ref[bh * npairs + p]
+    kb = code // (PAIR_FLAGS * nq)
+    flag = lambda f: lax.rem(lax.div(code, f), 2) == 1
 
-    @pl.when(r == 0)
+    @pl.when(flag(PAIR_FIRST))
     def _init():
         dk_sc[...] = jnp.zeros(dk_sc.shape, jnp.float32)
         dv_sc[...] = jnp.zeros(dv_sc.shape, jnp.float32)
 
-    kv_len = len_ref[(bh // heads) * nk + kb]
+    kv_len = len_ref[bh * nk + kb]
 
     def body(masked):
         q, do = q_ref[...], do_ref[...]
@@ -261,9 +300,9 @@ def _dkv_kernel(rev_ref, rcnt_ref, len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref
         ds = p * (dp - delta_ref[...])
         dk_sc[...] += lax.dot_general(ds.astype(q.dtype), q, _TN, preferred_element_type=jnp.float32) * scale
 
-    _split_masked(kv_len, block_kv, r < rcnt, body)
+    _split_masked(kv_len, block_kv, flag(PAIR_VALID), body)
 
-    @pl.when(r == nq - 1)
+    @pl.when(flag(PAIR_LAST))
     def _finalize():
         dk_ref[...] = dk_sc[...].astype(dk_ref.dtype)
         dv_ref[...] = dv_sc[...].astype(dv_ref.dtype)
@@ -276,56 +315,69 @@ def sgm_backward_tpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_bl
     out / lse are the forward's results; d_out the output cotangent. Returns (dq, dk, dv) in the input dtypes."""
     B, H, D, Nq, Nk, K = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, interpret)
     scale = float(1.0 / math.sqrt(D) if scale is None else scale)
-    idx, cnt, ln = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
+    idx, cnt, ln = _row_lists(kv_block_idx, kv_block_cnt, kv_block_len, H, Nk, block_kv)
     BH, Tq, Tk = B * H, q.shape[1], k.shape[1]
     qt, kt, vt, dot_ = _to_bhtd(q), _to_bhtd(k), _to_bhtd(v), _to_bhtd(d_out)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B, Tq, H]
     delta = jnp.transpose(delta, (0, 2, 1)).reshape(BH, Tq, 1)
     lse_t = lse.astype(jnp.float32).reshape(BH, Tq, 1)
-    idx = idx.reshape(BH, Nq, K)
-    cnt = cnt.reshape(BH, Nq)
-    statics = dict(scale=scale, heads=H, nq=Nq, nk=Nk, block_kv=block_kv)
+    statics = dict(scale=scale, nq=Nq, nk=Nk, block_kv=block_kv)
 
-    # dq: same grid and index maps as the forward.
-    q_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, i, 0)
-    kv_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, idx_r[(b * Nq + i) * K + j], 0)
-    q_spec = pl.BlockSpec((None, block_q, D), q_map)
-    row_spec = pl.BlockSpec((None, block_q, 1), q_map)
-    dq = pl.pallas_call(
-        functools.partial(_dq_kernel, topk=K, **statics),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(BH, Nq, K),
-            in_specs=[q_spec, pl.BlockSpec((None, block_kv, D), kv_map), pl.BlockSpec((None, block_kv, D), kv_map),
-                      q_spec, row_spec, row_spec],
-            out_specs=q_spec,
-            scratch_shapes=[pltpu.VMEM((block_q, D), jnp.float32)],
-        ),
-        out_shape=jax.ShapeDtypeStruct((BH, Tq, D), q.dtype),
-        name="sgm_dq_tpu",
-        **_params(interpret),
-    )(idx.reshape(-1), cnt.reshape(-1), ln.reshape(-1), qt, kt, vt, dot_, lse_t, delta)
+    def dq_call(idx, cnt, ln, qt, kt, vt, dot_, lse_t, delta):  # same grid and index maps as the forward
+        rows = qt.shape[0]
+        q_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, i, 0)
+        kv_map = lambda b, i, j, idx_r, cnt_r, len_r: (b, idx_r[(b * Nq + i) * K + j], 0)
+        q_spec = pl.BlockSpec((None, block_q, D), q_map)
+        row_spec = pl.BlockSpec((None, block_q, 1), q_map)
+        return pl.pallas_call(
+            functools.partial(_dq_kernel, topk=K, **statics),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=3,
+                grid=(rows, Nq, K),
+                in_specs=[q_spec, pl.BlockSpec((None, block_kv, D), kv_map),
+                          pl.BlockSpec((None, block_kv, D), kv_map), q_spec, row_spec, row_spec],
+                out_specs=q_spec,
+                scratch_shapes=[pltpu.VMEM((block_q, D), jnp.float32)],
+            ),
+            out_shape=jax.ShapeDtypeStruct((rows, Tq, D), q.dtype),
+            name="sgm_dq_tpu",
+            **_params(interpret),
+        )(idx.reshape(-1), cnt.reshape(-1), ln.reshape(-1), qt, kt, vt, dot_, lse_t, delta)
 
-    # dk/dv: grid over key blocks, walking the reverse (key block -> query blocks) lists.
-    rev, rev_cnt = reverse_block_lists(idx, cnt, Nk)
-    rq_map = lambda b, kb, r, rev_r, rc_r, len_r: (b, rev_r[(b * Nk + kb) * Nq + r], 0)
-    k_map = lambda b, kb, r, rev_r, rc_r, len_r: (b, kb, 0)
-    rq_spec = pl.BlockSpec((None, block_q, D), rq_map)
-    rrow_spec = pl.BlockSpec((None, block_q, 1), rq_map)
-    k_spec = pl.BlockSpec((None, block_kv, D), k_map)
-    dk, dv = pl.pallas_call(
-        functools.partial(_dkv_kernel, **statics),
-        grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=3,
-            grid=(BH, Nk, Nq),
-            in_specs=[rq_spec, k_spec, k_spec, rq_spec, rrow_spec, rrow_spec],
-            out_specs=[k_spec, k_spec],
-            scratch_shapes=[pltpu.VMEM((block_kv, D), jnp.float32), pltpu.VMEM((block_kv, D), jnp.float32)],
-        ),
-        out_shape=[jax.ShapeDtypeStruct((BH, Tk, D), k.dtype), jax.ShapeDtypeStruct((BH, Tk, D), v.dtype)],
-        name="sgm_dkv_tpu",
-        **_params(interpret),
-    )(rev.reshape(-1), rev_cnt.reshape(-1), ln.reshape(-1), qt, kt, vt, dot_, lse_t, delta)
+    rows = _rows_per_call(BH, Nq * K + Nq + Nk, "dq")
+    dq = _chunked(dq_call, rows, idx, cnt, ln, qt, kt, vt, dot_, lse_t, delta)
+
+    # dk/dv: grid over the selected (key block, query block) pairs, sorted by key block.
+    pairs, pair_cnt = pair_lists(idx, cnt, Nk)
+    npairs = Nq * K
+
+    def dkv_call(pairs, ln, qt, kt, vt, dot_, lse_t, delta):
+        rows = qt.shape[0]
+        at = lambda b, p, pair_r: pair_r[b * npairs + p] // PAIR_FLAGS  # kb·Nq + qb
+        rq_map = lambda b, p, pair_r, len_r: (b, lax.rem(at(b, p, pair_r), Nq), 0)
+        k_map = lambda b, p, pair_r, len_r: (b, lax.div(at(b, p, pair_r), Nq), 0)
+        rq_spec = pl.BlockSpec((None, block_q, D), rq_map)
+        rrow_spec = pl.BlockSpec((None, block_q, 1), rq_map)
+        k_spec = pl.BlockSpec((None, block_kv, D), k_map)
+        return pl.pallas_call(
+            functools.partial(_dkv_kernel, npairs=npairs, **statics),
+            grid_spec=pltpu.PrefetchScalarGridSpec(
+                num_scalar_prefetch=2,
+                grid=(rows, npairs),
+                in_specs=[rq_spec, k_spec, k_spec, rq_spec, rrow_spec, rrow_spec],
+                out_specs=[k_spec, k_spec],
+                scratch_shapes=[pltpu.VMEM((block_kv, D), jnp.float32), pltpu.VMEM((block_kv, D), jnp.float32)],
+            ),
+            out_shape=[jax.ShapeDtypeStruct((rows, Tk, D), k.dtype), jax.ShapeDtypeStruct((rows, Tk, D), v.dtype)],
+            name="sgm_dkv_tpu",
+            **_params(interpret, ("parallel", "arbitrary")),
+        )(pairs.reshape(-1), ln.reshape(-1), qt, kt, vt, dot_, lse_t, delta)
+
+    rows = _rows_per_call(BH, npairs + Nk, "dk/dv")
+    dk, dv = _chunked(dkv_call, rows, pairs, ln, qt, kt, vt, dot_, lse_t, delta)
+    # key blocks no query block selected were never visited (or only by padding pairs): their gradient is 0
+    keep = jnp.repeat(pair_cnt > 0, block_kv, axis=1)[..., None]
+    dk, dv = jnp.where(keep, dk, 0).astype(k.dtype), jnp.where(keep, dv, 0).astype(v.dtype)
     return _from_bhtd(dq, B, H), _from_bhtd(dk, B, H), _from_bhtd(dv, B, H)
 
 
