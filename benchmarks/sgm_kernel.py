@@ -99,8 +99,9 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
     p.add_argument("--no-vsa", action="store_true", help="skip the vsa Triton peer")
     p.add_argument("--stages", type=int, default=None,
-                   help="override the backward kernels' ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
-                        "D 128); the forward sizes its rings from its plan (--sweep times alternatives)")
+                   help="override the dk/dv kernel's ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
+                        "D 128); the forward and dq kernels size their rings from their plans (--sweep times "
+                        "alternatives)")
     p.add_argument("--sweep-cases", default=None,
                    help="with --sweep: comma list of cases to sweep (default: all timed cases)")
     p.add_argument("--sweep-fwd", default=None, help="with --sweep: indices into SWEEP[case] to time (default all)")

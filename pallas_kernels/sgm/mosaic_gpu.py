@@ -44,9 +44,9 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 
 
 def default_stages(head_dim):
-    """Ring depth per consumer of the backward kernels (own 64-row rings, 2 consumers): the deepest that fits both in
-    227 KiB of SMEM (checked by lowering in tests/test_sgm_kernels.py): 2 at D = 128, 4 at D = 64. The forward
-    sizes its rings from its plan (`forward_plan`)."""
+    """Ring depth per consumer of the dk/dv kernel (own 64-row rings, 2 consumers): the deepest that fits in 227 KiB
+    of SMEM (checked by lowering in tests/test_sgm_kernels.py): 2 at D = 128, 4 at D = 64. The forward and dq
+    kernels size their rings from their plans (`forward_plan`, `dq_plan`)."""
     return 2 if head_dim > 64 else 4
 
 
