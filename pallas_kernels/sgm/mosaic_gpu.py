@@ -10,10 +10,15 @@ the natural-log LSE fp32 `[B, H, Tq]` (−inf where a row has no valid key; its 
 Supported: bf16 and fp16 (SMEM holds the input dtype; wgmma takes no fp32 operands in this form), head dim 64 or
 128, block_q and block_kv multiples of 64, any B, H, Tq != Tk. Padded key slots must hold finite values (they are
 multiplied by zero probabilities, as in the reference). Everything runs in XLA around the kernels: list
-sanitising, the step lists (`lists.subtile_steps`), the reverse key->query lists (`lists.reverse_block_lists`,
-stable sort: deterministic), delta = rowsum(dO·O) and the LSE base conversion.
+sanitising, the step lists (`lists.subtile_steps` + `lists.group_steps` under each kernel's StreamPlan), the reverse
+key->query lists (`lists.reverse_block_lists`, stable sort: deterministic), merging split partial results, delta =
+rowsum(dO·O) and the LSE base conversion.
 
-Backward: split and deterministic (no atomics). dq kernel: same CTA layout and step lists as the forward. dk/dv
+Plans (`forward_plan`, `dq_plan`; `mosaic_gpu_fwd.StreamPlan`): the forward shares one K/V stream among the q tiles
+of a query block when it has 2 or 3 of them (DecMem's 192-slot blocks), uses 32-row key boxes for blocks larger
+than 64, and splits short grids; dq keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS, measured).
+
+Backward: split and deterministic (no atomics). dq kernel: the forward's CTA machinery under its own plan. dk/dv
 kernel: each consumer owns one 64-row key tile and walks the q tiles of the query blocks that selected its key block
 (reverse lists, ascending). Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
