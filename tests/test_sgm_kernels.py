@@ -577,3 +577,4 @@ def test_tpu_lowers_to_mosaic_for_real_tpu_tiles(device_kind, chunked, monkeypat
         texts = [fwd.trace(q, k, k, *lst).lower(lowering_platforms=("tpu",)).as_text(),
                  bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("tpu",)).as_text()]
     assert texts[0].count("tpu_custom_call") == 1 and texts[1].count("tpu_custom_call") == 2
+    assert all(("stablehlo.while" in t) == chunked for t in texts)  # lax.map over (b, h) chunks, only when chunked

@@ -38,8 +38,8 @@ import jax.numpy as jnp
 from pallas_kernels.sgm.api import register_backend
 from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
-from pallas_kernels.sgm.mosaic_gpu_fwd import (LOG2E, TILE, StreamPlan, default_splits, forward_call, merge_splits,
-                                               plan_stream)
+from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, LOG2E, TILE, StreamPlan, default_splits, forward_call,
+                                               merge_splits, plan_stream)
 
 __all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "dq_plan", "default_stages", "SUPPORTED_DTYPES",
            "SUPPORTED_HEAD_DIMS", "StreamPlan"]
@@ -82,13 +82,13 @@ def _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles, vect
                     **{**defaults, **overrides})
     if "splits" not in overrides:
         ctas = B * H * -(-(Tq // TILE) // p.consumers)
-        p = dataclasses.replace(p, splits=default_splits(p, ctas))
+        p = dataclasses.replace(p, splits=default_splits(ctas))
     return p
 
 
 def _step_lists(idx, cnt, lens, block_kv, p):
     rows, valid, nsteps = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=p.box)
-    return group_steps(rows, valid, nsteps, p.nbox)
+    return group_steps(rows, valid, nsteps, p.nbox, base=CODE_BASE)  # the packing mask_boxes unpacks
 
 
 def _check(q, k, v, idx, cnt, lens, block_q, block_kv, stages):

@@ -91,7 +91,8 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
     base["box"] = 64 if block_kv == 64 else 32
     base.update(overrides)
     p = StreamPlan(stages=1, **base)
-    where = f"SGM kernel plan {dataclasses.replace(p, stages='?')} (block_q {block_q}, block_kv {block_kv}, D {head_dim})"
+    shown = dataclasses.replace(p, stages="?")
+    where = f"SGM kernel plan {shown} (block_q {block_q}, block_kv {block_kv}, D {head_dim})"
     if p.consumers not in CONSUMER_REGS or p.share not in (1, p.consumers):
         raise ValueError(f"{where}: consumers must be 1..3 and share 1 or consumers")
     if p.share > 1 and nqs % p.consumers:
@@ -116,14 +117,14 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
     return p
 
 
-def default_splits(plan, n_ctas, n_sms=None):
+def default_splits(n_ctas, n_sms=None):
     """Split the step lists when the grid is under 3 waves of CTAs (one CTA per SM at these register counts): the
     last, partial wave otherwise idles much of the GPU (e.g. 288 CTAs = 2.2 waves on 132 SMs). Such grids are split
     up to >= 6 waves (at most 4 splits): on an H100 the DecMem benchmark geometry took 1.00 ms with 3 splits, 1.20
     with 2 and 1.23 with 1 (docs/benchmarks.md)."""
-    if n_sms is None:
+    if n_sms is None:  # the GPU's SM count; an H100's 132 elsewhere (interpret mode), so plans do not vary by host
         dev = jax.devices()[0]
-        n_sms = getattr(dev, "core_count", None) or 132
+        n_sms = (getattr(dev, "core_count", None) if dev.platform == "gpu" else None) or 132
     if n_ctas >= 3 * n_sms:
         return 1
     return min(4, -(-6 * n_sms // n_ctas))
