@@ -79,3 +79,25 @@ def test_mosaic_wrapper_pads_splits_and_merges_exactly(sq, sk):
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=5e-3, rtol=5e-3)
     _, lse_xla = attn._xla_attention(*(a.astype(jnp.float32) for a in (q, k, v)), None, 1 / 8.0, with_lse=True)
     np.testing.assert_allclose(lse, lse_xla, atol=2e-3)
+
+
+@pytest.mark.parametrize("plan_name", ["causal", "teacher_forcing"])
+def test_frame_mask_equals_the_per_chunk_loop(plan_name):
+    """Small sequences run as one masked call, large ones as a loop over chunks: both compute the same pattern."""
+    from decmem_jax.models import memory
+
+    frames, chunk, tpf = 6, 2, 4
+    if plan_name == "causal":
+        plan = memory.causal_plan(frames, chunk)
+        loop = attn.block_causal_attention
+    else:
+        plan = memory.teacher_forcing_plan(frames, chunk)
+        loop = attn.teacher_forcing_attention
+    s = plan.frames * tpf
+    q, k, v = qkv(7, sq=s, sk=s)
+    one = attn.frame_masked_attention(q, k, v, plan.visible, tokens_per_frame=tpf, backend="xla")
+    chunks = loop(q, k, v, chunk_tokens=chunk * tpf, backend="xla")
+    token_mask = np.repeat(np.repeat(plan.visible, tpf, 0), tpf, 1)[None, None]
+    np.testing.assert_allclose(one, reference(q, k, v, token_mask), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(chunks, one, rtol=1e-5, atol=1e-5)
+    assert attn.fits_mask(s, s) and not attn.fits_mask(attn.MASK_LIMIT, 2)

@@ -8,9 +8,11 @@ Backends:
   mask (the KV-cache history) has no Mosaic kernel yet and runs on cuDNN.
 - `auto`: cudnn on GPU for bf16/fp16, xla otherwise; the choice is logged once.
 
-Masks are expressed without an S x S matrix: a valid-key prefix length (`kv_length`) covers padding and the KV cache,
-and the block-causal pattern is a loop over query chunks, each attending to the key prefix that ends with its own
-chunk (bidirectional inside a chunk, causal across chunks).
+Masks: a valid-key prefix length (`kv_length`) covers padding and the KV cache. A frame-level pattern (block-causal,
+teacher forcing) runs as ONE call with a materialised boolean mask while the score matrix is small
+(`frame_masked_attention`, up to `MASK_LIMIT` query x key pairs: small models, where one call per chunk would leave the
+GPU idle between tiny kernels), and as a loop over query chunks beyond that (each chunk attends to the key prefix that
+ends with its own chunk), which never builds an S x S matrix.
 """
 
 from __future__ import annotations
@@ -20,11 +22,15 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from decmem_jax.models.layers import matmul_precision
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
+# Query x key pairs up to which a frame-level mask is materialised (64 Mi booleans: a 8192-token sequence). Beyond it
+# the per-chunk loops run; at that size each chunk's call is large enough to keep the device busy.
+MASK_LIMIT = 1 << 26
 
 
 def resolve_backend(name: str, dtype=None) -> str:
@@ -78,16 +84,14 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
 
     `kv_length` is an int32 scalar or [B] array (may be traced: no recompilation as it changes), or None for all keys.
     `mask` is any boolean mask broadcastable to [B, H, Sq, Sk] (True = may attend; every query row needs at least one
-    allowed key). It is a materialised matrix: prefer `kv_length` / `block_causal_attention` where they fit. The
-    `mosaic` backend takes no explicit mask.
+    allowed key). It is a materialised matrix: prefer `kv_length` where it fits. Like a `kv_length` mask, an explicit
+    mask runs on cuDNN under the `mosaic` backend (the Mosaic kernel is unmasked).
     """
     backend = resolve_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_length is not None:
         kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (q.shape[0],))
     if mask is not None:
-        if backend == "mosaic":
-            raise ValueError("attention backend 'mosaic' takes no explicit mask; use 'cudnn' or 'xla'")
         return _masked(backend)(q, k, v, kv_length, scale, mask=jnp.asarray(mask, bool))
     if kv_length is None:
         return _unmasked(backend)(q, k, v, None, scale)
@@ -107,12 +111,29 @@ def _unmasked(backend):
     return _masked(backend)
 
 
+def frame_masked_attention(q: jax.Array, k: jax.Array, v: jax.Array, visible: np.ndarray, *, tokens_per_frame: int,
+                           backend: str) -> jax.Array:
+    """Self-attention over [B, F*T, H, D] in ONE call under a static frame-level pattern: visible bool [F, F] says
+    which key frames each query frame sees (every frame must see at least one). The token mask [1, 1, S, S] is a
+    compile-time constant (cuDNN takes it as a constant additive bias, with no bias gradient)."""
+    t = tokens_per_frame
+    if q.shape[1] != visible.shape[0] * t or k.shape[1] != visible.shape[1] * t:
+        raise ValueError(f"frame mask {visible.shape} x {t} tokens does not match q {q.shape} / k {k.shape}")
+    mask = np.repeat(np.repeat(np.asarray(visible, bool), t, axis=0), t, axis=1)
+    return attention(q, k, v, backend=backend, mask=mask[None, None])
+
+
+def fits_mask(q_tokens: int, k_tokens: int) -> bool:
+    """Whether a frame-level pattern of this size runs as one masked call (see MASK_LIMIT)."""
+    return q_tokens * k_tokens <= MASK_LIMIT
+
+
 def block_causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_tokens: int,
                            backend: str) -> jax.Array:
     """Block-causal self-attention over [B, S, H, D]: query chunk i (chunk_tokens rows) sees keys of chunks 0..i.
 
     The last chunk may be shorter. Each chunk attends to a static key prefix, so no mask is materialised and about
-    half of the dense FLOPs are spent.
+    half of the dense FLOPs are spent. (Small sequences run faster as one `frame_masked_attention` call.)
     """
     seq = q.shape[1]
     outs = []

@@ -302,6 +302,10 @@ class WanDiT(nnx.Module):
         if chunk_size is None:
             return lambda q, k, v, g, _: (attn_lib.attention(q, k, v, backend=cfg.attention), None)
         chunk_tokens = chunk_size * tokens_per_frame
+        seq = plan.frames * tokens_per_frame
+        if attn_lib.fits_mask(seq, seq):  # small models: one masked call instead of a loop of tiny ones
+            return lambda q, k, v, g, _: (attn_lib.frame_masked_attention(
+                q, k, v, plan.visible, tokens_per_frame=tokens_per_frame, backend=cfg.attention), None)
         if plan.teacher_forcing:
             return lambda q, k, v, g, _: (attn_lib.teacher_forcing_attention(
                 q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention), None)
