@@ -14,6 +14,13 @@ Usage:
   python benchmarks/train_step.py --frames 60 --remat full,dots     # one length, two remat policies
   python benchmarks/train_step.py --stage dense_long                # the dense block-causal stage instead
   python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
+  # A small model (the world-tiny geometry) at 64x64, batch 32, with a profile of where the step's time goes:
+  python benchmarks/train_step.py --stage decmem --frames 60 --batch 32 --size 64x64 --remat none \
+      --model dim=256,ffn_dim=768,num_heads=4,num_layers=8,text_dim=32,text_len=8 \
+      --memory blocks_per_frame=1,block_slots=64,top_k=8,candidates=outside_window --profile /tmp/prof
+
+`--model`/`--memory` override fields of the 1.3B config (models.config.DiTConfig / the run config's model.memory),
+so the same command runs on older checkouts of the project (for before/after comparisons in one session).
 """
 
 from __future__ import annotations
@@ -55,15 +62,38 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=5, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first one compiles)")
     p.add_argument("--small", action="store_true", help="tiny config, float32, seconds on a CPU")
+    p.add_argument("--size", default=None, help="frame size HxW in pixels (latents are /8); default 352x640")
+    p.add_argument("--model", default="", help="DiTConfig overrides k=v,k=v (e.g. dim=256,num_layers=8)")
+    p.add_argument("--memory", default="", help="model.memory overrides k=v,k=v (e.g. blocks_per_frame=1,top_k=8)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also capture a jax.profiler trace of 3 steps per case under DIR and print where the time goes")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="per-chip peak for MFU (default: by device kind)")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
     args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
     args.remat = [r for r in args.remat.split(",") if r]
+    args.model, args.memory = parse_fields(args.model, "--model"), parse_fields(args.memory, "--memory")
     if args.json is None:
         out_dir = os.environ.get("OUT")
         args.json = str(pathlib.Path(out_dir) / "train_step.json") if out_dir else "out/train_step.json"
     return args
+
+
+def parse_fields(text: str, flag: str) -> dict:
+    """'a=1,b=x' -> {'a': 1, 'b': 'x'} (ints and floats parsed; everything else a string)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {flag} {item!r}: expected key=value")
+        for kind in (int, float):
+            try:
+                value = kind(value)
+                break
+            except ValueError:
+                pass
+        out[key.strip()] = value
+    return out
 
 
 def make_config(args, frames: int, remat: str):
@@ -75,6 +105,10 @@ def make_config(args, frames: int, remat: str):
         cfg = configs_common.train_config(args.stage)
         cfg.model.attention = args.attention
     cfg.model.memory.backend = args.sgm_backend
+    cfg.model.overrides.update(args.model)
+    cfg.model.memory.update(args.memory)
+    if args.size:
+        cfg.data.size = tuple(int(v) for v in args.size.lower().split("x"))
     cfg.data.source = "synthetic"
     cfg.data.clip_latents = frames
     cfg.train.batch = args.batch
@@ -103,6 +137,15 @@ def run_case(args, frames: int, remat: str) -> dict:
             return metrics["loss"]
 
         loss, stats = timed(call, jax_block, args.warmup, args.repeats)
+        if args.profile:
+            from benchmarks.trace_summary import summarise
+
+            trace_dir = pathlib.Path(args.profile) / f"{args.stage}_{frames}_{remat}"
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                for _ in range(3):
+                    jax_block(call())
+            print(f"--- profile: 3 steps of {args.stage}, {frames} latents, remat {remat} ---\n"
+                  f"{summarise(trace_dir)}", flush=True)
         peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, args.peak_tflops)
         sec = stats["median_ms"] / 1e3
         return {"status": "ok", **stats, "loss": float(loss), "tflops_per_s": flops["train_step"] / sec / 1e12,
