@@ -63,13 +63,22 @@ def assign_splits(clips: int, seed: int, split: str) -> list[str]:
     return names.tolist()
 
 
-def make_clip(index: int, frames: int, size, seed: int, revisit: bool, fog: bool = True):
+def is_revisit_clip(index: int, seed: int, revisit: float) -> bool:
+    """Whether clip ``index`` follows a revisit script: always for revisit=1 (True), never for 0 (False), else
+    with probability ``revisit``, drawn from (seed, index) alone."""
+    if revisit >= 1 or revisit <= 0:
+        return revisit >= 1
+    return bool(np.random.default_rng([seed, index, 0x5EE]).random() < revisit)
+
+
+def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, fog: bool = True):
     """Clip ``index`` of a run: (frames uint8 [T, H, W, 3], actions int32 [T, 8], poses float32 [T, 5],
-    revisit_pairs int32 [P, 2])."""
+    revisit_pairs int32 [P, 2]). ``revisit``: True/False, or the fraction of clips that follow a revisit script
+    (the others explore at random)."""
     world_seed, agent_seed = np.random.SeedSequence([seed, index]).generate_state(2)
     world = world_lib.build_world(int(world_seed))
     rng = np.random.default_rng(int(agent_seed))
-    if revisit:
+    if is_revisit_clip(index, seed, float(revisit)):
         actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng)
     else:
         actions, poses = agent_lib.random_explorer(world, frames - 1, rng)
@@ -122,6 +131,8 @@ def check_args(clips, frames, size, revisit, split, jobs) -> tuple[int, int]:
         raise ValueError(f"clips must be a positive int, got {clips!r}")
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
+    if not 0 <= float(revisit) <= 1:
+        raise ValueError(f"revisit fraction must be in [0, 1], got {revisit}")
     if revisit and frames < 27:
         raise ValueError(f"--revisit needs at least 27 frames (out, turn round, back, turn round), got {frames}")
     if split not in (*SPLITS, "all"):
@@ -131,7 +142,7 @@ def check_args(clips, frames, size, revisit, split, jobs) -> tuple[int, int]:
     return size
 
 
-def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit: bool = False,
+def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit: bool | float = False,
              split: str = "training", *, fog: bool = True, quantizer: int = 1, jobs: int = 1,
              skip_existing: bool = False, progress: bool = True) -> list[tuple[str, str]]:
     """Write ``clips`` clips of ``frames`` frames (see the module docstring); returns the (mp4, npz) paths in clip
@@ -178,6 +189,9 @@ def main(argv=None) -> int:
     parser.add_argument("--revisit", action="store_true",
                         help="scripted trajectories that return to an earlier pose (look around, walk out, turn "
                              "round, walk back, turn round) instead of a pure random walk; needs --frames >= 27")
+    parser.add_argument("--revisit-fraction", type=float, default=None, metavar="F",
+                        help="a revisit script for a fraction F of the clips (chosen by seed and clip index), a "
+                             "random walk for the others; overrides --revisit")
     parser.add_argument("--split", default="training", choices=(*SPLITS, "all"),
                         help="split folder for every clip, or 'all' for a seeded 80/10/10 "
                              "training/validation/test assignment; default training")
@@ -190,11 +204,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
+    revisit = args.revisit if args.revisit_fraction is None else args.revisit_fraction
     try:
-        check_args(args.clips, args.frames, args.size, args.revisit, args.split, args.jobs)
+        check_args(args.clips, args.frames, args.size, revisit, args.split, args.jobs)
     except ValueError as e:
         parser.error(str(e))
-    written = generate(args.out, args.clips, args.frames, args.size, args.seed, args.revisit, args.split,
+    written = generate(args.out, args.clips, args.frames, args.size, args.seed, revisit, args.split,
                        fog=args.fog, quantizer=args.quantizer, jobs=args.jobs, skip_existing=args.skip_existing,
                        progress=not args.quiet)
     seconds = time.perf_counter() - start
