@@ -56,6 +56,8 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     c.data.num_threads = 4
     c.data.prefetch = 4
     c.data.text_context = ""  # .npy/.npz umT5 embedding of the empty prompt; "" = zeros (fixed_text_context)
+    c.data.cache_latents = False  # keep the latent files in host memory after their first read (small data sets)
+    c.data.eval_csv = ""  # held-out latents.csv: its first batch gives the logged `eval_loss` ("" = none)
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = steps
@@ -75,6 +77,7 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     c.train.chunk = 4  # latents per chunk
     c.train.seed = 0
     c.train.log_every = 10
+    c.train.eval_every = 0  # steps between held-out losses (data.eval_csv); 0 = only at the end
     c.train.progress = True
     c.train.peak_tflops = 0.0  # per chip, for MFU; 0 = look up the device kind
 

@@ -279,3 +279,15 @@ def test_latent_cache_all_frames_windows(root, summary, vae, tmp_path):
             assert f0 == 0 or f0 % 4 == 0
             np.testing.assert_array_equal(b["latents"][0], d["latents"][j0:j0 + 3].astype(np.float32))
             np.testing.assert_array_equal(b["actions"][0, 1:], d["actions"][f0 + 1:f0 + CLIP])
+    # With the in-memory cache every example is the same, and each file is read once.
+    cached = _cfg(s.csv, source="latents", batch_size=1, num_epochs=3, cache_latents=True)
+    plain = [b["latents"] for b in pl.make_iterator(cfg)]
+    reads = []
+    real_load = np.load
+    try:
+        np.load = lambda *a, **k: reads.append(a[0]) or real_load(*a, **k)
+        got = [b["latents"] for b in pl.make_iterator(cached)]
+    finally:
+        np.load = real_load
+    assert len(got) == len(plain) and all(np.array_equal(a, b) for a, b in zip(got, plain))
+    assert sorted(set(reads)) == sorted(reads) and len(reads) == len(rows)

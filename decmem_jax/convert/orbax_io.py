@@ -164,8 +164,32 @@ def check_checkpoint_dir(path: str | os.PathLike, model: str) -> Path:
     return path
 
 
+def params_sha256(flat: dict) -> str:
+    """SHA-256 of a parameter set: every array's path, dtype, shape and bytes, in sorted path order. Recorded by
+    `decmem_jax.train.export` (conversion.json "params_sha256") and checked on every restore."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    items = {"/".join(k) if isinstance(k, tuple) else str(k): v for k, v in flat.items()}
+    for name in sorted(items):
+        a = np.ascontiguousarray(np.asarray(items[name]))
+        digest.update(f"{name}|{a.dtype.name}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def recorded_sha256(path: Path) -> str | None:
+    """The "params_sha256" of a converted checkpoint's conversion.json, if it has one."""
+    try:
+        return json.loads((Path(path) / CONVERSION_FILE).read_text()).get("params_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def restore_params(path: Path, abstract: nnx.Module) -> nnx.Module:
-    """Fills the parameters of an abstract module (`nnx.eval_shape`) from `path`/params onto the default device."""
+    """Fills the parameters of an abstract module (`nnx.eval_shape`) from `path`/params onto the default device.
+    Where conversion.json records the parameters' SHA-256, the restored values must match it (a corrupt file is
+    refused with one error naming it)."""
     import orbax.checkpoint as ocp
 
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
@@ -177,7 +201,14 @@ def restore_params(path: Path, abstract: nnx.Module) -> nnx.Module:
             restored = ckptr.restore(path / PARAMS_DIR, target)
     except Exception as e:
         raise ConvertError(f"{path}: cannot restore parameters for the stored config "
-                           f"({type(e).__name__}: {e})") from e
+                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
+    expected = recorded_sha256(path)
+    if expected is not None:
+        found = params_sha256(flatten(jax.device_get(restored)))
+        if found != expected:
+            raise ConvertError(f"{path / PARAMS_DIR}: the weights are corrupt: their SHA-256 {found[:16]}... differs "
+                               f"from the {expected[:16]}... recorded in {CONVERSION_FILE} (restore the files, e.g. "
+                               "`git checkout -- <path>`)")
     nnx.replace_by_pure_dict(params, restored)
     return nnx.merge(graphdef, params, rest)
 

@@ -86,6 +86,9 @@ class DataConfig:
     first_action: str = "noop"  # "noop" | "zeros"
     num_threads: int = 4  # grain reader threads
     prefetch: int = 8  # elements read ahead (each a whole clip: mind the host memory)
+    # source="latents": keep every file's arrays in host memory after its first read (small latent sets: a clip of
+    # 60 64x64 latents is 120 KB; re-reading its npz for every example made the input pipeline the bottleneck)
+    cache_latents: bool = False
     shard_index: int | None = None  # default jax.process_index()
     shard_count: int | None = None  # default jax.process_count()
 
@@ -164,6 +167,7 @@ class ClipLoader:
 
     def __init__(self, cfg: DataConfig, epoch_len: int):
         self.cfg, self.epoch_len = cfg, epoch_len
+        self.cache: dict[str, tuple] = {}  # path -> arrays of a latent file (cfg.cache_latents)
 
     def __call__(self, position: int, element):
         row, record = element
@@ -200,11 +204,18 @@ class ClipLoader:
         return dict(video=frames, actions=actions, poses=poses, latent_index=latent_index(cfg.clip_frames),
                     start=np.int32(start))
 
+    def _read_latents(self, path: str) -> tuple:
+        arrays = self.cache.get(path)
+        if arrays is None:
+            with np.load(path) as data:
+                arrays = (data["latents"], data["actions"], data["poses"], int(data["frame_start"]))
+            if self.cfg.cache_latents:
+                self.cache[path] = arrays  # a race between reader threads only loads a file twice
+        return arrays
+
     def _latents(self, record, rng) -> dict:
         cfg, path = self.cfg, record["latent_path"]
-        with np.load(path) as data:
-            z, actions, poses = data["latents"], data["actions"], data["poses"]
-            frame_start = int(data["frame_start"])
+        z, actions, poses, frame_start = self._read_latents(path)
         num_latents = cfg.clip_latents
         if len(z) < num_latents:
             raise ClipError(f"{path}: too short: {len(z)} latents, a {cfg.clip_frames}-frame clip needs "

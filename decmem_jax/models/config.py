@@ -168,6 +168,9 @@ PRESETS: dict[str, DiTConfig] = {
     "wan2.1-t2v-1.3b": DiTConfig(),
     # Keeps head_dim 128 and hence the real 44/42/42 RoPE split; everything else is small.
     "tiny": DiTConfig(dim=256, ffn_dim=512, num_heads=2, num_layers=2, text_dim=64),
+    # The world model shipped in weights/world_tiny (configs/world_tiny.py): 8.1M parameters, trained from scratch on
+    # 64x64 clips of the procedural world. The text context is fixed (zeros), so it keeps 8 narrow rows only.
+    "world-tiny": DiTConfig(dim=256, ffn_dim=768, num_heads=4, num_layers=8, text_dim=32, text_len=8),
 }
 
 

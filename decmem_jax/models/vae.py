@@ -81,6 +81,11 @@ VAE_PRESETS: dict[str, VAEConfig] = {
     "wan2.1-vae": VAEConfig(),
     # Real dim_mult / num_res_blocks / temporal_downsample (so every index and resample rule is exercised), 8 wide.
     "tiny": VAEConfig(base_dim=8),
+    # The VAE shipped in weights/world_tiny (2.7M parameters), trained from scratch on 64x64 world clips with the
+    # same latent layout (16 channels, x4 in time with the 1 + 4k rule, x8 in space). Its latent statistics are
+    # measured after training and stored in the checkpoint's config (these placeholders are replaced then).
+    "world-tiny": VAEConfig(base_dim=32, dim_mult=(1, 1, 2, 2), num_res_blocks=1,
+                            latents_mean=(0.0,) * 16, latents_std=(1.0,) * 16),
 }
 
 

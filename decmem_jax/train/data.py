@@ -96,7 +96,8 @@ class Batches:
             self.it = make_iterator(DataConfig(
                 csv=d.csv, clip_frames=clip_frames(int(d.clip_latents)), batch_size=batch, seed=int(d.seed),
                 num_epochs=None, source="latents", skip_corrupt=bool(d.skip_corrupt), first_action=d.first_action,
-                num_threads=int(d.num_threads), prefetch=int(d.prefetch), size=tuple(d.size)))
+                num_threads=int(d.num_threads), prefetch=int(d.prefetch), size=tuple(d.size),
+                cache_latents=bool(d.get("cache_latents", False))))
         if state:
             self.it.set_state(json.loads(state.decode()))
 

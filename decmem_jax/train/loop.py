@@ -90,6 +90,29 @@ def make_step(graphdef, tx, schedule, obj: Objective, grad_accum: int):
     return step
 
 
+def make_eval(graphdef, obj: Objective, seed: int):
+    """eval(params, batch, context) -> the loss of a held-out batch under fixed noise (comparable across steps)."""
+    key = jax.random.key(seed)
+
+    def evaluate(params, batch, context):
+        return loss_fn(state_lib.merge(graphdef, params), batch, context, key, obj)[0]
+
+    return jax.jit(evaluate)
+
+
+def _eval_batch(cfg, setup):
+    """The first batch of data.eval_csv as global arrays, or None when no held-out set is configured."""
+    import copy
+
+    if not cfg.data.get("eval_csv"):
+        return None
+    ecfg = copy.deepcopy(cfg)
+    with ecfg.unlocked():
+        ecfg.data.csv = cfg.data.eval_csv
+        ecfg.data.skip_corrupt = False
+    return data_lib.to_global(next(data_lib.Batches(ecfg))[0], setup.batch_shardings)
+
+
 def compile_step(step, shardings: state_lib.TrainState, batch_sh: dict, mesh):
     rep = shd.replicated(mesh)
     return jax.jit(step, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
@@ -279,6 +302,16 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
                  state_lib.num_params(state.params), mesh_lib.describe(mesh), t.batch, frames, hw,
                  flops["train_step"])
 
+        held_out = _eval_batch(cfg, setup)
+        evaluate = make_eval(setup.graphdef, state_lib.objective(cfg), int(t.seed)) if held_out is not None else None
+        eval_every = int(t.get("eval_every", 0))
+
+        def log_eval(at: int) -> None:
+            if evaluate is not None:
+                value = float(shd.local_value(evaluate(state.params, held_out, setup.context)))
+                writer.scalars(at, {"eval_loss": value})
+                log.info("step %d: held-out loss %.5f", at, value)
+
         preempt = _Preemption()
         monitor = _Monitor(cfg, writer, flops, peak, ckpt, step)
         pending = None  # (step, device metrics) dispatched but not yet read
@@ -293,9 +326,13 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
                 monitor.finish(*pending)  # never save a state whose loss was not checked
                 pending = None
                 ckpt.save(step, state, batch_state, stage=cfg.stage)
+                if step == int(t.steps):
+                    log_eval(step)
                 if stop:
                     log.warning("SIGTERM: saved step %d in %s; exiting", step, ckpt.directory)
                     break
+            if eval_every and step % eval_every == 0 and step < int(t.steps):
+                log_eval(step)
             if step < int(t.steps):
                 batch, batch_state = next(batches)
     finally:

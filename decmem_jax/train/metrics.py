@@ -133,12 +133,13 @@ class MetricWriter:
 
 
 def read_metrics(workdir: str | os.PathLike) -> dict[int, dict]:
-    """`metrics.jsonl` as {step: record}; a step logged twice (re-run after a restart) keeps its last record."""
+    """`metrics.jsonl` as {step: record}: the records of one step are merged (train scalars and the held-out loss are
+    written separately), a value logged twice (re-run after a restart) keeps its last value."""
     out = {}
     path = Path(workdir) / "metrics.jsonl"
     if path.is_file():
         for line in path.read_text().splitlines():
             if line.strip():
                 rec = json.loads(line)
-                out[int(rec["step"])] = rec
+                out.setdefault(int(rec["step"]), {}).update(rec)
     return out

@@ -1,0 +1,158 @@
+"""The world-model recipe's new pieces on the CPU: VAE training (exact resume), export to a converted checkpoint
+(latent statistics, SHA-256 checked on load, clear errors for the wrong kind of checkpoint and corrupt files), the
+held-out loss of DiT training, and the world-tiny configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from configs import train_tiny, world_tiny
+from decmem_jax.convert.orbax_io import ConvertError, flatten, restore_params
+from decmem_jax.data import build_csv, generate_world
+from decmem_jax.train import checkpoint as ckpt_lib
+from decmem_jax.train import export as export_lib
+from decmem_jax.train import loop
+from decmem_jax.train import vae as vae_train
+from decmem_jax.train.data import write_latent_clips
+from decmem_jax.train.metrics import read_metrics
+
+
+@pytest.fixture(scope="module")
+def clips_csv(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world.generate(root, clips=3, frames=21, size=(32, 32), seed=3, split="training", progress=False)
+    build_csv.build_csv(root, splits=("training",))
+    return str(root / "train.csv")
+
+
+def _vae_cfg(csv: str, steps: int):
+    c = world_tiny.vae_config()
+    c.model.overrides = {"base_dim": 8}
+    c.data.update(csv=csv, clip_frames=5, size=(32, 32))
+    # A constant schedule: a run stopped at step 4 and resumed to 6 sees the same learning rates as one run to 6.
+    c.train.update(steps=steps, batch=2, warmup=1, schedule="constant", log_every=1, progress=False)
+    c.checkpointing.update(every=2, async_save=False)
+    return c
+
+
+def _params(workdir):
+    from flax import nnx
+
+    from decmem_jax.models.vae import WanVAE, VAEConfig
+
+    step_dir = ckpt_lib.resolve_params_dir(workdir)
+    cfg = VAEConfig.from_json(ckpt_lib.stored_model_config(step_dir))
+    model = restore_params(step_dir, nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
+    return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+
+
+@pytest.mark.slow
+def test_vae_training_learns_resumes_exactly_and_exports(clips_csv, tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert vae_train.run(_vae_cfg(clips_csv, 6), straight) == 0
+    assert vae_train.run(_vae_cfg(clips_csv, 4), split) == 0
+    with pytest.raises(vae_train.VaeTrainError, match="--resume"):
+        vae_train.run(_vae_cfg(clips_csv, 6), split)
+    assert vae_train.run(_vae_cfg(clips_csv, 6), split, resume=True) == 0
+    a, b = _params(straight), _params(split)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)  # bitwise: resume is exact
+    logged = read_metrics(straight)
+    assert {"loss", "l1", "lpips", "kl", "psnr"} <= set(logged[6])
+    assert logged[6]["loss"] < logged[1]["loss"]
+
+    out = tmp_path / "vae_export"
+    export_lib.export(straight, out, stats_csv=clips_csv, progress=False)
+    from decmem_jax.convert.dit import load_dit
+    from decmem_jax.convert.vae import load_vae
+
+    vae = load_vae(out)
+    assert vae.cfg.param_dtype == "bfloat16" and vae.cfg.latents_std != (1.0,) * 16
+    record = json.loads((out / "conversion.json").read_text())
+    assert record["model"] == "vae" and len(record["params_sha256"]) == 64 and record["step"] == 6
+    with pytest.raises(ConvertError, match="converted VAE checkpoint"):
+        load_dit(out)
+    with pytest.raises(ConvertError, match="--stats-csv"):
+        export_lib.export(straight, tmp_path / "no_stats", progress=False)
+    assert not (tmp_path / "no_stats").exists()
+    # A corrupt weight file: one error naming the checkpoint, nothing loaded.
+    data_file = next(p for p in sorted((out / "params").rglob("*")) if p.is_file() and p.stat().st_size > 4096)
+    raw = bytearray(data_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x5A
+    data_file.write_bytes(bytes(raw))
+    with pytest.raises(ConvertError, match=str(out)):
+        load_vae(out)
+
+
+def test_vae_config_errors_name_the_field(tmp_path, clips_csv):
+    c = _vae_cfg(clips_csv, 2)
+    c.data.clip_frames = 6
+    with pytest.raises(vae_train.ConfigError, match="data.clip_frames=6"):
+        vae_train.run(c, tmp_path / "run")
+    c = _vae_cfg(str(tmp_path / "missing.csv"), 2)
+    with pytest.raises(vae_train.ConfigError, match="missing.csv"):
+        vae_train.run(c, tmp_path / "run")
+
+
+@pytest.mark.slow
+def test_dit_export_round_trip_and_held_out_loss(tmp_path):
+    csv = write_latent_clips(tmp_path / "latents", clips=2, latents=8, hw=(8, 8), seed=0)
+    cfg = train_tiny.get_config("dense_short")
+    cfg.data.source, cfg.data.csv, cfg.data.eval_csv = "latents", csv, csv
+    cfg.train.update(steps=2, progress=False, eval_every=1)
+    cfg.checkpointing.update(every=2, async_save=False)
+    assert loop.run(cfg, tmp_path / "run") == 0
+    logged = read_metrics(tmp_path / "run")
+    assert "eval_loss" in logged[1] and "eval_loss" in logged[2]
+    out = export_lib.export(tmp_path / "run", tmp_path / "dit", progress=False)
+    from decmem_jax.convert.dit import load_dit
+
+    model = load_dit(out)
+    stored = _flat(ckpt_lib.load_model(tmp_path / "run"))
+    exported = _flat(model)
+    assert stored.keys() == exported.keys()
+    for k in stored:  # bf16 storage: the exported weights are the trained ones rounded to bfloat16
+        np.testing.assert_array_equal(exported[k], stored[k].astype(jax.numpy.bfloat16))
+    assert model.cfg.conditioning.param_dtype == "bfloat16" and model.cfg.remat == "none"
+
+
+def _flat(model):
+    from flax import nnx
+
+    return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
+
+
+@pytest.mark.parametrize("stage", ["vae", "dense_short", "dense_long", "decmem"])
+def test_world_tiny_configs_build(stage):
+    c = world_tiny.get_config(stage)
+    if stage == "vae":
+        cfg = vae_train.vae_config(c)
+        assert cfg.base_dim == 32 and cfg.z_dim == 16 and cfg.spatial_factor == 8 and cfg.temporal_factor == 4
+        return
+    from decmem_jax.train.state import dit_config
+
+    cfg = dit_config(c)
+    assert (cfg.dim, cfg.num_layers, cfg.text_len) == (256, 8, 8)
+    assert (cfg.memory is not None) == (stage == "decmem")
+    assert c.rollout.shift == c.train.sigma_shift  # the sampler's schedule is the one trained on
+    with pytest.raises(ValueError, match="unknown stage"):
+        world_tiny.get_config("nope")
+
+
+def test_shipped_weights_are_the_world_tiny_architecture():
+    """The files in weights/world_tiny hold the models configs/world_tiny.py describes."""
+    from decmem_jax.convert.dit import read_config as read_dit_config
+    from decmem_jax.convert.vae import read_vae_config
+    from decmem_jax.rollout.__main__ import architecture_differences
+    from decmem_jax.train.state import dit_config
+
+    root = Path(__file__).resolve().parents[1] / world_tiny.WEIGHTS
+    for stage, name in (("decmem", "decmem"), ("dense_long", "dense")):
+        stored = read_dit_config(root / name)
+        assert architecture_differences(stored, dit_config(world_tiny.get_config(stage))) == []
+        assert (stored.memory is not None) == (stage == "decmem")
+    assert read_vae_config(root / "vae").base_dim == 32
