@@ -82,5 +82,5 @@ def get_config(stage: str = "decmem"):
     c.vae_checkpoint = f"{WEIGHTS}/vae"
     c.vae_preset = "world-tiny"
     c.rollout.update(height=64, width=64, context_frames=33, chunk=4, steps=10, shift=c.train.sigma_shift,
-                     guidance=3.0, segment_chunks=4)
+                     guidance=2.0, segment_chunks=4)
     return c

@@ -41,6 +41,10 @@ _OUT = flags.DEFINE_string("out", None, "output mp4 (written incrementally; a .j
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _DIAGNOSTICS = flags.DEFINE_string("diagnostics", None, "optional .npz: the SGM blocks each query block retrieved "
                                    "(per chunk, layer, head) at the commit pass, for plotting")
+_TRUTH = flags.DEFINE_string("ground_truth", None, "optional mp4 holding the true continuation (normally the --context "
+                             "clip itself, when it is longer than the context): the generated frames are scored "
+                             "against it (PSNR/SSIM/LPIPS, and a copy-the-last-context-frame baseline) in the sidecar, "
+                             "and OUT_vs_truth.mp4 (truth | generated) and OUT_strip.png (a contact sheet) are written")
 
 log = logging.getLogger("decmem_jax.rollout")
 
@@ -53,7 +57,7 @@ def _fail(msg: str) -> None:
     raise RolloutError(msg)
 
 
-def load_inputs(c, context: str, actions: str, num_frames: int):
+def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | None = None):
     """Validated (context frames uint8 [T, H, W, 3], actions int32 [N, 8], poses float32 [N, 5]) before any model
     work, so a bad input costs nothing."""
     from decmem_jax import video
@@ -82,6 +86,13 @@ def load_inputs(c, context: str, actions: str, num_frames: int):
     if acts.shape[0] < needed:
         _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but context ({r.context_frames}) + "
               f"--num_frames ({num_frames}) = {needed} are needed")
+    if truth:
+        if not os.path.isfile(truth):
+            _fail(f"--ground_truth {truth}: file not found")
+        t_info = video.probe(truth)
+        if (t_info.height, t_info.width) != (r.height, r.width) or t_info.num_frames < needed:
+            _fail(f"--ground_truth {truth}: {t_info.num_frames} frames of {t_info.height}x{t_info.width}; the "
+                  f"comparison needs {needed} frames of {r.height}x{r.width} (context + --num_frames)")
     frames = video.read_video(context, num_frames=r.context_frames)
     acts, poses = clip_conditioning(acts, poses)
     return frames, acts, poses
@@ -116,6 +127,10 @@ def build_models(c):
     overrides = dict(attention=run_cfg.attention, remat="none", dtype=run_cfg.dtype)
     dit = load_model(c.checkpoint, **overrides)
     stored = dit.cfg
+    differ = architecture_differences(stored, run_cfg)
+    if differ:
+        _fail(f"config.checkpoint {c.checkpoint}: the stored model does not match the run config's model "
+              f"({'; '.join(differ)}); use the config the weights were trained with")
     if (stored.memory is None) != (run_cfg.memory is None):
         _fail(f"config.checkpoint {c.checkpoint}: the stored model has memory={stored.memory is not None} but "
               f"model.memory.enabled={run_cfg.memory is not None}; a DecMem rollout needs a stage-3 checkpoint "
@@ -124,6 +139,34 @@ def build_models(c):
         dit = _with_memory(dit, run_cfg.memory)
     vae = load_vae(c.vae_checkpoint, **({} if dtype == "auto" else {"dtype": dtype}))
     return dit, vae, f"checkpoint {c.checkpoint}"
+
+
+ARCHITECTURE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "in_channels", "out_channels",
+                       "text_dim", "text_len", "freq_dim")
+
+
+def architecture_differences(stored, run_cfg) -> list[str]:
+    """'field: checkpoint X, config Y' for every architecture field (and the conditioning) that differs."""
+    out = [f"{f}: checkpoint {getattr(stored, f)}, config {getattr(run_cfg, f)}" for f in ARCHITECTURE_FIELDS
+           if getattr(stored, f) != getattr(run_cfg, f)]
+    def shape(cond):  # the conditioning's architecture (its dtype policy may differ)
+        import dataclasses
+
+        return None if cond is None else {k: v for k, v in dataclasses.asdict(cond).items() if "dtype" not in k}
+
+    if shape(stored.conditioning) != shape(run_cfg.conditioning):
+        out.append(f"conditioning: checkpoint {shape(stored.conditioning)}, config {shape(run_cfg.conditioning)}")
+    return out
+
+
+def weights_sha256(module) -> str:
+    """SHA-256 of a module's parameters as loaded (orbax_io.params_sha256: equals the exported record)."""
+    import jax
+    from flax import nnx
+
+    from decmem_jax.convert.orbax_io import flatten, params_sha256
+
+    return params_sha256(flatten(jax.device_get(nnx.to_pure_dict(nnx.state(module, nnx.Param)))))
 
 
 def _with_memory(dit, memory):
@@ -138,7 +181,7 @@ def _with_memory(dit, memory):
 
 
 def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int = 0,
-        diagnostics: str | None = None) -> dict:
+        diagnostics: str | None = None, ground_truth: str | None = None) -> dict:
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
@@ -155,7 +198,9 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         _fail("--out is required")
     r = c.rollout
     t_start = time.perf_counter()
-    frames, acts, poses = load_inputs(c, context, actions, num_frames)
+    if not os.path.isdir(Path(out).absolute().parent):
+        _fail(f"--out {out}: the folder {Path(out).absolute().parent} does not exist")
+    frames, acts, poses = load_inputs(c, context, actions, num_frames, ground_truth)
     dit, vae, weights = build_models(c)
     cfg = dit.cfg
     settings = settings_lib.sampler_settings(c)
@@ -194,6 +239,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         ctx_pieces.append(rest)
     segment = engine.make_segment_fn(settings, with_selection=bool(diagnostics))
     selections, written, gen_start = [], 0, r.context_frames
+    kept = []  # generated uint8 frames, kept only for the comparison with the ground truth
     t_gen = time.perf_counter()
     chunk_times = []
     with video.VideoWriter(out, fps=r.fps) as writer, tqdm(total=num_frames, desc="rollout", unit="frame") as bar:
@@ -219,7 +265,10 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
             if not np.isfinite(pixels).all():
                 _fail(f"non-finite frames generated in chunks {s}..{s + n - 1} (check the checkpoint and settings)")
             take = min(pixels.shape[0], num_frames - written)
-            writer.write(video.from_model_range(pixels[:take]))
+            out_frames = video.from_model_range(pixels[:take])
+            writer.write(out_frames)
+            if ground_truth:
+                kept.append(out_frames)
             written += take
             bar.update(take)
     t_total = time.perf_counter() - t_start
@@ -230,15 +279,40 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
                   context_latents=ctx_latents, chunk=chunk)
     record = dict(
         out=str(out), frames=written, context=str(context), actions=str(actions), context_frames=int(r.context_frames),
-        chunks=n_chunks, seed=seed, weights=weights, model=json.loads(cfg.to_json()), rollout=r.to_dict(),
+        chunks=n_chunks, seed=seed, weights=weights, random_weights=bool(c.random_weights),
+        weights_sha256={"dit": weights_sha256(dit), "vae": weights_sha256(vae)},
+        model=json.loads(cfg.to_json()), rollout=r.to_dict(),
         devices=[str(d) for d in jax.devices()][:1], jax=jax.__version__,
         timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
                     fps_excluding_compile=(4 * chunk) / float(np.median(chunk_times[1:] or chunk_times))),
         host_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
+    if ground_truth:
+        record.update(_compare_to_truth(ground_truth, np.concatenate(kept), frames[-1], out, r))
     _write_json(Path(out).with_suffix(".json"), record)
     return record
+
+
+def _compare_to_truth(truth_path: str, generated: np.ndarray, last_context: np.ndarray, out: str, r) -> dict:
+    """Scores against the true continuation, the copy-last-frame baseline, and the side-by-side mp4 + contact
+    sheet next to --out."""
+    from decmem_jax import video
+    from decmem_jax.eval import compare
+
+    truth = video.read_video(truth_path, start=int(r.context_frames), num_frames=len(generated))
+    result = compare.compare(generated, truth, last_context)
+    stem = Path(out).with_suffix("")
+    pair = Path(f"{stem}_vs_truth.mp4")
+    video.write_video(pair, compare.side_by_side(truth, generated), fps=r.fps)
+    strip = Path(f"{stem}_strip.png")
+    sheet = compare.contact_sheet({"truth": truth, "generated": generated,
+                                   "copy last": np.broadcast_to(last_context, truth.shape)}, every=8)
+    tmp = strip.with_name(f".{strip.name}.tmp.png")
+    sheet.save(tmp)
+    os.replace(tmp, strip)
+    result.update(ground_truth=str(truth_path), side_by_side=str(pair), contact_sheet=str(strip))
+    return result
 
 
 def _write_json(path: Path, record: dict) -> None:
@@ -260,13 +334,18 @@ def main(argv) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         record = run(_CONFIG.value, context=_CONTEXT.value, actions=_ACTIONS.value, num_frames=_NUM_FRAMES.value,
-                     out=_OUT.value, seed=_SEED.value, diagnostics=_DIAGNOSTICS.value)
+                     out=_OUT.value, seed=_SEED.value, diagnostics=_DIAGNOSTICS.value, ground_truth=_TRUTH.value)
     except (RolloutError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     t = record["timing"]
     print(f"wrote {record['out']}: {record['frames']} frames ({record['weights']}); {t['total_s']:.1f} s total, "
           f"{t['per_chunk_s_median']:.2f} s/chunk; sidecar {Path(record['out']).with_suffix('.json')}")
+    if "metrics" in record:
+        m, b = record["metrics"], record["baseline_metrics"]
+        print(f"against the ground truth: PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}, LPIPS {m['lpips']:.3f}; "
+              f"copy-last-frame baseline: PSNR {b['psnr']:.2f} dB, SSIM {b['ssim']:.3f}, LPIPS {b['lpips']:.3f}; "
+              f"see {record['side_by_side']} and {record['contact_sheet']}")
     return 0
 
 
