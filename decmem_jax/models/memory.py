@@ -19,6 +19,7 @@ Both branches are expressed as key-block index lists fed to one function, `palla
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 
 import jax
@@ -27,6 +28,9 @@ import numpy as np
 
 from decmem_jax.models.config import MemoryConfig  # noqa: F401 -- re-exported: the memory settings
 from pallas_kernels.sgm import sgm_attention
+
+log = logging.getLogger(__name__)
+_WARNED: set[tuple[int, int, int]] = set()  # layouts already warned about (layouts are rebuilt at every trace)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,12 @@ class BlockLayout:
         if run > slots:
             raise ValueError(f"{tokens_per_frame} tokens in {blocks} blocks need {run} slots per block, more than "
                              f"block_slots={slots}")
+        wasteful = 4 * run <= slots and (blocks > 1 or slots > 64)  # and a less padded layout exists
+        if wasteful and (tokens_per_frame, blocks, slots) not in _WARNED:  # kernels work on all P slots
+            _WARNED.add((tokens_per_frame, blocks, slots))
+            log.warning("memory layout: %d tokens per frame in %d blocks fill %d of %d slots per block (%.0f%% "
+                        "padding); fewer blocks_per_frame or a smaller block_slots would waste less", tokens_per_frame,
+                        blocks, run, slots, 100 * (1 - tokens_per_frame / (blocks * slots)))
         starts = np.minimum(np.arange(blocks) * run, tokens_per_frame)
         lengths = np.minimum(starts + run, tokens_per_frame) - starts
         if (lengths <= 0).any():
