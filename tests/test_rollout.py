@@ -107,27 +107,58 @@ def test_cli_run_writes_the_requested_frames_and_a_sidecar(clip, tmp_path):
     assert record["model"]["memory"]["blocks_per_frame"] == 2
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint", "short_actions", "wrong_size", "not_a_video"])
+@pytest.mark.parametrize("case", ["no_checkpoint", "short_actions", "wrong_size", "not_a_video", "vae_as_dit",
+                                  "dit_as_vae", "no_out_dir", "short_truth", "other_architecture"])
 def test_cli_bad_inputs_give_one_clear_error(clip, tmp_path, case):
     from decmem_jax.rollout.__main__ import RolloutError, run
     from decmem_jax.video import VideoError
 
     c, context, actions, frames = tiny_config(), str(clip[0]), str(clip[1]), 40
+    truth = None
     expected = {"no_checkpoint": "checkpoint is empty", "short_actions": "frames of actions",
-                "wrong_size": "frames are 64x64, the config expects 96x64", "not_a_video": "not_video.mp4"}[case]
+                "wrong_size": "frames are 64x64, the config expects 96x64", "not_a_video": "not_video.mp4",
+                "vae_as_dit": "this is a converted VAE checkpoint", "dit_as_vae": "this is a converted DiT checkpoint",
+                "no_out_dir": "does not exist", "short_truth": "--ground_truth",
+                "other_architecture": "does not match the run config's model"}[case]
+    out = tmp_path / "x.mp4"
+    shipped = ROOT / "weights" / "world_tiny"
+    if case in ("vae_as_dit", "dit_as_vae"):  # the shipped weights, swapped
+        c = _world_tiny_config()
+        if case == "vae_as_dit":
+            c.checkpoint = str(shipped / "vae")
+        else:
+            c.vae_checkpoint = str(shipped / "decmem")
+    elif case == "other_architecture":  # shipped weights under a config of another width
+        c = _world_tiny_config()
+        c.model.preset = "tiny"
+    elif case == "no_out_dir":
+        out = tmp_path / "missing" / "x.mp4"
+    elif case == "short_truth":
+        truth, frames = str(tmp_path / "short.mp4"), 40
+        from decmem_jax.video import write_video
+
+        write_video(truth, np.zeros((30, 64, 64, 3), np.uint8), fps=10)
     if case == "no_checkpoint":
         c.random_weights = False
     elif case == "short_actions":
         frames = 10_000
     elif case == "wrong_size":
         c.rollout.height = 96
-    else:
+    elif case == "not_a_video":
         context = str(tmp_path / "not_video.mp4")
         Path(context).write_bytes(b"this is not a video")
-    out = tmp_path / "x.mp4"
-    with pytest.raises((RolloutError, VideoError), match=expected):
-        run(c, context=context, actions=actions, num_frames=frames, out=str(out))
+    with pytest.raises((RolloutError, VideoError, ValueError), match=expected):
+        run(c, context=context, actions=actions, num_frames=frames, out=str(out), ground_truth=truth)
     assert not out.exists() and not list(tmp_path.glob(".*tmp*"))  # nothing half-written
+
+
+def _world_tiny_config():
+    from configs import world_tiny
+
+    c = world_tiny.get_config("decmem")
+    c.checkpoint, c.vae_checkpoint = str(ROOT / c.checkpoint), str(ROOT / c.vae_checkpoint)
+    c.rollout.context_frames = 17
+    return c
 
 
 def _cli(clip, out, frames):

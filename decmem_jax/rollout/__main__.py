@@ -136,6 +136,10 @@ def build_models(c):
               f"model.memory.enabled={run_cfg.memory is not None}; a DecMem rollout needs a stage-3 checkpoint "
               f"(or set --config.model.memory.enabled={stored.memory is not None})")
     if run_cfg.memory is not None and run_cfg.memory != stored.memory:  # top-k, window, backend: no new parameters
+        changed = [f"{k}: checkpoint {getattr(stored.memory, k)!r} -> run {v!r}" for k, v in
+                   vars(run_cfg.memory).items() if getattr(stored.memory, k) != v]
+        log.warning("config.checkpoint %s was trained with other memory settings; this rollout uses the run "
+                    "config's (%s)", c.checkpoint, "; ".join(changed))
         dit = _with_memory(dit, run_cfg.memory)
     vae = load_vae(c.vae_checkpoint, **({} if dtype == "auto" else {"dtype": dtype}))
     return dit, vae, f"checkpoint {c.checkpoint}"
@@ -226,8 +230,10 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     pixels = jnp.asarray(video.to_model_range(frames))[None]
     latents = jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
     cache = dit.init_cache(1, capacity, lat_hw)
-    cache = engine.prefill(dit, cache, latents, text, conditioning(0, r.context_frames, True), chunk=chunk)
-    jax.block_until_ready(cache.length)
+    with tqdm(total=latents.shape[1], desc="memory bank", unit="latent") as bar:
+        cache = engine.prefill(dit, cache, latents, text, conditioning(0, r.context_frames, True), chunk=chunk,
+                               progress=bar.update)
+        jax.block_until_ready(cache.length)
     t_prefill = time.perf_counter() - t0
 
     # 2. Generate segment by segment; decode and append to the mp4 as each segment lands.
@@ -285,7 +291,9 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         devices=[str(d) for d in jax.devices()][:1], jax=jax.__version__,
         timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
-                    fps_excluding_compile=(4 * chunk) / float(np.median(chunk_times[1:] or chunk_times))),
+                    # The first segment includes compilation: with one segment there is no compile-free figure.
+                    fps_excluding_compile=((4 * chunk) / float(np.median(chunk_times[1:])) if len(chunk_times) > 1
+                                           else None)),
         host_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )
     if ground_truth:
@@ -331,7 +339,13 @@ def _save_npz(path: str, **arrays) -> None:
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own notes at INFO; libraries (jax's backend probing, Orbax's per-file lines) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("decmem_jax").setLevel(logging.INFO)
+    logging.getLogger("pallas_kernels").setLevel(logging.INFO)
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
     try:
         record = run(_CONFIG.value, context=_CONTEXT.value, actions=_ACTIONS.value, num_frames=_NUM_FRAMES.value,
                      out=_OUT.value, seed=_SEED.value, diagnostics=_DIAGNOSTICS.value, ground_truth=_TRUTH.value)

@@ -84,9 +84,10 @@ def chunk_step(model, cache, noise, context, cond, settings: SamplerSettings, *,
     return (x0, *committed[1:])
 
 
-def prefill(model, cache, latents, context, cond, *, chunk: int):
+def prefill(model, cache, latents, context, cond, *, chunk: int, progress=None):
     """Teacher-forces context latents [B, N, H, W, z] into the cache at t = 0, chunk by chunk (the memory bank).
-    A last partial chunk is committed as is (one extra compilation). cond: [B, N, dim] or None."""
+    A last partial chunk is committed as is (one extra compilation). cond: [B, N, dim] or None. progress: optional
+    callable, called with the number of latents committed after each chunk (e.g. a progress bar's update)."""
     commit = _jitted_commit()
     n = latents.shape[1]
     for s in range(0, n, chunk):
@@ -94,6 +95,8 @@ def prefill(model, cache, latents, context, cond, *, chunk: int):
         x = latents[:, rows]
         c = None if cond is None else cond[:, rows]
         cache = commit(model, x, jnp.zeros(x.shape[:2], jnp.float32), context, cache, c)
+        if progress is not None:
+            progress(x.shape[1])
     return cache
 
 

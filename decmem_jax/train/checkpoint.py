@@ -231,11 +231,18 @@ def load_model(path: str | os.PathLike, **overrides):
     from decmem_jax.models.dit import WanDiT
 
     step_dir = resolve_params_dir(path)
+    if (step_dir / "conversion.json").is_file():  # a converted checkpoint says what it holds
+        from decmem_jax.convert.orbax_io import check_checkpoint_dir
+
+        check_checkpoint_dir(step_dir, "dit")
     text = stored_model_config(step_dir)
     if text is None:
         root = Path(path).expanduser().absolute()
         text = (root / MODEL_CONFIG_FILE).read_text() if (root / MODEL_CONFIG_FILE).is_file() else None
     if text is None:
         raise CheckpointError(f"{step_dir}: no model config recorded (model_config/ item or {MODEL_CONFIG_FILE})")
+    if "base_dim" in json.loads(text):
+        raise CheckpointError(f"{step_dir}: holds a VAE (its model config is a VAEConfig), not a DiT; pass it as "
+                              "the VAE (e.g. --config.vae_checkpoint) and a DiT run or checkpoint here")
     cfg = DiTConfig.from_json(text).replace(**overrides)
     return restore_params(step_dir, nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
