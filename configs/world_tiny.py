@@ -11,6 +11,9 @@ layers, 4 heads of 64, 8.1M parameters) on 64x64 frames: 8x8 latents, 16 tokens 
 one 16-token block per frame (padded to the kernels' 64 slots), an ALM window of 8 latents (the chunk and the 4
 before it) and SGM over the top 8 frames OUTSIDE that window: at this size a pooled frame is one block, and letting
 SGM pick frames the window already covers would spend its budget on them instead of on the distant past.
+Training differs from the 1.3B recipe where the size asks for it: from scratch at lr 3e-4 / 2e-4 with cosine decay,
+flow shift 2.0 (few tokens per frame need less shift than 480p), no remat, latents cached in memory, and the history
+copy noised to U(0, 0.1) per chunk (`train.context_noise`, see train/objective.py) against drift in long rollouts.
 The rollout fields (decmem_jax/rollout/settings.py) default to the shipped weights.
 """
 
@@ -44,8 +47,8 @@ def vae_config():
                                              dtype="auto"))  # auto: bfloat16 compute on GPU/TPU, float32 on CPU
     c.data = ml_collections.ConfigDict(dict(csv=f"{DATA}/data/train.csv", clip_frames=17, size=(64, 64), seed=0,
                                             max_clips=0))  # max_clips 0 = every clip of the CSV
-    c.loss = ml_collections.ConfigDict(dict(l1=1.0, lpips=0.3, kl=1e-6))
-    c.train = ml_collections.ConfigDict(dict(steps=4000, batch=16, lr=4e-4, warmup=200, schedule="cosine", b1=0.9,
+    c.loss = ml_collections.ConfigDict(dict(l1=1.0, lpips=0.2, kl=1e-6))
+    c.train = ml_collections.ConfigDict(dict(steps=6000, batch=16, lr=4e-4, warmup=200, schedule="cosine", b1=0.9,
                                              b2=0.99, eps=1e-8, weight_decay=0.0, clip=1.0, seed=0, log_every=50,
                                              progress=True))
     c.checkpointing = ml_collections.ConfigDict(dict(every=1000, keep=2, async_save=True))
@@ -73,7 +76,7 @@ def get_config(stage: str = "decmem"):
     c.data.num_threads = 8
     c.data.prefetch = 16
     c.train.update(steps=steps, batch=batch, lr=lr, warmup=warmup, schedule="cosine", weight_decay=0.01,
-                   remat="none", sigma_shift=2.0, log_every=50)
+                   remat="none", sigma_shift=2.0, context_noise=0.1, log_every=50)
     c.mesh.update(data=1, fsdp=-1, tensor=1, context=1)
     c.checkpointing.update(every=500, keep=2)
 

@@ -156,3 +156,44 @@ def test_shipped_weights_are_the_world_tiny_architecture():
         assert architecture_differences(stored, dit_config(world_tiny.get_config(stage))) == []
         assert (stored.memory is not None) == (stage == "decmem")
     assert read_vae_config(root / "vae").base_dim == 32
+
+
+def test_context_noise_corrupts_only_the_history_copy_per_chunk():
+    import jax.numpy as jnp
+
+    from decmem_jax.train.objective import Objective, sample_noise
+
+    z0 = jax.random.normal(jax.random.key(0), (3, 8, 4, 4, 16))
+    plain = sample_noise(jax.random.key(1), z0, Objective(chunk=4))
+    noised = sample_noise(jax.random.key(1), z0, Objective(chunk=4, context_noise=0.2))
+    assert plain["clean_timesteps"] is None and np.array_equal(plain["clean"], z0)
+    for k in ("noisy", "target", "timesteps", "drop"):  # the noisy copy's draws do not depend on the option
+        np.testing.assert_array_equal(plain[k], noised[k])
+    level = np.asarray(noised["clean_timesteps"]) / 1000.0
+    assert level.shape == (3, 8) and (level >= 0).all() and (level <= 0.2).all() and level.std() > 0
+    assert (level[:, :4] == level[:, :1]).all() and (level[:, 4:] == level[:, 4:5]).all()  # constant per chunk
+    eps = (np.asarray(noised["clean"]) - (1 - level[..., None, None, None]) * np.asarray(z0)) / np.maximum(
+        level[..., None, None, None], 1e-6)
+    assert abs(float(eps.std()) - 1.0) < 0.1  # the history is z0 mixed with unit Gaussian noise at that level
+    with pytest.raises(ValueError, match="context_noise"):
+        Objective(context_noise=1.0)
+
+
+def test_teacher_forcing_clean_timesteps_zero_is_the_default():
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from decmem_jax.models.config import get_config
+    from decmem_jax.models.dit import WanDiT
+
+    model = WanDiT(get_config("tiny", dtype="float32"), rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    clean, noisy = (jnp.asarray(rng.standard_normal((1, 4, 4, 4, 16)), jnp.float32) for _ in range(2))
+    t = jnp.full((1, 4), 500.0)
+    ctx = jnp.zeros((1, 4, 64))
+    a = model.teacher_forcing(clean, noisy, t, ctx, chunk_size=2)
+    b = model.teacher_forcing(clean, noisy, t, ctx, chunk_size=2, clean_timesteps=jnp.zeros((1, 4)))
+    c = model.teacher_forcing(clean, noisy, t, ctx, chunk_size=2, clean_timesteps=jnp.full((1, 4), 100.0))
+    np.testing.assert_array_equal(a, b)
+    assert float(jnp.abs(a[:, 2:] - c[:, 2:]).max()) > 1e-4  # the second chunk sees the history at another time
+    np.testing.assert_allclose(a[:, :2], c[:, :2], atol=1e-6)  # the first chunk has no history

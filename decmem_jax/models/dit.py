@@ -331,14 +331,15 @@ class WanDiT(nnx.Module):
 
     def teacher_forcing(self, clean: jax.Array, noisy: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                         chunk_size: int, actions: jax.Array | None = None, poses: jax.Array | None = None,
-                        drop: jax.Array | None = None) -> jax.Array:
+                        drop: jax.Array | None = None, clean_timesteps: jax.Array | None = None) -> jax.Array:
         """Velocity for the noisy frames of a teacher-forcing step (decmem_method.md §9.2).
 
         clean, noisy: [B, F, H, W, C] (F a multiple of chunk_size); timesteps [B, F]: the noisy frames' timesteps
         (clean frames run at t = 0). One sequence [clean ; noisy] with shared RoPE positions: clean chunk c sees clean
         chunks <= c, noisy chunk c sees clean chunks < c and itself. actions int [B, 1+4(F-1), 8] / poses [B, T, 5]
         condition both copies; drop bool [B] zeroes the noisy copy's condition only (CFG dropout). Returns
-        [B, F, H, W, C] float32."""
+        [B, F, H, W, C] float32. clean_timesteps [B, F]: run the history copy at these timesteps instead of 0 (context
+        noise augmentation: `clean` is then a lightly noised history, see train/objective.py)."""
         if clean.shape != noisy.shape:
             raise ValueError(f"clean {clean.shape} and noisy {noisy.shape} latents must have one shape")
         b, f = clean.shape[:2]
@@ -357,7 +358,8 @@ class WanDiT(nnx.Module):
         _, h, w = self._grid(clean)
         mixer = self._sequence_mixer(h * w, chunk_size, plan)
         seq = jnp.concatenate([clean, noisy], axis=1)
-        t = jnp.concatenate([jnp.zeros_like(timesteps), timesteps], axis=1)
+        t_clean = jnp.zeros_like(timesteps) if clean_timesteps is None else jnp.asarray(clean_timesteps, timesteps.dtype)
+        t = jnp.concatenate([t_clean, timesteps], axis=1)
         out = self._forward(seq, t, context, cond, mixer, positions=plan.positions)[0]
         return out[:, f:]
 

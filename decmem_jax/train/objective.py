@@ -9,6 +9,10 @@ For clean latents z0 [B, F, H, W, C] (F = chunks * chunk):
   loss        mean over the noisy frames of (v_pred - v)^2             (clean tokens are never supervised)
 CFG action dropout: with probability `dropout` per sample the NOISY copy's conditioning is zeroed (`drop`); the
 clean history keeps its actions, as at inference (§7.3).
+Context noise augmentation (`context_noise` > 0, off by default; not part of the DecMem method): each chunk of the
+history copy is noised to its own level s_c ~ U(0, context_noise), z_c = (1 - s_c) z0 + s_c eps', and runs at
+timestep 1000 s_c. A model trained only on perfect history drifts when its history is its own imperfect samples; seeing
+slightly corrupted history in training is the usual remedy for autoregressive diffusion world models.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ class Objective:
     dropout: float = 0.1  # CFG action dropout rate (noisy copy only)
     conditioned: bool = True  # the model takes actions (and poses)
     poses: bool = True  # the model takes poses (conditioning pose mode "added")
+    context_noise: float = 0.0  # max noise level of the history copy (0 = clean history, the method's protocol)
 
     def __post_init__(self):
         if self.chunk < 1 or self.sigma_shift <= 0 or not 0.0 <= self.dropout <= 1.0:
             raise ValueError(f"Objective: chunk={self.chunk} must be >= 1, sigma_shift={self.sigma_shift} > 0, "
                              f"dropout={self.dropout} in [0, 1]")
+        if not 0.0 <= self.context_noise < 1.0:
+            raise ValueError(f"Objective: context_noise={self.context_noise} must be in [0, 1)")
 
 
 def shift_sigma(u: jax.Array, shift: float) -> jax.Array:
@@ -51,8 +58,16 @@ def sample_noise(key: jax.Array, z0: jax.Array, obj: Objective) -> dict:
     eps = jax.random.normal(k_eps, z0.shape, jnp.float32)
     s = sigma[:, :, None, None, None]
     z0 = z0.astype(jnp.float32)
-    return dict(noisy=(1.0 - s) * z0 + s * eps, target=eps - z0, timesteps=sigma * NUM_TRAIN_TIMESTEPS,
-                sigma=sigma, drop=jax.random.bernoulli(k_drop, obj.dropout, (b,)))
+    out = dict(clean=z0, clean_timesteps=None, noisy=(1.0 - s) * z0 + s * eps, target=eps - z0,
+               timesteps=sigma * NUM_TRAIN_TIMESTEPS, sigma=sigma, drop=jax.random.bernoulli(k_drop, obj.dropout, (b,)))
+    if obj.context_noise > 0:
+        k_level, k_noise = jax.random.split(jax.random.fold_in(key, 1))  # the draws above stay as without it
+        level = jnp.repeat(jax.random.uniform(k_level, (b, f // obj.chunk), jnp.float32, 0.0, obj.context_noise),
+                           obj.chunk, axis=1)
+        c = level[:, :, None, None, None]
+        out.update(clean=(1.0 - c) * z0 + c * jax.random.normal(k_noise, z0.shape, jnp.float32),
+                   clean_timesteps=level * NUM_TRAIN_TIMESTEPS)
+    return out
 
 
 def loss_fn(model, batch: dict, context: jax.Array, key: jax.Array, obj: Objective) -> tuple[jax.Array, dict]:
@@ -66,7 +81,7 @@ def loss_fn(model, batch: dict, context: jax.Array, key: jax.Array, obj: Objecti
         if obj.poses:
             kwargs["poses"] = batch["poses"]
     ctx = jnp.broadcast_to(context, (z0.shape[0],) + context.shape[1:])
-    v = model.teacher_forcing(z0.astype(jnp.float32), n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
-                              **kwargs)
+    v = model.teacher_forcing(n["clean"], n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
+                              clean_timesteps=n["clean_timesteps"], **kwargs)
     loss = jnp.mean(jnp.square(v.astype(jnp.float32) - n["target"]))
     return loss, {"sigma_mean": jnp.mean(n["sigma"])}

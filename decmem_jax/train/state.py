@@ -73,7 +73,8 @@ def objective(cfg) -> Objective:
                           f"{cfg.train.grad_accum} >= 1")
     try:
         return Objective(chunk=cfg.train.chunk, sigma_shift=cfg.train.sigma_shift, dropout=cfg.train.action_dropout,
-                         conditioned=bool(cond.enabled), poses=bool(cond.enabled and cond.pose == "added"))
+                         conditioned=bool(cond.enabled), poses=bool(cond.enabled and cond.pose == "added"),
+                         context_noise=float(cfg.train.get("context_noise", 0.0)))
     except ValueError as e:
         raise ConfigError(f"train config: {e}") from e
 
