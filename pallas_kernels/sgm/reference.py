@@ -56,11 +56,16 @@ def _gather_setup(k, kv_block_idx, kv_block_cnt, kv_block_len, block_kv):
     return idx.reshape(b, h, nq * kk), valid.reshape(b, h, nq, kk * block_kv)
 
 
-def _gather(x_blocks, idx, nq):
-    """x_blocks [B, H, Nk, bkv, D] gathered at idx [B, H, Nq·K] -> [B, H, Nq, K·bkv, D]."""
-    b, h, _, bkv, d = x_blocks.shape
-    g = jnp.take_along_axis(x_blocks, idx[..., None, None], axis=2, mode="clip")
-    return g.reshape(b, h, nq, -1, d)
+def _gather(x, idx, nq, block):
+    """The key blocks of x [B, T, H, D] listed in idx [B, H, Nq·K] -> fp32 [B, H, Nq, K·bkv, D].
+
+    Gathers from x's own layout (a free reshape, no transpose) and converts only what was gathered: a KV cache of
+    any length is never copied whole (a long rollout's peak memory would otherwise grow twice as fast as its cache)."""
+    b, t, h, d = x.shape
+    xb = x.reshape(b, t // block, block, h, d)
+    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
+    g = xb[bi, idx, :, hi, :]  # advanced indices (b, idx, h) broadcast first: [B, H, Nq·K, bkv, D]
+    return g.astype(jnp.float32).reshape(b, h, nq, -1, d)
 
 
 def _masked_softmax(s, valid):
@@ -87,8 +92,8 @@ def sgm_reference(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q,
     nq = tq // block_q
     scale = _scale(scale, d)
     idx, valid = _gather_setup(k, kv_block_idx, kv_block_cnt, kv_block_len, block_kv)
-    kg = _gather(_blocks(k, block_kv), idx, nq)
-    vg = _gather(_blocks(v, block_kv), idx, nq)
+    kg = _gather(k, idx, nq, block_kv)
+    vg = _gather(v, idx, nq, block_kv)
     qb = _blocks(q, block_q)  # [B, H, Nq, bq, D]
     s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kg, precision=_HI) * scale
     p, lse = _masked_softmax(s, valid[:, :, :, None, :])
@@ -111,8 +116,8 @@ def sgm_reference_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, ls
     nq, nk = tq // block_q, k.shape[1] // block_kv
     scale = _scale(scale, d)
     idx, valid = _gather_setup(k, kv_block_idx, kv_block_cnt, kv_block_len, block_kv)
-    kg = _gather(_blocks(k, block_kv), idx, nq)
-    vg = _gather(_blocks(v, block_kv), idx, nq)
+    kg = _gather(k, idx, nq, block_kv)
+    vg = _gather(v, idx, nq, block_kv)
     qb, ob, dob = _blocks(q, block_q), _blocks(out, block_q), _blocks(dout, block_q)
     lse_b = lse.astype(jnp.float32).reshape(b, h, nq, block_q, 1)
     s = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kg, precision=_HI) * scale
