@@ -4,7 +4,7 @@
     python -m decmem_jax.train --config=configs/dense_long.py --config.init_from=runs/s1 --workdir runs/s2
     python -m decmem_jax.train --config=configs/decmem.py --config.init_from=runs/s2 --workdir runs/s3
 
-Stages (`../shared/reference/decmem_method.md` §9.3; step counts are OPEN: the paper's 25K causal-adaptation steps
+Stages (`docs/method.md` §11; step counts are OPEN: the paper's 25K causal-adaptation steps
 split 10K short + 15K long, then the paper's 25K memory steps):
   dense_short  block-causal dense attention, 21-latent clips (81 frames), from converted Wan2.1 weights
   dense_long   the same on 60-latent clips (237 frames), from dense_short

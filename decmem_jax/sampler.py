@@ -1,6 +1,6 @@
 """Flow-matching samplers (Euler, UniPC-bh2) with a functional, `lax.scan`-friendly interface, plus the CFG helper.
 
-Conventions (wan21.md §5): x_t = (1-σ)·x0 + σ·ε, the model predicts v = ε - x0, x0 = x_t - σ·v, model timestep
+Conventions (docs/method.md §4): x_t = (1-σ)·x0 + σ·ε, the model predicts v = ε - x0, x0 = x_t - σ·v, model timestep
 t = σ·1000.
 
 Schedules are static per rollout: `flow_sigmas` builds them on the host in numpy. Every UniPC coefficient depends
@@ -270,7 +270,7 @@ def _concat_batch(a, b):
 
 
 def guided_velocity(model_fn: Callable, x, t, cond: Any, uncond: Any, scale):
-    """Classifier-free guidance with cond and uncond as ONE batched call (decmem_method.md §7.3):
+    """Classifier-free guidance with cond and uncond as ONE batched call (docs/method.md §9):
 
         v_c, v_u = split(model_fn(concat[x, x], concat[t, t], concat[cond, uncond]))
         v̂ = v_u + scale·(v_c - v_u)

@@ -1,4 +1,4 @@
-"""Flow samplers: Euler exactness, UniPC step-by-step parity with diffusers, Wan grid test vectors (wan21.md §5),
+"""Flow samplers: Euler exactness, UniPC step-by-step parity with diffusers, Wan grid test vectors (docs/method.md §4),
 scan/jit friendliness, and the batched CFG helper."""
 
 import jax
@@ -89,7 +89,7 @@ def test_unipc_step_orders():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# (3) Wan FlowUniPC grid test vectors (wan21.md §5) and the diffusers grid's differences
+# (3) Wan FlowUniPC grid test vectors (docs/method.md §4) and the diffusers grid's differences
 # ---------------------------------------------------------------------------------------------------------------
 
 def test_wan_grid_vectors():

@@ -3,7 +3,7 @@
 Two tables:
 - `DIFFUSERS`: one row per diffusers `AutoencoderKLWan` key pattern -> path pattern in `nnx.state(WanVAE, nnx.Param)`
   plus a layout transform. `{i}`/`{j}` stand for list indices and are carried over unchanged.
-- `ORIGINAL_RENAMES`: original Wan `Wan2.1_VAE.pth` key pattern <-> diffusers key pattern (`wan21.md` §3.7). The
+- `ORIGINAL_RENAMES`: original Wan `Wan2.1_VAE.pth` key pattern <-> diffusers key pattern (the 194 renames between the two published layouts). The
   decoder's flat `upsamples.{n}` index becomes (up block i, resnet j) with n = i * (num_res_blocks + 2) + j, the
   upsampler sitting last in each block, so that row needs the config.
 The tables are expanded against the model's own parameter tree, so they fit any VAEConfig (tiny or full size), and the

@@ -12,7 +12,7 @@ Recipe (that of the original FVD, Unterthiner et al. 2018, and its TF-Hub `deepm
    to [-1, 1]. I3D needs 224x224: its final 7x7 average pool must see exactly a 7x7 map for the spatial squeeze.
 3. Features: the ``Logits`` end point, ``mean_t(logits)`` of shape (400,) — kinetics-i3d's ``averaged_logits``,
    i.e. TF-Hub's ``RGB/inception_i3d/Mean:0`` that the original FVD code reads (per
-   `shared/reference/worldmem_data_and_peers.md` §4; not re-checked against TF here).
+   the FVD recipe of `docs/method.md` §13; not re-checked against TF here).
 4. FVD = Fréchet distance between Gaussians fitted to the two feature sets (mean, unbiased covariance), computed in
    float64 by :func:`frechet_distance` as a nuclear norm (SVD) instead of ``scipy.linalg.sqrtm``: real by
    construction and exact for the rank-deficient covariances of small sample sets (N <= 400). FVD is biased upwards

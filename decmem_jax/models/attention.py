@@ -174,7 +174,7 @@ def attention_with_history(q: jax.Array, k: jax.Array, v: jax.Array, hist_k: jax
 
 def teacher_forcing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk_tokens: int,
                               backend: str) -> jax.Array:
-    """Dense attention over a [clean ; noisy] teacher-forcing sequence [B, 2S, H, D] (decmem_method.md §9.2).
+    """Dense attention over a [clean ; noisy] teacher-forcing sequence [B, 2S, H, D] (docs/method.md §11).
 
     Clean chunk c sees clean chunks <= c (block-causal); noisy chunk c sees clean chunks < c and itself, i.e. exactly
     what the chunk sees at inference against a cache of the clean chunks before it."""

@@ -8,7 +8,7 @@ Keys are stored after RoPE, so a committed frame never needs re-rotation. Shapes
   kernels address selected blocks directly) plus the per-head mean-pooled key of every committed block, computed
   once at commit time (SGM scores every query block against them).
 
-A cache of batch 1 can serve a forward of batch B (the CFG branches share one history, decmem_method.md §7.3):
+A cache of batch 1 can serve a forward of batch B (the CFG branches share one history, docs/method.md §9):
 attention folds the batch into the queries instead of broadcasting the cache.
 """
 

@@ -1,4 +1,4 @@
-"""Action and camera-pose conditioning for the DiT (`../shared/reference/decmem_method.md` §7, §13 rows 8-10).
+"""Action and camera-pose conditioning for the DiT (`docs/method.md` §9).
 
     cond = Conditioning(ConditioningConfig(dim=1536, pose="added"), rngs=nnx.Rngs(0))
     emb = cond(batch["actions"], batch["poses"], drop=mask)   # float32 [B, F, dim], F = (T - 1) / 4 + 1

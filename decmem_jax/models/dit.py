@@ -2,7 +2,7 @@
 the DecMem additions (`DiTConfig.memory`: SGM + ALM + gate in place of self-attention; `DiTConfig.conditioning`:
 action/pose embeddings added to the patch tokens).
 
-Reads in the order of the forward pass (`../shared/reference/wan21.md` §1.2):
+Reads in the order of the forward pass (`docs/method.md` §2):
 patchify (+ conditioning) -> time embedding (per frame) -> text MLP -> N x [modulated self-attention with RoPE,
 cross-attention, modulated FFN] under `nnx.scan` -> modulated head -> unpatchify. Latents are channels-last:
 [B, F, H, W, C].
@@ -117,7 +117,7 @@ class WanBlock(nnx.Module):
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
         self.ffn = FeedForward(cfg, rngs=rngs)
         # DecMem gate G = Linear(h) on the hidden state that feeds q/k/v, zero-initialised: o = o_alm + G * o_sgm
-        # starts as ALM-only attention (decmem_method.md §6).
+        # starts as ALM-only attention (docs/method.md §8).
         gate = None
         if cfg.memory is not None:
             gate = linear(cfg.dim, cfg.dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
@@ -332,7 +332,7 @@ class WanDiT(nnx.Module):
     def teacher_forcing(self, clean: jax.Array, noisy: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                         chunk_size: int, actions: jax.Array | None = None, poses: jax.Array | None = None,
                         drop: jax.Array | None = None, clean_timesteps: jax.Array | None = None) -> jax.Array:
-        """Velocity for the noisy frames of a teacher-forcing step (decmem_method.md §9.2).
+        """Velocity for the noisy frames of a teacher-forcing step (docs/method.md §11).
 
         clean, noisy: [B, F, H, W, C] (F a multiple of chunk_size); timesteps [B, F]: the noisy frames' timesteps
         (clean frames run at t = 0). One sequence [clean ; noisy] with shared RoPE positions: clean chunk c sees clean

@@ -1,4 +1,4 @@
-"""Building blocks of the Wan2.1 causal video VAE in Flax NNX (`../shared/reference/wan21.md` §3.2).
+"""Building blocks of the Wan2.1 causal video VAE in Flax NNX (`docs/method.md` §3).
 
 Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation (§3.6): causal
 convolutions see the full sequence with zero frames in front, and the first frame bypasses temporal resampling.

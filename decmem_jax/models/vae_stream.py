@@ -9,7 +9,7 @@ whole clip (same function, float rounding aside) while holding only the cache an
 
 Streaming
 ---------
-The whole-sequence formulation (`../shared/reference/wan21.md` §3.6) makes every part of the VAE causal in time:
+The whole-sequence formulation (`docs/method.md` §3) makes every part of the VAE causal in time:
 RMS norms, SiLU, 1x1 convolutions, the spatial resample convolutions and the attention blocks act on each frame alone,
 and each kernel-3 `CausalConv3d` computes output frame t from input frames t-2, t-1, t (zeros before frame 0). So
 the cache (a dict `StreamCache`, key = the conv's module path, fixed shapes) holds:

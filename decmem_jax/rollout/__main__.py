@@ -11,7 +11,7 @@
 3. A sidecar JSON (--out with .json) records the settings, seed, inputs, timing and memory.
 
 --actions is a WorldMem-format npz (actions int [T, 8], poses [T, 5]) covering at least context + num_frames frames
-from the clip's first frame. Generation runs whole chunks and truncates the last one (decmem_method.md §13.17).
+from the clip's first frame. Generation runs whole chunks and truncates the last one (docs/method.md §12).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from decmem_jax.rollout.engine import SamplerSettings
 
 
 def add_rollout_fields(c: ml_collections.ConfigDict, *, random_weights: bool = False) -> ml_collections.ConfigDict:
-    """Adds the rollout fields (paper protocol defaults, decmem_method.md §10-11) to a run config, in place."""
+    """Adds the rollout fields (paper protocol defaults, docs/method.md §12-13) to a run config, in place."""
     c.checkpoint = ""
     c.vae_checkpoint = ""
     c.vae_preset = "wan2.1-vae"  # used with random_weights

@@ -1,4 +1,4 @@
-"""The teacher-forcing rectified-flow objective (`../shared/reference/decmem_method.md` §9.1-9.2).
+"""The teacher-forcing rectified-flow objective (`docs/method.md` §11).
 
 For clean latents z0 [B, F, H, W, C] (F = chunks * chunk):
   per chunk c:  u ~ U(0, 1),  sigma_c = s*u / (1 + (s-1)*u)          (shift s = 5.0 pushes sigma towards 1)

@@ -1,6 +1,6 @@
 """Mosaic GPU (sm_90a) SGM forward kernel and the helpers the backward kernels share (`mosaic_gpu_bwd.py`).
 
-CTA layout (kernels.md §5.3): `plan.consumers` consumer warpgroups, each owning one 64-row q tile, plus 1 producer
+CTA layout: `plan.consumers` consumer warpgroups, each owning one 64-row q tile, plus 1 producer
 warpgroup that reads step lists from GMEM and issues the TMA loads of the listed key rows into SMEM rings. A
 `StreamPlan` picks one of two options per geometry:
   (a) own lists (share = 1, 2 consumers): every q tile streams its own list through its own ring. Needed when a

@@ -8,7 +8,7 @@ block ids per query block (entries at positions >= count are ignored), `kv_block
 block with count 0 (or whose selected blocks hold no valid token) gets output 0 and LSE −inf. LSE is natural-log,
 `[B, H, Tq]`. Padded query rows are computed like any other row (finite).
 
-Design (kernels.md §6):
+Design:
 * Wrapper transposes to `[B·H, T, D]`; one grid step = one query block × one key block.
 * Scalar prefetch (SMEM, flattened 1-D int32): the selected-block list, the counts and the key-block lengths. The list
   is sanitised in XLA first: positions >= count repeat the last valid id (0 for count 0), so padded steps ask for the
