@@ -1,8 +1,9 @@
 """Command line: `python -m decmem_jax.convert <model> ...` converts PyTorch checkpoints to JAX/Orbax directories.
 
 Each subcommand is one entry of COMMANDS: a function that adds its arguments to a subparser and a function that runs
-it. Input problems (missing or unreadable files, key/shape mismatches, an occupied destination) exit with status 2
-and a message, without a traceback.
+it. Input problems (missing or unreadable files, key/shape mismatches, an occupied or unwritable destination) exit
+with status 2 and a message starting `error: <file or argument>:`, without a traceback; the destination is checked
+before the source is read.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import sys
 import textwrap
 
+from decmem_jax import cli
 from decmem_jax.convert import keymap
 from decmem_jax.convert.sources import SUBKEY_PREFERENCE, SourceError
 
@@ -131,9 +133,9 @@ def _input_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m decmem_jax.convert", description=DESCRIPTION,
-                                     epilog="Run `python -m decmem_jax.convert <model> --help` for the inputs a "
-                                            "model accepts.")
+    parser = cli.ArgumentParser(prog="python -m decmem_jax.convert", description=DESCRIPTION,
+                                epilog="Run `python -m decmem_jax.convert <model> --help` for the inputs a model "
+                                       "accepts.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="<model>")
     for add, _ in COMMANDS.values():
         add(sub)

@@ -22,6 +22,8 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
+from decmem_jax.cli import output_problem
+
 CONFIG_FILE = "config.json"
 CONVERSION_FILE = "conversion.json"
 PARAMS_DIR = "params"
@@ -77,12 +79,16 @@ def weight_dtype(dtype: str) -> tuple[type, str]:
 
 
 def check_destination(dst: Path, overwrite: bool) -> None:
-    if not dst.exists() or overwrite:
-        return
-    if dst.is_dir() and not any(dst.iterdir()):
-        return
-    raise ConvertError(f"{dst}: destination already exists and is not empty; pass overwrite=True (--overwrite) to "
-                       "replace it")
+    """Refuses a destination that is occupied (unless `overwrite`) or cannot be written: below an existing file, on a
+    read-only file system, without permission. Called before the source is opened, so a conversion that could
+    never be saved fails before any tensor is read rather than after all of them."""
+    dst = Path(dst)
+    if dst.exists() and not overwrite and not (dst.is_dir() and not any(dst.iterdir())):
+        raise ConvertError(f"{dst}: destination already exists and is not empty; pass overwrite=True (--overwrite) "
+                           "to replace it")
+    problem = output_problem(dst, inside=False)  # the checkpoint is staged next to dst, then renamed into place
+    if problem:
+        raise ConvertError(f"{dst}: cannot write the converted checkpoint here: {problem}")
 
 
 def move_into_place(tmp: Path, dst: Path) -> None:

@@ -1,7 +1,12 @@
-"""Build the CSV index of a WorldMem-format data root: `train.csv` (from `training/`) and `test.csv` (from `test/`).
+"""Build the CSV index of a WorldMem-format data root: `train.csv` (from `training/`), `validation.csv` (from
+`validation/`, when there is one) and `test.csv` (from `test/`).
 
-    python -m decmem_jax.data.build_csv --root DIR [--seed 42] [--strict] [--splits training,test]
+    python -m decmem_jax.data.build_csv --root DIR [--seed 42] [--strict] [--splits training,validation,test]
                                         [--check probe|demux|decode] [--workers N]
+
+By default every split folder is indexed; `validation/` is optional (WorldMem's data has none, `generate_world
+--split all` writes one). With `--splits`, the listed folders are required and a split folder left out is named in
+the summary as skipped, never ignored silently.
 
 Each split folder is scanned recursively (hidden files, e.g. writers' temporary files, are ignored); `<stem>.mp4` and
 `<stem>.npz` are paired by their path relative to the split folder without the suffix. Files without a partner are
@@ -18,7 +23,9 @@ frame count) holds paths relative to ROOT (where the CSV lives), one row per val
 shuffled with `np.random.default_rng(seed).permutation` (seed 42 = the DecMem reference convention). Readers look
 columns up by name and ignore columns they do not know. The file is written to a temporary name and renamed into
 place. Invalid pairs are left out and listed (file + every problem) in the printed summary; with `strict=True`
-(`--strict`) any invalid pair, unpaired file or missing split is an error: nothing is written, exit code 1.
+(`--strict`) any invalid pair, unpaired file or missing required split is an error: nothing is written, exit code 1.
+A bad argument or a root that is missing or not writable is one line `error: ...` on stderr, exit code 2, found
+before any file is checked.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ import argparse
 import concurrent.futures
 import csv
 import dataclasses
+import difflib
 import io
 import os
 import sys
@@ -34,8 +42,9 @@ import tempfile
 
 import numpy as np
 
-from decmem_jax import video
-from decmem_jax.data.worldmem_format import CSV_COLUMNS, CSV_FOR_SPLIT, check_clip_arrays
+from decmem_jax import cli, video
+from decmem_jax.data.worldmem_format import (CSV_COLUMNS, CSV_FOR_SPLIT, OPTIONAL_SPLITS, SPLITS, check_clip_arrays,
+                                             read_clip_npz)
 
 EXTRA_COLUMNS = ("num_frames",)
 CHECKS = ("probe", "demux", "decode")
@@ -49,6 +58,7 @@ class SplitSummary:
     invalid: list[tuple[str, list[str]]] = dataclasses.field(default_factory=list)  # (mp4 path rel. ROOT, problems)
     unpaired: list[str] = dataclasses.field(default_factory=list)  # paths relative to ROOT
     missing: bool = False  # the split folder does not exist
+    optional: bool = False  # a missing folder is no problem (validation/ when the splits were not named)
     written: str | None = None  # path of the CSV written (None: nothing written)
 
 
@@ -58,11 +68,13 @@ class Summary:
     seed: int
     strict: bool
     splits: list[SplitSummary]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # split folders present but not asked for
+    folders: list[str] = dataclasses.field(default_factory=list)  # the root's folders (for "did you mean")
 
     @property
     def ok(self) -> bool:
-        """No invalid pair, unpaired file or missing split folder."""
-        return not any(s.invalid or s.unpaired or s.missing for s in self.splits)
+        """No invalid pair, unpaired file or missing required split folder."""
+        return not any(s.invalid or s.unpaired or (s.missing and not s.optional) for s in self.splits)
 
     @property
     def invalid(self) -> dict[str, list[str]]:
@@ -76,7 +88,10 @@ class Summary:
         out = [f"CSV index of {self.root} (seed {self.seed}{', strict' if self.strict else ''})"]
         for s in self.splits:
             if s.missing:
-                out.append(f"  {s.split}/: folder missing, no {s.csv_name}")
+                if not s.optional:
+                    near = difflib.get_close_matches(s.split, self.folders, n=1)
+                    out.append(f"  {s.split}/: folder missing, no {s.csv_name}"
+                               + (f" (did you mean {near[0]}?)" if near else ""))
                 continue
             where = f"-> {s.written}" if s.written else "(not written)"
             out.append(f"  {s.split}/: {len(s.rows)} valid pairs {where}; {len(s.invalid)} invalid, "
@@ -85,6 +100,9 @@ class Summary:
                 out.append(f"    INVALID {path}: " + "; ".join(problems))
             for path in s.unpaired:
                 out.append(f"    UNPAIRED {path}: no {'npz' if path.endswith('.mp4') else 'mp4'} with the same stem")
+        for split in self.skipped:
+            out.append(f"  {split}/: skipped (not in --splits), no {CSV_FOR_SPLIT.get(split, split + '.csv')} "
+                       "written; add it to --splits to index it")
         if self.strict and not self.ok:
             out.append("strict mode: problems found, nothing written")
         return "\n".join(out)
@@ -139,11 +157,9 @@ def validate_pair(mp4: str, npz: str, check: str = "demux") -> tuple[int | None,
     except video.VideoError as e:
         problems.append(f"video: {str(e).removeprefix(mp4 + ': ')}")
     try:
-        with np.load(npz) as data:
-            actions = data["actions"] if "actions" in data.files else None
-            poses = data["poses"] if "poses" in data.files else None
-    except Exception as e:  # zipfile/pickle/OS errors: anything that stops the npz from loading
-        problems.append(f"npz does not load: {type(e).__name__}: {e}")
+        actions, poses = read_clip_npz(npz)
+    except ValueError as e:  # names the npz (the pair is listed under its mp4)
+        problems.append(f"npz does not load: {os.path.basename(npz)}{str(e).removeprefix(npz)}")
     else:
         problems += [f"npz: {p}" for p in check_clip_arrays(actions, poses, num_frames)]
     return num_frames, problems
@@ -165,21 +181,38 @@ def _write_csv_atomic(path: str, rows: list[tuple[str, str, int]]) -> None:
         raise
 
 
-def build_csv(root, seed: int = 42, strict: bool = False, splits=("training", "test"), *, check: str = "demux",
+def build_csv(root, seed: int = 42, strict: bool = False, splits=None, *, check: str = "demux",
               workers: int | None = None, progress: bool = True) -> Summary:
-    """Scan, validate and index the splits of `root`; write the CSVs (unless strict and problems) and return the
-    Summary. See the module docstring."""
+    """Scan, validate and index the splits of `root` (None: every split folder, validation/ optional; a list: those
+    folders, each required); write the CSVs (unless strict and problems) and return the Summary. See the module
+    docstring. Bad arguments and an unusable root raise ValueError / FileNotFoundError before any file is read."""
     from tqdm.auto import tqdm
 
     if check not in CHECKS:
         raise ValueError(f"check={check!r}; expected one of {CHECKS}")
+    if seed < 0:
+        raise ValueError(f"seed={seed}: must be >= 0")
+    if workers is not None and workers < 1:
+        raise ValueError(f"workers={workers}: must be >= 1")
+    named = splits is not None
+    splits = list(SPLITS if splits is None else splits)
+    if not splits or any(not s or "/" in s or s.startswith(".") for s in splits):
+        raise ValueError(f"splits={splits}: expected split folder names such as {', '.join(SPLITS)}")
     root = os.path.abspath(os.fspath(root))
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"{root}: data root is not a directory")
+        what = "is a file, not" if os.path.exists(root) else "no such folder;"
+        raise FileNotFoundError(f"{root}: {what} a data root holding training/ and test/ (python -m "
+                                "decmem_jax.data.generate_world writes one)")
+    problem = cli.output_problem(root)
+    if problem:  # the CSVs are written into the root: know now, not after checking every pair
+        raise ValueError(f"{root}: cannot write the CSV index here: {problem}")
     workers = workers or min(8, os.cpu_count() or 1)
-    summary = Summary(root, seed, strict, [])
+    folders = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)) and not d.startswith("."))
+    summary = Summary(root, seed, strict, [], skipped=[s for s in SPLITS if s not in splits and s in folders],
+                      folders=folders)
     for split in splits:
-        s = SplitSummary(split, CSV_FOR_SPLIT.get(split, f"{split}.csv"))
+        optional = not named and split in OPTIONAL_SPLITS
+        s = SplitSummary(split, CSV_FOR_SPLIT.get(split, f"{split}.csv"), optional=optional)
         summary.splits.append(s)
         split_dir = os.path.join(root, split)
         if not os.path.isdir(split_dir):
@@ -209,23 +242,29 @@ def build_csv(root, seed: int = 42, strict: bool = False, splits=("training", "t
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m decmem_jax.data.build_csv", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m decmem_jax.data.build_csv", description=__doc__.split("\n\n")[0],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, help="data root holding the split folders; the CSVs are written here")
-    p.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+    p.add_argument("--seed", type=cli.non_negative_int, default=42, help="shuffle seed (default 42)")
     p.add_argument("--strict", action="store_true", help="any invalid pair / unpaired file: write nothing, exit 1")
-    p.add_argument("--splits", default="training,test", help="comma-separated split folders (default training,test)")
+    p.add_argument("--splits", default=None, help="comma-separated split folders, each required (default: every "
+                   f"split folder of {','.join(SPLITS)}; {','.join(OPTIONAL_SPLITS)} only when present)")
     p.add_argument("--check", choices=CHECKS, default="demux", help="how hard to check each mp4 (default demux)")
-    p.add_argument("--workers", type=int, default=None, help="parallel validation threads (default min(8, cpus))")
+    p.add_argument("--workers", type=cli.positive_int, default=None,
+                   help="parallel validation threads (default min(8, cpus))")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
+    splits = None if args.splits is None else [s.strip() for s in args.splits.split(",") if s.strip()]
+    if splits is not None and not splits:
+        p.error(f"argument --splits: {args.splits!r} names no split folder (e.g. training,test)")
     try:
-        summary = build_csv(args.root, args.seed, args.strict, [s for s in args.splits.split(",") if s],
-                            check=args.check, workers=args.workers, progress=not args.no_progress)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        summary = build_csv(args.root, args.seed, args.strict, splits, check=args.check, workers=args.workers,
+                            progress=not args.no_progress)
+    except (OSError, ValueError) as e:  # a bad root or argument (OSError: also a failed write of a CSV)
+        return cli.fail(e)
     print(summary.format())
+    if not any(sp.written for sp in summary.splits):  # e.g. every named split folder missing: nothing indexed
+        return 1
     return 1 if args.strict and not summary.ok else 0
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from decmem_jax import cli
 from decmem_jax.data import agent as agent_lib
 from decmem_jax.data import world as world_lib
 from decmem_jax.data.worldmem_format import FPS, SPLITS, check_clip_arrays
@@ -44,9 +45,9 @@ def parse_size(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise ValueError(f"size must look like HxW (e.g. 64x64, 352x640, 360x640), got {text!r}") from None
+        raise ValueError(f"--size {text!r}: size must look like HxW (e.g. 64x64, 352x640, 360x640)") from None
     if h <= 0 or w <= 0 or h % 2 or w % 2:
-        raise ValueError(f"size must be positive and even in both dimensions (H.264 yuv420p), got {h}x{w}")
+        raise ValueError(f"--size {h}x{w}: size must be positive and even in both dimensions (yuv420p video)")
     return h, w
 
 
@@ -121,24 +122,28 @@ def _write_clip(job) -> tuple[str, str]:
     return str(mp4), str(npz)
 
 
-def check_args(clips, frames, size, revisit, split, jobs) -> tuple[int, int]:
-    """Raise ValueError with a clear message for bad arguments; returns the size as (H, W)."""
+def check_args(clips, frames, size, revisit, split, jobs, quantizer: int = 1, seed: int = 0) -> tuple[int, int]:
+    """Raise ValueError naming the argument for a bad one; returns the size as (H, W)."""
     if isinstance(size, str):
         size = parse_size(size)
     size = tuple(int(v) for v in size)
     parse_size(f"{size[0]}x{size[1]}")
     if not isinstance(clips, int) or clips < 1:
-        raise ValueError(f"clips must be a positive int, got {clips!r}")
+        raise ValueError(f"--clips {clips!r}: clips must be a positive int")
     if not isinstance(frames, int) or frames < 1:
-        raise ValueError(f"frames must be a positive int, got {frames!r}")
+        raise ValueError(f"--frames {frames!r}: frames must be a positive int")
     if not 0 <= float(revisit) <= 1:
-        raise ValueError(f"revisit fraction must be in [0, 1], got {revisit}")
+        raise ValueError(f"--revisit-fraction {revisit}: the revisit fraction must be in [0, 1]")
     if revisit and frames < 27:
-        raise ValueError(f"--revisit needs at least 27 frames (out, turn round, back, turn round), got {frames}")
+        raise ValueError(f"--frames {frames}: --revisit needs at least 27 frames (out, turn round, back, turn round)")
     if split not in (*SPLITS, "all"):
-        raise ValueError(f"split must be one of {', '.join(SPLITS)} or all, got {split!r}")
+        raise ValueError(f"--split {split!r}: split must be one of {', '.join(SPLITS)} or all")
     if jobs < 1:
-        raise ValueError(f"jobs must be >= 1, got {jobs}")
+        raise ValueError(f"--jobs {jobs!r}: jobs must be >= 1")
+    if not 1 <= quantizer <= 31:
+        raise ValueError(f"--quantizer {quantizer!r}: the MPEG-4 quantizer must be in 1..31")
+    if seed < 0:  # seeds numpy's SeedSequence, which takes no negative entropy
+        raise ValueError(f"--seed {seed!r}: the seed must be >= 0")
     return size
 
 
@@ -149,8 +154,10 @@ def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit
     order. ``size`` is (H, W) or 'HxW'; ``quantizer`` the MPEG-4 quantizer (see `video_options`); ``jobs`` worker
     processes;
     ``skip_existing`` keeps complete pairs."""
-    size = check_args(clips, frames, size, revisit, split, jobs)
-    video_options(quantizer)  # validates the quantizer before any work starts
+    size = check_args(clips, frames, size, revisit, split, jobs, quantizer, seed)
+    problem = cli.output_problem(out)
+    if problem:  # before any clip is rendered
+        raise ValueError(f"--out {os.fspath(out)}: {problem}")
     os.makedirs(out, exist_ok=True)
     counters = dict.fromkeys(SPLITS, 0)
     work = []
@@ -173,7 +180,7 @@ def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = cli.ArgumentParser(
         prog="python -m decmem_jax.data.generate_world",
         description="Generate WorldMem-format clips (mp4 at 10 fps + npz with MineDojo 'actions' int32 [T, 8] and "
                     "'poses' float32 [T, 5] = x, y, z, pitch, yaw degrees, plus 'revisit_pairs' int32 [P, 2]) from a "
@@ -206,12 +213,18 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     revisit = args.revisit if args.revisit_fraction is None else args.revisit_fraction
     try:
-        check_args(args.clips, args.frames, args.size, revisit, args.split, args.jobs)
+        check_args(args.clips, args.frames, args.size, revisit, args.split, args.jobs, args.quantizer, args.seed)
     except ValueError as e:
         parser.error(str(e))
-    written = generate(args.out, args.clips, args.frames, args.size, args.seed, revisit, args.split,
-                       fog=args.fog, quantizer=args.quantizer, jobs=args.jobs, skip_existing=args.skip_existing,
-                       progress=not args.quiet)
+    problem = cli.output_problem(args.out)
+    if problem:
+        return cli.fail(f"--out {args.out}: {problem}")
+    try:
+        written = generate(args.out, args.clips, args.frames, args.size, args.seed, revisit, args.split,
+                           fog=args.fog, quantizer=args.quantizer, jobs=args.jobs, skip_existing=args.skip_existing,
+                           progress=not args.quiet)
+    except OSError as e:  # e.g. the disk filled up: finished pairs stay, the clip being written left nothing
+        return cli.fail(f"--out {args.out}: {e}")
     seconds = time.perf_counter() - start
     print(f"wrote {len(written)} clips x {args.frames} frames to {args.out} in {seconds:.1f} s "
           f"({seconds / len(written):.2f} s per clip)", file=sys.stderr)

@@ -1,4 +1,4 @@
-"""The WorldMem Minecraft clip format, in one place (`../shared/reference/worldmem_data_and_peers.md` §1–2).
+"""The WorldMem Minecraft clip format (the layout of WorldMem's released data set), in one place.
 
 A data root holds split folders (`training/`, `validation/`, `test/`), each with paired `<stem>.mp4` / `<stem>.npz`
 files (any sub-folder depth). The mp4 is 640x360 RGB at 10 fps; the npz (`np.savez_compressed`) has
@@ -10,15 +10,32 @@ files (any sub-folder depth). The mp4 is 640x360 RGB at 10 fps; the npz (`np.sav
 
 with T = the number of video frames (±1 tolerated, as the reference data has such clips). Used by the generator
 (writing), the CSV builder (validating) and the pipeline (reading).
+
+The CSV indexes come in two kinds (`check_index_csv` tells them apart before a tool reads one): a video CSV
+(`video_path,action_path[,num_frames]`, written by `decmem_jax.data.build_csv`) and a latents CSV (`latent_path,...`,
+written by `decmem_jax.data.encode_latents`).
 """
 
 from __future__ import annotations
 
+import codecs
+import csv
+import difflib
+import io
+import os
+import zipfile
+import zlib
+
 import numpy as np
 
 SPLITS = ("training", "validation", "test")
-CSV_FOR_SPLIT = {"training": "train.csv", "test": "test.csv"}  # validation is optional and gets no CSV by default
+OPTIONAL_SPLITS = ("validation",)  # WorldMem's data has no validation/ folder; generate_world --split all writes one
+CSV_FOR_SPLIT = {"training": "train.csv", "validation": "validation.csv", "test": "test.csv"}
 CSV_COLUMNS = ("video_path", "action_path")
+LATENTS_CSV_COLUMNS = ("latent_path",)  # what the pipeline needs of a latents CSV; encode_latents writes more
+# kind -> (required columns, what writes it)
+CSV_KINDS = {"video": (CSV_COLUMNS, "python -m decmem_jax.data.build_csv --root DATA (DATA/train.csv, DATA/test.csv)"),
+             "latents": (LATENTS_CSV_COLUMNS, "python -m decmem_jax.data.encode_latents (OUT/latents.csv)")}
 FPS = 10
 FRAME_HW = (360, 640)  # WorldMem frames; the model uses 352x640 (crop), see the pipeline
 SKIP_FRAMES = 100  # WorldMem skips the first 100 (reset / low-quality) frames of every video
@@ -82,12 +99,36 @@ def check_clip_arrays(actions: np.ndarray | None, poses: np.ndarray | None,
     return problems
 
 
+# What np.load and reading a member raise for a damaged or foreign file (truncated zip, bad CRC, a pickle, a .npy).
+_NPZ_ERRORS = (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
+def read_clip_npz(path) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """The raw 'actions' and 'poses' arrays of a clip npz (None where missing). A missing, truncated, corrupt or
+    non-npz file raises ValueError naming the npz (not the video it belongs to)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: {'not a file' if os.path.exists(path) else 'no such file'} (the clip's npz of "
+                         "actions and poses)")
+    try:
+        with np.load(path) as data:
+            if not isinstance(data, np.lib.npyio.NpzFile):
+                raise ValueError("holds a single array (.npy), not the npz archive of 'actions' and 'poses'")
+            actions = data["actions"] if "actions" in data.files else None
+            poses = data["poses"] if "poses" in data.files else None
+    except AttributeError:  # np.load returned a bare array, which is no context manager
+        raise ValueError(f"{path}: holds a single array (.npy), not the npz archive of 'actions' and 'poses'") \
+            from None
+    except _NPZ_ERRORS as e:
+        raise ValueError(f"{path}: cannot be read as an npz ({type(e).__name__}: {e}); the file is damaged or not "
+                         "a clip's npz: regenerate or re-download it") from None
+    return actions, poses
+
+
 def load_clip_arrays(path) -> tuple[np.ndarray, np.ndarray]:
     """(actions int32 [T, 8], poses float32 [T, 5]) from an npz, with a short pose array left-padded by a zero row
-    (WorldMem's convention). Raises ValueError naming the file if the arrays are invalid."""
-    with np.load(path) as data:
-        actions = data["actions"] if "actions" in data else None
-        poses = data["poses"] if "poses" in data else None
+    (WorldMem's convention). Raises ValueError naming the npz if it cannot be read or its arrays are invalid."""
+    actions, poses = read_clip_npz(path)
     problems = check_clip_arrays(actions, poses)
     if problems:
         raise ValueError(f"{path}: " + "; ".join(problems))
@@ -95,3 +136,52 @@ def load_clip_arrays(path) -> tuple[np.ndarray, np.ndarray]:
     if poses.shape[0] == actions.shape[0] - 1:
         poses = np.concatenate([np.zeros((1, POSE_DIM), np.float32), poses])
     return actions.astype(np.int32), poses
+
+
+def check_index_csv(path, kind: str) -> list[str]:
+    """Checks that `path` is a readable CSV index of `kind` ("video" or "latents", see the module docstring) with at
+    least one row, before a tool reads or encodes anything; returns its columns. Raises ValueError whose message
+    starts with the file and says what to pass instead: for a missing file, a folder, a binary file (a video or an
+    npz given as the CSV), a header without the needed columns (a typo gets a "did you mean"), the other kind of
+    CSV, or no rows."""
+    required, writer = CSV_KINDS[kind]
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        inside = [n for n in ("train.csv", "test.csv", "validation.csv", "latents.csv")
+                  if os.path.isfile(os.path.join(path, n))]
+        raise ValueError(f"{path}: is a folder; pass the CSV file itself"
+                         + (f" (it holds {', '.join(inside)})" if inside else f", written by {writer}"))
+    if not os.path.isfile(path):
+        raise ValueError(f"{path}: no such file; the {kind} CSV is written by {writer}")
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    try:  # an incremental decoder: the 64 KiB may end inside a character
+        text = None if b"\0" in head else codecs.getincrementaldecoder("utf-8-sig")().decode(head, final=False)
+        rows = None if text is None else list(csv.reader(io.StringIO(text)))
+    except (UnicodeDecodeError, csv.Error):
+        rows = None
+    if rows is None:
+        raise ValueError(f"{path}: is a binary file, not a CSV text file (a video or npz passed as the CSV?); pass "
+                         f"the {kind} CSV written by {writer}")
+    header = [c.strip() for c in rows[0]] if rows else []
+    if not header:
+        raise ValueError(f"{path}: is empty; the {kind} CSV is written by {writer}")
+    # A latents CSV also carries video_path/action_path (the clip each file came from), so the kinds are told apart
+    # by latent_path.
+    if kind == "video" and "latent_path" in header:
+        raise ValueError(f"{path}: is a latents CSV (written by encode_latents), but a video CSV is needed here: "
+                         f"pass the one written by {writer}")
+    missing = [c for c in required if c not in header]
+    if missing:
+        if kind == "latents" and all(c in header for c in CSV_COLUMNS):
+            raise ValueError(f"{path}: is a video CSV (written by build_csv), but training reads cached latents: "
+                             f"encode the clips first and pass the CSV written by {writer}")
+        hints = []
+        for c in missing:
+            near = difflib.get_close_matches(c, header, n=1, cutoff=0.6)
+            hints.append(f"{c!r}" + (f" (found {near[0]!r}: a typo?)" if near else ""))
+        raise ValueError(f"{path}: the header lacks column {', '.join(hints)}; it has {','.join(header)}, and a "
+                         f"{kind} CSV needs {','.join(required)} (as written by {writer})")
+    if len(rows) < 2 or not any(any(cell.strip() for cell in row) for row in rows[1:]):
+        raise ValueError(f"{path}: has a header but no rows; nothing to read")
+    return header

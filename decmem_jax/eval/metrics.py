@@ -7,8 +7,8 @@ Conventions
   :func:`to_unit_float` is the one conversion: uint8 -> ``x / 255`` (float32); float -> clipped to [0, 1] as WorldMem
   clips generated frames, after rejecting NaN/inf and values outside [-0.1, 1.1] (a [-1, 1] or [0, 255] video
   passed by mistake). Other dtypes are rejected. Generated and reference videos must have equal shapes.
-* Every frame metric is computed per frame, then averaged per video, then over videos (WorldMem's protocol,
-  `shared/reference/worldmem_data_and_peers.md` §1.6). :class:`Scores` keeps all three levels.
+* Every frame metric is computed per frame, then averaged per video, then over videos (WorldMem's evaluation
+  protocol). :class:`Scores` keeps all three levels.
 * PSNR: ``dm_pix.psnr`` = ``-10 log10(MSE)`` over H, W and channels with data range 1.0, in float32. No cap: an
   identical frame scores ``inf`` (as torchmetrics does), so a video or set containing one averages to ``inf``.
 * SSIM: ``dm_pix.ssim`` with its defaults (modelled on ``tf.image.ssim``): Gaussian window 11, sigma 1.5,
@@ -23,6 +23,9 @@ Conventions
   ceiling (the game world can change between the visits, and poses may match only approximately).
 
 JAX runs on whatever backend is the default; results are returned as numpy float64.
+
+This is a library, not a command: ``python -m decmem_jax.eval.metrics`` says so in one line and exits with status 2.
+To score a rollout against its true continuation, run the rollout with ``--ground_truth``.
 """
 
 from __future__ import annotations
@@ -255,3 +258,12 @@ def revisit_scores(generated, reference, revisit_pairs, *, generated_from: int =
         gt_psnr=psnr(gt_revisit, original).per_frame[0],
         gt_lpips=model(gt_revisit, original).per_frame[0],
     )
+
+
+if __name__ == "__main__":
+    import sys
+
+    print("error: decmem_jax.eval.metrics: a library (PSNR, SSIM, LPIPS, revisit scores), not a command: call it from "
+          "Python, or score a rollout with `python -m decmem_jax.rollout ... --ground_truth=CLIP.mp4`",
+          file=sys.stderr)
+    sys.exit(2)

@@ -1,7 +1,8 @@
 """`python -m decmem_jax.train --config=configs/{dense_short,dense_long,decmem}.py [--config.x=...] --workdir DIR
 [--resume]`: trains one stage (see docs/training.md). Exit codes: 0 done or preempted (checkpoint written),
-1 a run error (printed as one line: bad paths, non-finite loss, checkpoint/model mismatch, sharding rules) or a
-crash (with its traceback)."""
+1 a run error (printed as one line: bad paths, a data CSV of the wrong kind, non-finite loss, checkpoint/model
+mismatch, sharding rules) or a crash (with its traceback), 2 a bad flag or an unknown --config.x field (one line,
+with the nearest field names)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import sys
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from decmem_jax.cli import check_data_csvs, fail, parse_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py[:arg])", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, config dump")
@@ -28,6 +31,10 @@ def main(argv) -> int:
     from decmem_jax.train.loop import TrainError, run
     from decmem_jax.train.state import ConfigError
 
+    try:  # wrong data files are known before the model is built
+        check_data_csvs(_CONFIG.value)
+    except ValueError as e:
+        return fail(e, 1)
     try:
         return run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
     except (TrainError, ConfigError, CheckpointError, ShardingError, ConvertError) as e:  # others: bugs, traceback
@@ -36,4 +43,4 @@ def main(argv) -> int:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)  # one-line errors, "did you mean" for an unknown --config.x field
