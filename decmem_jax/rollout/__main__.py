@@ -80,8 +80,8 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
         _fail(f"--context {context}: {info.num_frames} frames, fewer than rollout.context_frames={r.context_frames}")
     try:
         acts, poses = load_clip_arrays(actions)
-    except (ValueError, KeyError, OSError) as e:
-        _fail(f"--actions {actions}: {e}")
+    except (ValueError, KeyError, OSError) as e:  # the message names the npz
+        _fail(f"--actions: {e}")
     needed = r.context_frames + num_frames
     if acts.shape[0] < needed:
         _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but context ({r.context_frames}) + "
@@ -365,4 +365,6 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    from decmem_jax.cli import parse_flags
+
+    app.run(main, flags_parser=parse_flags)  # one-line errors, "did you mean" for an unknown --config.x field

@@ -338,4 +338,6 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, config dump")
     _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest complete checkpoint in --workdir")
     flags.mark_flags_as_required(["config", "workdir"])
-    app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value, _RESUME.value))
+    from decmem_jax.cli import parse_flags
+
+    app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value, _RESUME.value), flags_parser=parse_flags)
