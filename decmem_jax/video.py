@@ -35,6 +35,8 @@ import av
 import numpy as np
 from PIL import Image
 
+from decmem_jax.errors import DecMemError
+
 __all__ = ["VideoError", "VideoInfo", "probe", "read_video", "iter_frames", "VideoWriter", "write_video",
            "to_model_range", "from_model_range", "check_frame_count", "pad_to_valid"]
 
@@ -45,7 +47,7 @@ _TO_RGB = _I.BILINEAR | _I.ACCURATE_RND | _I.FULL_CHR_H_INT
 _FROM_RGB = _I.BILINEAR | _I.ACCURATE_RND | _I.FULL_CHR_H_INP
 
 
-class VideoError(ValueError):
+class VideoError(DecMemError, ValueError):
     """A video file is missing, unreadable, truncated, empty, or used with invalid arguments."""
 
 

@@ -127,9 +127,9 @@ COMMANDS = {"dit": (_add_dit, _run_dit), "vae": (_add_vae, _run_vae)}
 
 
 def _input_errors() -> tuple[type[BaseException], ...]:
-    from decmem_jax.convert.orbax_io import ConvertError
+    from decmem_jax.errors import DecMemError
 
-    return (keymap.CheckpointMismatch, SourceError, ConvertError, FileNotFoundError)
+    return (DecMemError, FileNotFoundError)  # the project's errors (mismatch, source, destination) and a missing file
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Mapping
 
 import numpy as np
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.models.config import DiTConfig
 
 # Layout transforms: name -> (torch -> jax, jax -> torch).
@@ -144,7 +145,7 @@ def iter_export(params: Mapping[tuple[str, ...], np.ndarray], cfg: DiTConfig,
         yield key, np.ascontiguousarray(TRANSFORMS[rule.transform][1](arr))
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(DecMemError, ValueError):
     """A checkpoint does not fit the config: lists every missing key, unexpected key and shape mismatch at once."""
 
 

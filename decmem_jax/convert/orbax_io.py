@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from decmem_jax.cli import output_problem
+from decmem_jax.errors import DecMemError
 
 CONFIG_FILE = "config.json"
 CONVERSION_FILE = "conversion.json"
@@ -37,7 +38,7 @@ MODELS = {"dit": ("DiT", "decmem_jax.convert.dit.load_dit", "dit"),
 LEGACY_MODEL = "dit"  # what a conversion.json without "model" (or a directory without one) holds
 
 
-class ConvertError(ValueError):
+class ConvertError(DecMemError, ValueError):
     """Bad conversion arguments, an occupied destination, or a directory that is not a converted checkpoint."""
 
 

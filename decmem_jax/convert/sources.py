@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from decmem_jax.errors import DecMemError
+
 TORCH_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 DIFFUSERS_NAME = "diffusion_pytorch_model.safetensors"
 SUBKEY_PREFERENCE = ("generator_ema", "generator", "model", "state_dict")  # what subkey="auto" looks for, in order
@@ -32,7 +34,7 @@ STRIP_PREFIXES = ("model.", "generator_ema.", "generator.", "module.")
 STRIP_INFIXES = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
-class SourceError(ValueError):
+class SourceError(DecMemError, ValueError):
     """A checkpoint source cannot be read: the message names the path and the problem."""
 
 

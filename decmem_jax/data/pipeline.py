@@ -58,6 +58,7 @@ import numpy as np
 
 from decmem_jax import video as video_io
 from decmem_jax.data.worldmem_format import load_clip_arrays, noop
+from decmem_jax.errors import DecMemError
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ SOURCES = ("video", "latents")
 _CORRUPT = "__corrupt__"  # key of the marker element a skipped clip turns into
 
 
-class ClipError(ValueError):
+class ClipError(DecMemError, ValueError):
     """A clip cannot be used (unreadable, inconsistent or too short); the message starts with the file."""
 
 

@@ -21,6 +21,8 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from decmem_jax.errors import DecMemError
+
 Rule = str | tuple[str, ...] | None
 
 LOGICAL_RULES: dict[str, Rule] = {
@@ -86,7 +88,7 @@ BATCH_AXES: dict[str, tuple[str, ...]] = {
 }
 
 
-class ShardingError(ValueError):
+class ShardingError(DecMemError, ValueError):
     """A parameter without a rule, an unknown logical axis, or a mesh that does not divide an array."""
 
 

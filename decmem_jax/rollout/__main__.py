@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.rollout import settings as settings_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py",
@@ -49,7 +50,7 @@ _TRUTH = flags.DEFINE_string("ground_truth", None, "optional mp4 holding the tru
 log = logging.getLogger("decmem_jax.rollout")
 
 
-class RolloutError(ValueError):
+class RolloutError(DecMemError, ValueError):
     """A bad input or setting; the message names the file or field."""
 
 
@@ -349,7 +350,7 @@ def main(argv) -> int:
     try:
         record = run(_CONFIG.value, context=_CONTEXT.value, actions=_ACTIONS.value, num_frames=_NUM_FRAMES.value,
                      out=_OUT.value, seed=_SEED.value, diagnostics=_DIAGNOSTICS.value, ground_truth=_TRUTH.value)
-    except (RolloutError, ValueError, FileNotFoundError) as e:
+    except (DecMemError, ValueError, FileNotFoundError) as e:  # plain ValueError: a config the dataclasses reject
         print(f"error: {e}", file=sys.stderr)
         return 2
     t = record["timing"]

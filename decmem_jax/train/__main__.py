@@ -25,11 +25,8 @@ def main(argv) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from decmem_jax.convert.orbax_io import ConvertError
-    from decmem_jax.parallel.sharding import ShardingError
-    from decmem_jax.train.checkpoint import CheckpointError
-    from decmem_jax.train.loop import TrainError, run
-    from decmem_jax.train.state import ConfigError
+    from decmem_jax.errors import DecMemError
+    from decmem_jax.train.loop import run
 
     try:  # wrong data files are known before the model is built
         check_data_csvs(_CONFIG.value)
@@ -37,7 +34,7 @@ def main(argv) -> int:
         return fail(e, 1)
     try:
         return run(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
-    except (TrainError, ConfigError, CheckpointError, ShardingError, ConvertError) as e:  # others: bugs, traceback
+    except DecMemError as e:  # the project's errors; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.models.config import DiTConfig
 from decmem_jax.parallel import sharding as shd
 from decmem_jax.train.state import NEW_PARAM_PATTERNS, TrainState, path_str
@@ -40,7 +41,7 @@ ITEMS = ("params", "opt_state", "meta", "data", "model_config")
 MODEL_CONFIG_FILE = "model_config.json"  # also written at the workdir root
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DecMemError, ValueError):
     """A checkpoint path that holds nothing usable, or one that does not fit the model."""
 
 

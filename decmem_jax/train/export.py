@@ -25,6 +25,7 @@ import numpy as np
 
 from decmem_jax.convert.orbax_io import (ConvertError, check_destination, flatten, params_sha256, weight_dtype,
                                          write_checkpoint)
+from decmem_jax.errors import DecMemError
 from decmem_jax.train.checkpoint import CheckpointError, resolve_params_dir, stored_model_config
 
 STATS_CLIPS = 64  # training clips whose latents give a VAE's statistics
@@ -93,7 +94,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         out = export(args.workdir, args.out, dtype=args.dtype, stats_csv=args.stats_csv, overwrite=args.overwrite)
-    except (ConvertError, CheckpointError, ValueError) as e:
+    except (DecMemError, ValueError) as e:  # ValueError: a config JSON the dataclasses reject
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

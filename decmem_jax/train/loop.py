@@ -27,6 +27,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.parallel import mesh as mesh_lib
 from decmem_jax.parallel import sharding as shd
 from decmem_jax.train import checkpoint as ckpt_lib
@@ -38,7 +39,7 @@ from decmem_jax.train.objective import Objective, loss_fn
 log = logging.getLogger(__name__)
 
 
-class TrainError(RuntimeError):
+class TrainError(DecMemError, RuntimeError):
     """A run that cannot start or continue; the message is one line naming what to change."""
 
 

@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.models.config import DiTConfig, get_config
 from decmem_jax.models.dit import WanDiT
 from decmem_jax.parallel import sharding as shd
@@ -31,7 +32,7 @@ MASTER_DTYPE = "float32"  # parameters, gradients and AdamW moments; the compute
 NEW_PARAM_PATTERNS = (r"blocks/(.*/)?gate(/.*)?", r"conditioning/.*")
 
 
-class ConfigError(ValueError):
+class ConfigError(DecMemError, ValueError):
     """A run config field with a bad value; the message names the field."""
 
 

@@ -37,6 +37,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from decmem_jax import video as video_io
+from decmem_jax.errors import DecMemError
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
 from decmem_jax.train import checkpoint as ckpt_lib
 from decmem_jax.train import metrics as metrics_lib
@@ -45,7 +46,7 @@ from decmem_jax.train.state import ConfigError, TrainState, make_optimizer
 log = logging.getLogger(__name__)
 
 
-class VaeTrainError(RuntimeError):
+class VaeTrainError(DecMemError, RuntimeError):
     """A VAE run that cannot start or continue; one line naming what to change."""
 
 
@@ -319,12 +320,9 @@ def main(argv, config, workdir: str, resume: bool) -> int:
 
     logging.getLogger().setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes at INFO
-    from decmem_jax.train.checkpoint import CheckpointError
-    from decmem_jax.train.loop import TrainError
-
     try:
         return run(config, workdir, resume=resume)
-    except (VaeTrainError, TrainError, ConfigError, CheckpointError) as e:  # others: bugs, with a traceback
+    except DecMemError as e:  # the project's errors; anything else is a bug and keeps its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
 
