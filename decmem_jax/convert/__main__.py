@@ -14,7 +14,7 @@ import textwrap
 
 from decmem_jax import cli
 from decmem_jax.convert import keymap
-from decmem_jax.convert.sources import SUBKEY_PREFERENCE, SourceError
+from decmem_jax.convert.sources import SUBKEY_PREFERENCE
 
 DESCRIPTION = ("Convert PyTorch checkpoints of the Wan2.1 models (dit: diffusion transformer, vae: video VAE) into "
                "Orbax checkpoints loadable in one call.")
