@@ -7,7 +7,7 @@ or as N local processes of one multi-process run (to exercise the multi-host pat
     python launch/local.py --config configs/train_tiny.py --root /tmp/r --experiment tiny --wan-ckpt random \
         --csv "" -- --config.data.source=synthetic                     # CPU smoke run of the tiny stages
 
-Commands and workdirs are the XManager launcher's (`launch/xm_launch.py` build_jobs) with the mesh left to the
+Commands and workdirs are the XManager launcher's (`launch/specs.py` build_jobs) with the mesh left to the
 config (fsdp over all local devices). --processes N adds JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID (read by decmem_jax.parallel.mesh.init_distributed) and starts N copies of each stage (CPU: gloo
 collectives; GPUs: --gpus-per-process K gives each process its own K devices). Each process reads its own shard of the
@@ -24,34 +24,19 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from launch.xm_launch import STAGES  # noqa: E402
+from launch.specs import STAGES, build_jobs, check_stages, process_env  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def stage_commands(*, root: str, experiment: str, wan_ckpt: str, csv: str, stages=STAGES, config: str | None = None,
                    extra=(), python: str = sys.executable) -> list[tuple[str, list[str]]]:
-    """(stage, argv) per requested stage, init_from chained through the previous stage's workdir."""
-    base = Path(root) / experiment
-    out = []
-    for stage in sorted(stages, key=STAGES.index):
-        i = STAGES.index(stage)
-        init = wan_ckpt if i == 0 else str(base / STAGES[i - 1])
-        cfg = f"{config}:{stage}" if config else f"configs/{stage}.py"
-        argv = [python, "-m", "decmem_jax.train", f"--config={cfg}", f"--workdir={base / stage}", "--resume",
-                f"--config.init_from={init}", *([f"--config.data.csv={csv}"] if csv else []), *extra]
-        out.append((stage, argv))
-    return out
-
-
-def process_env(i: int, processes: int, port: int, gpus_per_process: int) -> dict[str, str]:
-    """Environment of local process i of a multi-process run (CPU collectives over gloo; GPUs split if asked)."""
-    env = dict(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(processes), JAX_PROCESS_ID=str(i),
-               JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
-    if gpus_per_process:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in range(i * gpus_per_process,
-                                                                     (i + 1) * gpus_per_process))
-    return env
+    """(stage, argv) per requested stage, init_from chained through the previous stage's workdir (the XManager
+    launcher's commands with the mesh and batch left to the config)."""
+    jobs = build_jobs(None, root=root, experiment=experiment, wan_ckpt=wan_ckpt, csv=csv, stages=stages,
+                      global_batch=None, extra_flags=extra, python=python,
+                      config=f"{config}:{{stage}}" if config else "configs/{stage}.py")
+    return [(job.stage, list(job.command)) for job in jobs]
 
 
 def run_stage(argv: list[str], processes: int, port: int, gpus_per_process: int = 0) -> int:
@@ -83,10 +68,10 @@ def main(argv=None) -> int:
     p.add_argument("--port", type=int, default=12355)
     p.add_argument("--dry-run", action="store_true")
     args = p.parse_args(argv)
-    stages = [s for s in args.stages.split(",") if s]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        p.error(f"unknown stage(s) {unknown}; expected some of {STAGES}")
+    try:
+        stages = check_stages(args.stages.split(","))
+    except ValueError as e:
+        p.error(str(e))
     for stage, cmd in stage_commands(root=args.root, experiment=args.experiment, wan_ckpt=args.wan_ckpt, csv=args.csv,
                                      stages=stages, config=args.config, extra=extra):
         print(f"# {stage}: {shlex.join(cmd)}", flush=True)

@@ -1,177 +1,248 @@
-"""XManager launcher for the three training stages on multi-host GPU clusters and TPU pods.
+"""XManager launch script: the three training stages as one experiment of dependent work units (each stage starts
+when the previous one has finished, from its workdir), on this machine, a GPU cluster or a TPU pod.
 
-    python launch/xm_launch.py --topology gpu-h100-8x8 --root gs://bucket/runs --experiment decmem-v1 \
-        --wan-ckpt gs://bucket/ckpt/wan21 --csv gs://bucket/latents/latents.csv [--stages dense_short,dense_long,decmem]
-        [--dry-run] [-- --config.train.lr=1e-5 ...]
+    # This machine (XManager's local executor: each stage is a subprocess running this Python):
+    xmanager launch launch/xm_launch.py -- --root=runs --experiment=exp1 --wan_ckpt=ckpt/wan21 \
+        --csv=data/latents/latents.csv [--stages=dense_long,decmem] [--processes=2] [-- --config.train.steps=100]
+    # GPU cluster on Vertex AI or GKE, TPU pod on GKE (builds and pushes an image, needs gcloud credentials):
+    xmanager launch launch/xm_launch.py -- --executor=vertex --topology=gpu-h100-8x8 --root=gs://BUCKET/runs \
+        --experiment=exp1 --wan_ckpt=gs://BUCKET/ckpt/wan21 --csv=gs://BUCKET/latents/latents.csv
+    # --dry_run: print the job specs and, for a cluster, build the jobs through xmanager and check them offline
 
-Job specs (`build_jobs`) are plain dataclasses: the command every host runs, its environment, the mesh, the
-workdir; building them contacts nothing (tests/test_launch.py checks them). `launch` imports xmanager only then,
-and runs the stages one after the other (each stage starts from the previous stage's workdir).
+`python launch/xm_launch.py ...` is the same as `xmanager launch launch/xm_launch.py -- ...`. Flags after the next
+`--` (the second one with `xmanager launch`, whose first ends its own arguments) are appended to every stage's
+`python -m decmem_jax.train` command. XManager's own flags (--xm_*) work too,
+e.g. --xm_db_yaml_config_path (where the local experiment database lives; default ~/.xmanager).
 
-Layout: <root>/<experiment>/<stage>/ is a stage's workdir (checkpoints/, tensorboard/, config.yaml, metrics.jsonl).
-Every command carries --resume: a restarted (preempted) job continues from its latest checkpoint, a first start
-begins from init_from.
-
-Multi-host start-up: on GPU clusters (XManager's Vertex AI executor) each replica gets CLUSTER_SPEC and
-`decmem_jax.parallel.mesh.init_distributed` derives the coordinator from it; on TPU pods jax finds its peers itself.
-Meshes: GPU -> fsdp over the 8 NVLink-connected GPUs of a host, data across hosts; TPU -> fsdp over the whole slice
-(ICI is fast enough for FSDP at 1.3B parameters).
+The job specs come from launch/specs.py; the cloud executors, the image and the offline checks from
+launch/xm_cloud.py. launch/README.md says what was run and verified where.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import posixpath
+import asyncio
+import os
 import shlex
 import sys
+import tempfile
+from pathlib import Path
 
-STAGES = ("dense_short", "dense_long", "decmem")
+from absl import app, flags
 
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `xmanager launch` imports this file as a top-level module, with launch/ on the path
+    sys.path.insert(0, str(REPO))
 
-@dataclasses.dataclass(frozen=True)
-class Topology:
-    platform: str  # "gpu" | "tpu"
-    accelerator: str  # XManager resource name: "H100", "H200", "tpu_v5p", "tpu_v6e", ...
-    hosts: int
-    chips_per_host: int
-    tpu_topology: str = ""  # e.g. "4x4x4" for TPU slices
+from launch.specs import (DEFAULT_CONFIG, STAGES, TOPOLOGIES, JobSpec, build_jobs,  # noqa: E402
+                          process_env, topology)
 
-    @property
-    def chips(self) -> int:
-        return self.hosts * self.chips_per_host
+try:  # defines XManager's --xm_* flags (`xmanager launch` passes --xm_launch_script); a dry run needs no xmanager
+    from xmanager import xm as _xm, xm_flags as _xm_flags  # noqa: F401
+except ImportError:
+    pass
 
+__all__ = ["STAGES", "TOPOLOGIES", "JobSpec", "build_jobs", "main", "run_local", "run_cloud"]
 
-TOPOLOGIES: dict[str, Topology] = {
-    "gpu-h100-8x8": Topology("gpu", "H100", hosts=8, chips_per_host=8),
-    "gpu-h200-8x8": Topology("gpu", "H200", hosts=8, chips_per_host=8),
-    "gpu-h100-1x8": Topology("gpu", "H100", hosts=1, chips_per_host=8),
-    "tpu-v5p-128": Topology("tpu", "tpu_v5p", hosts=16, chips_per_host=4, tpu_topology="4x4x4"),
-    "tpu-v6e-64": Topology("tpu", "tpu_v6e", hosts=16, chips_per_host=4, tpu_topology="8x8"),
-}
-
-# Environment per platform. GPU: let JAX take most of the memory; the latency-hiding scheduler overlaps the FSDP
-# all-gathers / reduce-scatters with compute. TPU: libtpu's async collective fusion does the same there.
-ENV = {
-    "gpu": {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.92",
-            "XLA_FLAGS": "--xla_gpu_enable_latency_hiding_scheduler=true"},
-    "tpu": {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_async_collective_fusion=true "
-                                "--xla_tpu_enable_async_collective_fusion_fuse_all_gather=true"},
-}
-COMMON_ENV = {"TF_CPP_MIN_LOG_LEVEL": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@dataclasses.dataclass(frozen=True)
-class JobSpec:
-    name: str
-    stage: str
-    topology: Topology
-    command: tuple[str, ...]  # argv, identical on every host
-    env: dict[str, str]
-    mesh: dict[str, int]
-    workdir: str
-    init_from: str
-
-    def command_line(self) -> str:
-        return shlex.join(self.command)
+# Names chosen not to clash with the absl flags of decmem_jax's own CLIs (--config, --workdir, ...), which share
+# absl's global flag registry when both are imported in one process (tests).
+_EXECUTOR = flags.DEFINE_enum("executor", "local", ["local", "vertex", "gke"],
+                              "local: this machine; vertex: Vertex AI custom jobs (GPU); gke: Kubernetes on GKE "
+                              "(GPU or TPU)")
+_TOPOLOGY = flags.DEFINE_string("topology", None, f"cluster or pod (vertex/gke only): {', '.join(sorted(TOPOLOGIES))}")
+_ROOT = flags.DEFINE_string("root", None, "parent of the experiment's stage workdirs (<root>/<experiment>/<stage>)")
+_EXPERIMENT = flags.DEFINE_string("experiment", None, "experiment title and directory name")
+_WAN_CKPT = flags.DEFINE_string("wan_ckpt", None, "init_from of the first stage: a converted Wan2.1 DiT "
+                                "(python -m decmem_jax.convert dit), a workdir, or 'random'")
+_CSV = flags.DEFINE_string("csv", None, "latents.csv of the latent cache; '' leaves data to the config (the tiny "
+                           "configs' synthetic latents)")
+_STAGES = flags.DEFINE_list("stages", list(STAGES), "stages to run, in chain order")
+_STAGE_CONFIG = flags.DEFINE_string("stage_config", None, "one config file for every stage, called as FILE:STAGE "
+                                    "(e.g. configs/train_tiny.py); default configs/<stage>.py")
+_BATCH = flags.DEFINE_integer("batch", None, "global batch; default: the config's on this machine, 64 on a cluster")
+_PROCESSES = flags.DEFINE_integer("processes", 1, "local only: N processes per stage, one multi-process jax run "
+                                  "(jax.distributed over localhost, CPU collectives over gloo)")
+_PORT = flags.DEFINE_integer("coordinator_port", 12355, "local only: jax.distributed coordinator port (--processes)")
+_IMAGE = flags.DEFINE_string("base_image", None, "cluster only: base image of the built container (default "
+                             "python:3.12-slim)")
+_PUSH_TAG = flags.DEFINE_string("push_image_tag", None, "cluster only: where the built image is pushed "
+                                "(default: XManager's gcr.io/<project>/...)")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "print the jobs (and check a cluster's offline); launch nothing")
 
 
-def mesh_for(topology: Topology) -> dict[str, int]:
-    if topology.platform == "gpu":
-        return {"data": topology.hosts, "fsdp": topology.chips_per_host, "tensor": 1, "context": 1}
-    if topology.platform == "tpu":
-        return {"data": 1, "fsdp": topology.chips, "tensor": 1, "context": 1}
-    raise ValueError(f"launch: unknown platform {topology.platform!r}; expected 'gpu' or 'tpu'")
+class LaunchError(Exception):
+    """Bad flags or a failed stage: printed as one line, exit code 1."""
 
 
-def build_jobs(topology: str | Topology, *, root: str, experiment: str, wan_ckpt: str, csv: str,
-               stages=STAGES, global_batch: int = 64, extra_flags=(), python: str = "python") -> list[JobSpec]:
-    """One JobSpec per stage, in order; each stage's init_from is the previous stage's workdir (stage 1: wan_ckpt,
-    unless the chain starts later, when the stage before the first requested one is used)."""
-    topo = TOPOLOGIES[topology] if isinstance(topology, str) else topology
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown:
-        raise ValueError(f"launch: unknown stage(s) {unknown}; expected some of {STAGES}")
-    mesh = mesh_for(topo)
-    batch_shards = mesh["data"] * mesh["fsdp"]
-    if global_batch % batch_shards:
-        raise ValueError(f"launch: global batch {global_batch} is not divisible by data x fsdp = {batch_shards}")
-    base = posixpath.join(root, experiment)
-    jobs = []
-    for stage in sorted(stages, key=STAGES.index):
-        workdir = posixpath.join(base, stage)
-        i = STAGES.index(stage)
-        init = wan_ckpt if i == 0 else posixpath.join(base, STAGES[i - 1])
-        command = (python, "-m", "decmem_jax.train", f"--config=configs/{stage}.py", f"--workdir={workdir}",
-                   "--resume", f"--config.init_from={init}", f"--config.data.csv={csv}",
-                   f"--config.train.batch={global_batch}",
-                   *(f"--config.mesh.{axis}={size}" for axis, size in mesh.items()), *extra_flags)
-        jobs.append(JobSpec(name=f"{experiment}-{stage}", stage=stage, topology=topo, command=command,
-                            env={**COMMON_ENV, **ENV[topo.platform]}, mesh=mesh, workdir=workdir, init_from=init))
-    return jobs
+def _options(extra: list[str]) -> dict:
+    """Checks the flags together; every error names its flag."""
+    for name in ("root", "experiment", "wan_ckpt", "csv"):
+        if flags.FLAGS[name].value is None:
+            raise LaunchError(f"--{name} is required")
+    bad = [a for a in extra if not a.startswith("--")]
+    if bad:
+        raise LaunchError(f"arguments after '--' go to every stage's decmem_jax.train and must be flags: {bad}")
+    local = _EXECUTOR.value == "local"
+    if local and _TOPOLOGY.value:
+        raise LaunchError("--topology: not used with --executor=local (this machine's devices; the mesh comes from "
+                          "the config)")
+    if not local and not _TOPOLOGY.value:
+        raise LaunchError(f"--topology is required with --executor={_EXECUTOR.value}")
+    if not local and _PROCESSES.value != 1:
+        raise LaunchError("--processes: local only; a cluster's hosts come from --topology")
+    if _PROCESSES.value < 1:
+        raise LaunchError(f"--processes: {_PROCESSES.value} is not a positive number")
+    config = _config_template(_STAGE_CONFIG.value, local)
+    try:
+        topo = None if local else topology(_TOPOLOGY.value)
+        if topo is not None:
+            from launch import xm_cloud
+
+            xm_cloud.check_executor(_EXECUTOR.value, topo)
+        batch = _BATCH.value if (local or _BATCH.value is not None) else 64
+        jobs = build_jobs(topo, root=_ROOT.value, experiment=_EXPERIMENT.value, wan_ckpt=_WAN_CKPT.value,
+                          csv=_CSV.value, stages=_STAGES.value, global_batch=batch, extra_flags=extra,
+                          python=sys.executable if local else "python", config=config)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+    return dict(jobs=jobs, executor=_EXECUTOR.value, processes=_PROCESSES.value, port=_PORT.value,
+                base_image=_IMAGE.value, push_image_tag=_PUSH_TAG.value)
 
 
-# ----- XManager (imported only here) -----
+def _config_template(path: str | None, local: bool) -> str:
+    """The stages' --config with a {stage} placeholder. Local jobs run in the launcher's working directory, so the
+    file is made absolute; in a cluster's image the working directory is the source, so it stays relative to it."""
+    if path is None:
+        return str(REPO / DEFAULT_CONFIG) if local else DEFAULT_CONFIG
+    file = Path(path).resolve() if local else REPO / path
+    in_image = not os.path.isabs(path) and Path(path).parts[0] == "configs"  # the image holds configs/, see xm_cloud
+    if not file.is_file() or not (local or in_image):
+        raise LaunchError(f"--stage_config: {path} is not a config file" + ("" if local else
+                          " under configs/ (relative to the repository root: the image holds that folder)"))
+    return f"{file if local else path}:{{stage}}"
 
-def _requirements(xm, topo: Topology):
-    if topo.platform == "gpu":
-        return xm.JobRequirements(**{topo.accelerator: topo.chips_per_host}, replicas=topo.hosts)
-    return xm.JobRequirements(**{topo.accelerator: topo.tpu_topology})
+
+def _print_jobs(jobs: list[JobSpec], processes: int) -> None:
+    for job in jobs:
+        where = (f"{job.topology.hosts} host(s) x {job.topology.chips_per_host} {job.topology.accelerator}, "
+                 f"mesh {job.mesh}" if job.topology else f"this machine, {processes} process(es)")
+        print(f"# {job.name}: {where}; init_from {job.init_from}")
+        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in job.env.items()), job.command_line(), flush=True)
 
 
-def launch(jobs: list[JobSpec], *, title: str, image: str | None = None) -> None:
-    """Creates an XManager experiment and runs the stages in order (each waits for the previous one)."""
-    import asyncio
-    import os
-
+def _import_xmanager():
     try:
         from xmanager import xm, xm_local
     except ImportError as e:
-        raise SystemExit(f"launch: xmanager is not installed ({e}); `pip install xmanager`, or use --dry-run / "
-                         "launch/local.py") from None
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-    async def run_all(experiment):
-        for job in jobs:
-            spec = xm_local.Vertex.Spec()
-            [executable] = experiment.package([xm.python_container(
-                executor_spec=spec, path=repo, base_image=image or "python:3.12",
-                entrypoint=xm.CommandList([f"pip install -c constraints.txt -e . && {job.command_line()}"]))])
-            executor = xm_local.Vertex(requirements=_requirements(xm, job.topology))
-            unit = await experiment.add(xm.Job(executable=executable, executor=executor, env_vars=job.env,
-                                               name=job.name))
-            await unit.wait_until_complete()
-
-    with xm_local.create_experiment(experiment_title=title) as experiment:
-        asyncio.get_event_loop().run_until_complete(run_all(experiment))
+        raise LaunchError(f"xmanager is not installed ({e}): pip install -c constraints.txt -e \".[launch]\"") \
+            from None
+    return xm, xm_local
 
 
-def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--topology", required=True, choices=sorted(TOPOLOGIES))
-    p.add_argument("--root", required=True, help="parent of the experiment's stage workdirs")
-    p.add_argument("--experiment", required=True)
-    p.add_argument("--wan-ckpt", required=True, help="converted Wan2.1 DiT (python -m decmem_jax.convert dit)")
-    p.add_argument("--csv", required=True, help="latents.csv of the latent cache")
-    p.add_argument("--stages", default=",".join(STAGES))
-    p.add_argument("--batch", type=int, default=64, help="global batch")
-    p.add_argument("--image", default=None, help="base container image")
-    p.add_argument("--dry-run", action="store_true", help="print the job specs, launch nothing")
-    args = p.parse_args(argv)
-    jobs = build_jobs(args.topology, root=args.root, experiment=args.experiment, wan_ckpt=args.wan_ckpt,
-                      csv=args.csv, stages=[s for s in args.stages.split(",") if s], global_batch=args.batch,
-                      extra_flags=extra)
-    for job in jobs:
-        print(f"# {job.name}: {job.topology.hosts} host(s) x {job.topology.chips_per_host} {job.topology.accelerator}, "
-              f"mesh {job.mesh}")
-        print(" ".join(f"{k}={shlex.quote(v)}" for k, v in job.env.items()), job.command_line())
-    if not args.dry_run:
-        launch(jobs, title=args.experiment, image=args.image)
+async def _run_stages(xm_local, title: str, stage_units) -> int:
+    """One experiment; the stages' work units one after the other, each added once the previous one completed."""
+    from xmanager import xm
+
+    async with xm_local.create_experiment(experiment_title=title) as experiment:
+        units = stage_units(experiment)
+        for stage, unit in units:
+            work_unit = await experiment.add(unit)
+            print(f"[xm_launch] {stage}: experiment {experiment.experiment_id}, work unit {work_unit.work_unit_id}",
+                  flush=True)
+            try:
+                await work_unit.wait_until_complete()
+            except xm.ExperimentUnitError as e:
+                raise LaunchError(f"stage {stage} failed ({e}); later stages not started") from None
+            print(f"[xm_launch] {stage}: done", flush=True)
     return 0
 
 
+def run_local(jobs: list[JobSpec], *, title: str, processes: int = 1, port: int = 12355) -> int:
+    """The stages through XManager's local executor: `xm.binary` executables of this Python (no container), so each
+    work unit is `python -m decmem_jax.train ...` as a subprocess of this launcher; --processes N makes a stage a
+    group of N jobs of one jax.distributed run."""
+    xm, xm_local = _import_xmanager()
+    # This checkout's code, whichever decmem_jax the interpreter has installed (an editable install elsewhere).
+    pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+    def stage_units(experiment):
+        [python] = experiment.package([xm.binary(executor_spec=xm_local.Local.Spec(), path=sys.executable)])
+        for job in jobs:
+            def make(name, extra_env, job=job):  # the name prefixes the job's streamed output
+                return xm.Job(python, xm_local.Local(), name=name, args=list(job.command[1:]),
+                              env_vars={**job.env, "PYTHONPATH": pythonpath, **extra_env})
+
+            if processes == 1:
+                yield job.stage, make(job.stage, {})
+            else:
+                yield job.stage, xm.JobGroup(**{f"{job.stage}_{i}": make(f"{job.stage}_{i}",
+                                                                         process_env(i, processes, port))
+                                                for i in range(processes)})
+
+    return asyncio.run(_run_stages(xm_local, title, stage_units))
+
+
+def run_cloud(jobs: list[JobSpec], *, title: str, executor: str, base_image: str | None = None,
+              push_image_tag: str | None = None) -> int:
+    """The stages on Vertex AI or GKE: one image (built from a staged copy of the source and pushed by XManager's
+    packaging, which needs docker or Cloud Build and gcloud credentials), one work unit per stage."""
+    xm, xm_local = _import_xmanager()
+    from launch import xm_cloud
+
+    xm_cloud.install_fixes()
+    platform = jobs[0].topology.platform
+
+    def stage_units(experiment):
+        with tempfile.TemporaryDirectory() as tmp:
+            source = xm_cloud.stage_source(REPO, tmp)
+            [image] = experiment.package([xm_cloud.packageable(xm, xm_local, executor, source, platform,
+                                                               base_image=base_image, push_image_tag=push_image_tag)])
+        for job in jobs:
+            if executor == "vertex":
+                yield job.stage, xm.JobGroup(**xm_cloud.stage_jobs(xm, xm_local, job, image, executor))
+            else:  # pod hostnames (the coordinator's address) are known once the work unit exists
+                async def generator(work_unit, job=job):
+                    await work_unit.add(xm.JobGroup(**xm_cloud.stage_jobs(
+                        xm, xm_local, job, image, executor, full_job_name=work_unit.get_full_job_name)))
+                yield job.stage, generator
+
+    return asyncio.run(_run_stages(xm_local, title, stage_units))
+
+
+def dry_run(opts: dict) -> int:
+    jobs = opts["jobs"]
+    _print_jobs(jobs, opts["processes"])
+    if opts["executor"] == "local":
+        return 0
+    from launch import xm_cloud
+
+    try:
+        import xmanager  # noqa: F401
+    except ImportError:
+        print("# xmanager is not installed: the cluster jobs were not built or checked (pip install -e \".[launch]\")")
+        return 0
+    for job in jobs:
+        rendered = xm_cloud.render_stage(job, opts["executor"])
+        print(f"# {job.stage} on {opts['executor']}, built through xmanager and checked: "
+              f"{xm_cloud.check_stage(job, opts['executor'], rendered)}", flush=True)
+    return 0
+
+
+def main(argv) -> int:
+    """absl entry point (`xmanager launch` calls it after parsing the flags): argv[1:] are the flags after `--`."""
+    try:
+        opts = _options(list(argv[1:]))
+        if _DRY_RUN.value:
+            return dry_run(opts)
+        jobs, title = opts["jobs"], _EXPERIMENT.value
+        _print_jobs(jobs, opts["processes"])
+        if opts["executor"] == "local":
+            return run_local(jobs, title=title, processes=opts["processes"], port=opts["port"])
+        return run_cloud(jobs, title=title, executor=opts["executor"], base_image=opts["base_image"],
+                         push_image_tag=opts["push_image_tag"])
+    except LaunchError as e:
+        print(f"xm_launch: error: {e}", file=sys.stderr)
+        return 1
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    app.run(main)

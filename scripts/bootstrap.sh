@@ -2,15 +2,17 @@
 # Creates or refreshes the project's virtual environment in <repo>/.venv (Python 3.12), idempotently.
 #
 # Python 3.12 is looked for in this order: $PYTHON; `python3.12` on PATH (if it actually runs); pyenv's 3.12.*
-# versions. The environment is (re)installed with `pip install -c constraints.txt -e ".[test]"` only when
-# pyproject.toml, constraints.txt or the repo location changed since the last successful install
-# (.venv/.bootstrap-stamp). Safe to run any number of times, from any directory.
+# versions. The environment is (re)installed with `pip install -c constraints.txt -e ".[$EXTRAS]"` only when
+# pyproject.toml, constraints.txt, EXTRAS or the repo location changed since the last successful install
+# (.venv/.bootstrap-stamp). EXTRAS: optional dependency groups of pyproject.toml, comma-separated (default "test"; CI
+# uses "test,launch" for the XManager launcher). Safe to run any number of times, from any directory.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 STAMP="$VENV/.bootstrap-stamp"
+EXTRAS="${EXTRAS:-test}"
 
 say() { echo "[bootstrap] $*"; }
 die() { echo "[bootstrap] error: $*" >&2; exit 1; }
@@ -46,8 +48,11 @@ venv module: 'apt-get install python3.12 python3.12-venv'), or point \$PYTHON at
 }
 
 want_hash() {
-    { cat pyproject.toml constraints.txt; echo "$ROOT"; } | sha256sum | cut -d' ' -f1
+    { cat pyproject.toml constraints.txt; echo "$ROOT"; echo "extras=$EXTRAS"; } | sha256sum | cut -d' ' -f1
 }
+
+[[ "$EXTRAS" =~ ^[a-z][a-z0-9_-]*(,[a-z][a-z0-9_-]*)*$ ]] ||
+    die "EXTRAS=$EXTRAS: expected comma-separated optional dependency groups of pyproject.toml, e.g. test,launch"
 
 # 1. A .venv whose python is 3.12.
 if [ -x "$VENV/bin/python" ] && is_py312 "$VENV/bin/python"; then
@@ -68,11 +73,11 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
     say "environment up to date ($VENV)"
     exit 0
 fi
-say "installing decmem-jax[test] with pinned versions from constraints.txt (first time: several minutes, ~3 GB)"
+say "installing decmem-jax[$EXTRAS] with pinned versions from constraints.txt (first time: several minutes, ~3 GB)"
 start=$SECONDS
 rm -f "$STAMP"
 PIP_DISABLE_PIP_VERSION_CHECK=1 "$VENV/bin/python" -m pip install --quiet --progress-bar off --no-input \
-    -c constraints.txt -e ".[test]"
+    -c constraints.txt -e ".[$EXTRAS]"
 "$VENV/bin/python" -c 'import jax, flax, decmem_jax; print(f"[bootstrap] ok: jax {jax.__version__}, flax {flax.__version__}")'
 echo "$HASH" > "$STAMP"
 say "done in $((SECONDS - start)) s"

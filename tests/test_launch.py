@@ -1,11 +1,18 @@
-"""Launchers: the XManager job specs for a GPU cluster and a TPU pod (built without xmanager or any cluster), and the
-local launcher's stage chain."""
+"""Launchers: the job specs for a GPU cluster and a TPU pod (built without xmanager or any cluster), the local
+launcher's stage chain, and the XManager launch script's dry run and flag errors. What needs xmanager (the local
+XManager run, the cluster jobs built through it) is in tests/test_xm_launch.py."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
-from launch import local, xm_launch
+from launch import local, specs, xm_launch
+
+REPO = Path(__file__).resolve().parents[1]
 
 ARGS = dict(root="gs://bucket/runs", experiment="exp1", wan_ckpt="gs://bucket/ckpt/wan21",
             csv="gs://bucket/latents/latents.csv")
@@ -45,19 +52,59 @@ def test_tpu_jobs_and_partial_chain():
     assert f["config.train.lr"] == "1e-5" and job.command[-1] == "--config.train.lr=1e-5"
 
 
+def test_this_machine_jobs_leave_mesh_and_batch_to_the_config():
+    jobs = specs.build_jobs(None, root="/r", experiment="e", wan_ckpt="random", csv="", global_batch=None,
+                            config="configs/train_tiny.py:{stage}", python="py")
+    for job in jobs:
+        assert job.mesh == {} and job.topology is None and "XLA_FLAGS" not in job.env
+        assert not any(a.startswith(("--config.mesh.", "--config.train.batch", "--config.data.csv"))
+                       for a in job.command)
+        assert f"--config=configs/train_tiny.py:{job.stage}" in job.command
+
+
 def test_bad_requests_raise():
-    with pytest.raises(ValueError, match="unknown stage"):
+    with pytest.raises(ValueError, match="--stages: unknown"):
         xm_launch.build_jobs("gpu-h100-8x8", stages=("stage4",), **ARGS)
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="--batch: .* not divisible"):
         xm_launch.build_jobs("gpu-h100-8x8", global_batch=12, **ARGS)
+    with pytest.raises(ValueError, match="--topology: unknown topology"):
+        xm_launch.build_jobs("gpu-h100-9x9", **ARGS)
 
 
-def test_dry_run_prints_without_xmanager(capsys):
-    assert xm_launch.main(["--topology", "gpu-h200-8x8", "--root", "/r", "--experiment", "e", "--wan-ckpt", "/w",
-                           "--csv", "/c.csv", "--dry-run", "--", "--config.train.steps=5"]) == 0
-    out = capsys.readouterr().out
-    assert out.count("python -m decmem_jax.train") == 3 and "--config.train.steps=5" in out
-    assert "XLA_PYTHON_CLIENT_MEM_FRACTION=0.92" in out
+def _launch_script(*args: str) -> subprocess.CompletedProcess:
+    """launch/xm_launch.py as `python launch/xm_launch.py` (absl parses its flags, as under `xmanager launch`)."""
+    return subprocess.run([sys.executable, str(REPO / "launch" / "xm_launch.py"), *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dry_run_prints_the_stage_chain():
+    r = _launch_script("--root=/r", "--experiment=e", "--wan_ckpt=random", "--csv=",
+                       "--stage_config=configs/train_tiny.py", "--dry_run", "--", "--config.train.steps=5")
+    assert r.returncode == 0, r.stderr
+    lines = [line for line in r.stdout.splitlines() if "-m decmem_jax.train" in line]
+    assert len(lines) == 3 and all(line.endswith("--config.train.steps=5") for line in lines)
+    # Local jobs run in the launcher's working directory: the config path is made absolute.
+    assert f"--config={REPO}/configs/train_tiny.py:dense_long" in lines[1]
+    assert "--config.init_from=/r/e/dense_short" in lines[1] and "--config.init_from=/r/e/dense_long" in lines[2]
+
+
+@pytest.mark.parametrize("args, error", [
+    (["--executor=vertex", "--topology=tpu-v5p-128"], "--executor=vertex: tpu_v5p is a TPU"),
+    (["--executor=gke"], "--topology is required with --executor=gke"),
+    (["--topology=gpu-h100-8x8"], "--topology: not used with --executor=local"),
+    (["--executor=gke", "--topology=gpu-h100-8x8", "--batch=12"], "--batch: global batch 12 is not divisible"),
+    (["--stages=dense_short,stage4"], "--stages: unknown"),
+    (["--stage_config=configs/nope.py"], "--stage_config: configs/nope.py is not a config file"),
+    (["--processes=0"], "--processes: 0 is not a positive number"),
+    (["--csv=None"], "--csv is required"),  # (None: leave --csv out)
+])
+def test_bad_flags_are_one_line_errors(args, error):
+    base = ["--root=/r", "--experiment=e", "--wan_ckpt=random", "--csv=", "--dry_run"]
+    r = _launch_script(*[a for a in base if a.split("=")[0] not in {x.split("=")[0] for x in args}],
+                       *[a for a in args if not a.endswith("=None")])
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and last.startswith("xm_launch: error: ") and error in last, r.stderr
+    assert "Traceback" not in r.stderr
 
 
 def test_local_launcher_chain(capsys):
