@@ -19,6 +19,7 @@ are dropped).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -172,10 +173,22 @@ class Roller:
         """Action rows a batch needs: context + every (padded) generated chunk."""
         return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.chunk * FRAMES_PER_LATENT
 
-    def run(self, model, vae, batch: ClipBatch, latents: jax.Array, num_frames: int, *, with_selection=False,
-            progress=None):
+    def warm_decoder(self, vae, latents: jax.Array):
+        """The streaming decoder's state after the context latents (as the rollout CLI warms it), shared by the
+        variants of a batch: `run` decodes from a copy."""
+        from decmem_jax.models import vae_stream
+
+        first_dec, step_dec = vae_stream.decode_steps(vae)
+        state, _ = first_dec(vae_stream.init_decode_state(vae, latents.shape[0], self.lat_hw), latents[:, :1])
+        if latents.shape[1] > 1:
+            state, _ = step_dec(state, latents[:, 1:])
+        return state
+
+    def run(self, model, vae, batch: ClipBatch, latents: jax.Array, num_frames: int, *, decoder=None,
+            with_selection=False, progress=None):
         """(frames uint8 [real, num_frames, H, W, 3], selections (ids [chunks, L, real, H, C*M, K], counts) or None).
-        latents: the batch's encoded context. progress(n): called with the frames done after each segment."""
+        latents: the batch's encoded context; decoder: `warm_decoder(vae, latents)` (made here when None).
+        progress(n): called with the frames done after each segment."""
         from decmem_jax import video
         from decmem_jax.models import vae_stream
         from decmem_jax.rollout import engine
@@ -201,10 +214,9 @@ class Roller:
         gen_cond = cond(ctx, n_total * frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
         if gen_cond is not None:
             gen_cond = gen_cond.reshape(b, n_total, chunk, -1).transpose(1, 0, 2, 3)
-        first_dec, step_dec = vae_stream.decode_steps(vae)
-        dec_state, _ = first_dec(vae_stream.init_decode_state(vae, b, self.lat_hw), latents[:, :1])
-        if latents.shape[1] > 1:  # warm the causal decoder on the context, as the rollout CLI does
-            dec_state, _ = step_dec(dec_state, latents[:, 1:])
+        _, step_dec = vae_stream.decode_steps(vae)
+        decoder = self.warm_decoder(vae, latents) if decoder is None else decoder
+        dec_state = jax.tree.map(jnp.copy, decoder)  # the steps donate their state
         segment = self._segments[bool(with_selection)]
         shape = (1, chunk, *self.lat_hw, cfg.in_channels)
         out, ids, counts, done = [], [], [], 0
@@ -236,3 +248,41 @@ class Roller:
         ids = np.concatenate(ids)[:n_chunks, :, :batch.real]
         counts = np.concatenate(counts)[:n_chunks, :, :batch.real]
         return frames, (ids, counts)
+
+    def teacher_forced(self, model, batch: ClipBatch, latents: jax.Array):
+        """SGM selections (ids [chunks, L, real, H, C*M, K], counts) when the TRUE continuation is committed chunk by
+        chunk on the rollout's timeline: what SGM retrieves for the right content, apart from the model's drift.
+        latents: the encoded truth, context first, then whole chunks (context_latents + chunks * C latents)."""
+        from decmem_jax.rollout import engine
+
+        tl, cfg = self.timeline, model.cfg
+        b, chunk = latents.shape[0], tl.chunk
+        n = (latents.shape[1] - tl.context_latents) // chunk
+        text = jnp.asarray(np.repeat(self.text, b, axis=0))
+        conds = None
+        if cfg.conditioning is not None:
+            frames = tl.context_frames + n * chunk * FRAMES_PER_LATENT
+            p = jnp.asarray(batch.poses[:, :frames]) if cfg.conditioning.pose == "added" else None
+            conds = model.embed_conditioning(jnp.asarray(batch.actions[:, :frames]), p)
+        ctx = tl.context_latents
+        cache = model.init_cache(b, ctx + n * chunk, self.lat_hw)
+        cache = engine.prefill(model, cache, latents[:, :ctx], text, None if conds is None else conds[:, :ctx],
+                               chunk=chunk)
+        ids, counts = [], []
+        for c in range(n):
+            rows = slice(ctx + c * chunk, ctx + (c + 1) * chunk)
+            cache, (i, k) = _commit_with_selection()(model, latents[:, rows], jnp.zeros((b, chunk)), text, cache,
+                                                     None if conds is None else conds[:, rows])
+            ids.append(np.asarray(i))
+            counts.append(np.asarray(k))
+        return np.stack(ids)[:, :, :batch.real], np.stack(counts)[:, :, :batch.real]
+
+
+@functools.cache
+def _commit_with_selection():
+    @functools.partial(nnx.jit, donate_argnums=(4,))
+    def commit(model, x, t, context, cache, cond):
+        _, cache, selection = model.commit(x, t, context, cache, cond=cond, with_selection=True)
+        return cache, selection
+
+    return commit
