@@ -143,7 +143,7 @@ def fingerprint(s: Settings, c) -> dict:
     """What the stored rollouts depend on; a resumed run must match it."""
     return {"checkpoint": str(c.checkpoint), "vae_checkpoint": str(c.vae_checkpoint),
             "dense_checkpoint": s.dense_checkpoint, "model_memory": c.model.memory.to_dict(),
-            "rollout": c.rollout.to_dict(), "num_frames": s.num_frames, "seed": s.seed, "csv": os.path.abspath(s.csv)}
+            "rollout": c.rollout.to_dict(), "num_frames": s.num_frames, "seed": s.seed, "csv": s.csv}
 
 
 def open_workdir(s: Settings, c) -> Path:
@@ -257,7 +257,8 @@ def score(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, work: 
         truth = video.read_video(clip.video, start=ctx, num_frames=n)
         last = video.read_video(clip.video, start=ctx - 1, num_frames=1)[0]
         rows = clip.revisits.frames - ctx
-        record = {"clip": clip.index, "video": clip.video, "revisits": clip.revisits.to_json(), "variants": {}}
+        record = {"clip": clip.index, "video": os.path.relpath(clip.video, os.path.dirname(os.path.abspath(s.csv))),
+                  "revisits": clip.revisits.to_json(), "variants": {}}
         generated, psnr_lines, targets = {}, {}, clip.revisits.query_targets(timeline)
         if s.fvd:
             feats["truth"].append(fvd.i3d_features(summary.segments(truth)))
