@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -49,6 +50,9 @@ class MemoryConfig:
     candidates: str = "all"  # "all" committed + current-chunk blocks, or "outside_window" (exclude the ALM window)
     layers: tuple[int, ...] | None = None  # transformer blocks with DecMem attention; None = all (others: dense)
     backend: str = "auto"  # sgm_attention backend
+    # Inference switch, no parameters: False drops SGM (and so the gate) and leaves o = o_alm, the ALM window alone.
+    # The memory benchmark's `alm_only` and `dense_window` variants run this way (decmem_jax/eval/variants.py).
+    sgm: bool = True
 
     def __post_init__(self):
         if self.block_slots % 64:
@@ -59,6 +63,9 @@ class MemoryConfig:
             raise ValueError("MemoryConfig.top_k, window and blocks_per_frame must be positive")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+        if not isinstance(self.sgm, (bool, np.bool_)):
+            raise ValueError(f"MemoryConfig.sgm={self.sgm!r} must be True or False")
+        object.__setattr__(self, "sgm", bool(self.sgm))
 
 
 @dataclasses.dataclass(frozen=True)

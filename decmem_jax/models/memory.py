@@ -100,12 +100,14 @@ def pool_blocks(x: jax.Array, lengths: jax.Array, slots: int) -> jax.Array:
     return mean.transpose(0, 2, 1, 3)
 
 
-def select_blocks(q_pool: jax.Array, k_pool: jax.Array, candidates: jax.Array, top_k: int):
+def select_blocks(q_pool: jax.Array, k_pool: jax.Array, candidates: jax.Array, top_k: int, *, ranked: bool = False):
     """Top-k key blocks per query block and head.
 
     q_pool [B, H, Nq, D], k_pool [B, H, Nk, D]; candidates bool broadcastable to [B, H, Nq, Nk]. Returns
     (idx int32 [B, H, Nq, K] ascending, padded with Nk-1; cnt int32 [B, H, Nq]) with K = min(top_k, Nk). Ties go to
     the lower block id (lax.top_k keeps the lower index first among equal values). Indices carry no gradient.
+    ranked=True adds a third array: the same ids in descending score order (column 0 = the best block), padded with
+    Nk-1 likewise; the kernels need ascending ids, diagnostics (top-1 retrieval precision) need the order.
     """
     nk = k_pool.shape[2]
     k = min(top_k, nk)
@@ -116,7 +118,10 @@ def select_blocks(q_pool: jax.Array, k_pool: jax.Array, candidates: jax.Array, t
     valid = values > -jnp.inf
     cnt = valid.sum(axis=-1).astype(jnp.int32)
     idx = jnp.sort(jnp.where(valid, indices, nk), axis=-1)  # selected ids ascending, non-selected (nk) last
-    return jnp.minimum(idx, nk - 1).astype(jnp.int32), cnt
+    idx = jnp.minimum(idx, nk - 1).astype(jnp.int32)
+    if ranked:
+        return idx, cnt, jnp.where(valid, indices, nk - 1).astype(jnp.int32)
+    return idx, cnt
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +217,8 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     """DecMem self-attention over a whole sequence (teacher forcing / full forward), under a `FramePlan`.
 
     q, k, v: [B, F*T, H, D] token-major (post qk-norm and RoPE); gate: [B, F*T, H, D] (the gate Linear's output,
-    zeros at init). Returns o_alm + gate * o_sgm, token-major [B, F*T, H, D], to be fed to W_o. `plan` defaults to
+    zeros at init). Returns o_alm + gate * o_sgm (o_alm alone when cfg.sgm is False), token-major [B, F*T, H, D], to
+    be fed to W_o. `plan` defaults to
     `causal_plan(F, chunk)`. use_memory: True, or a traced bool (per-layer switch under a layer scan): where False the
     layer runs dense attention over every visible block instead.
     """
@@ -230,6 +236,8 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     def memory():
         alm_idx, alm_cnt = frame_lists_to_blocks(plan.window(cfg.window), layout.blocks, b, h)
         o_alm = _sgm(qb, kb, vb, jnp.asarray(alm_idx), jnp.asarray(alm_cnt), kv_len, layout, cfg)
+        if not cfg.sgm:  # inference switch: the ALM window alone
+            return layout.from_blocks(o_alm).astype(q.dtype)
         cand = expand_frames(plan.candidates(cfg.window, cfg.candidates), layout.blocks)
         sgm_idx, sgm_cnt = select_blocks(pool_blocks(qb, lengths, layout.slots),
                                          pool_blocks(kb, lengths, layout.slots), jnp.asarray(cand)[None, None],
@@ -288,8 +296,9 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
     hist = (hk, hv, hpool): cache keys/values [Bh, cap*M*P, H, D] block-major and pooled keys [Bh, H, cap*M, D]
     fp32, Bh = 1 (shared by the CFG branches) or B. Same result as `decmem_attention` on the full causal sequence
     for this chunk's rows. Returns (o token-major, (kb, vb, k_pool), (sel, cnt)): the chunk's block-major
-    keys/values and pooled keys, which `commit` writes into the cache, and the SGM retrieval (global block ids
-    frame*M + m [B, H, C*M, K], counts [B, H, C*M]; counts 0 in a dense layer) for diagnostics.
+    keys/values and pooled keys, which `commit` writes into the cache, and the SGM retrieval for diagnostics: global
+    block ids frame*M + m [B, H, C*M, K] in descending score order (column 0 = the best block; entries from
+    `counts` on are padding), counts [B, H, C*M] (0 in a dense layer and with cfg.sgm False, where o = o_alm).
     """
     hk, hv, hpool = hist
     b, s, h, d = q.shape
@@ -321,25 +330,31 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
         else:
             alm_hist = (jnp.zeros((b, h, c * m, 1), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32))
         o_alm = both(alm_hist, all_own)
+        if not cfg.sgm:  # inference switch: the ALM window alone, nothing retrieved
+            return o_alm.astype(q.dtype), no_selection()
 
         q_pool = pool_blocks(qb, layout.block_lengths(c), slots)
         limit = length - max(wh, 0) if cfg.candidates == "outside_window" else length
         hist_ok = jnp.arange(cap_blocks) < limit * m
         own_ok = jnp.full((c * m,), cfg.candidates == "all")
         pools = jnp.concatenate([jnp.broadcast_to(hpool, (b,) + hpool.shape[1:]), k_pool], axis=2)
-        idx, cnt = select_blocks(q_pool, pools, jnp.concatenate([hist_ok, own_ok])[None, None, None], cfg.top_k)
+        idx, cnt, ranked = select_blocks(q_pool, pools, jnp.concatenate([hist_ok, own_ok])[None, None, None],
+                                         cfg.top_k, ranked=True)
         # Selected ids are ascending and padded with an own-chunk id, so the history ids are a prefix.
         cnt_hist = jnp.minimum((idx < cap_blocks).sum(-1, dtype=jnp.int32), cnt)
         own_idx = jnp.clip(_take_suffix(idx, cnt_hist, cap_blocks), 0, c * m - 1)[..., : min(idx.shape[-1], c * m)]
         o_sgm = both((idx, cnt_hist), (own_idx, cnt - cnt_hist))
         o = (o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * o_sgm.astype(jnp.float32)).astype(q.dtype)
-        return o, (jnp.where(idx < cap_blocks, idx, length * m + idx - cap_blocks), cnt)
+        return o, (jnp.where(ranked < cap_blocks, ranked, length * m + ranked - cap_blocks), cnt)
+
+    def no_selection():
+        k_sel = min(cfg.top_k, cap_blocks + c * m)
+        return jnp.zeros((b, h, c * m, k_sel), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32)
 
     def dense():
         ids = jnp.broadcast_to(jnp.arange(cap_blocks, dtype=jnp.int32), (b, h, c * m, cap_blocks))
         o = both((ids, jnp.broadcast_to(length * m, (b, h, c * m)).astype(jnp.int32)), all_own)
-        k_sel = min(cfg.top_k, cap_blocks + c * m)
-        return o, (jnp.zeros((b, h, c * m, k_sel), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32))
+        return o, no_selection()
 
     if isinstance(use_memory, (bool, np.bool_)):
         o, selection = memory() if use_memory else dense()

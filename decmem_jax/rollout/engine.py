@@ -53,7 +53,11 @@ def _merge_here(graphdef, state):
 
 
 def _velocity_fn(model, cache, context, cond, settings: SamplerSettings):
-    """v(x, t) for one chunk; with CFG a single batch-2 forward whose two rows share the batch-1 history cache."""
+    """v(x, t) for one chunk; with CFG a single batch-2 forward whose two rows share the batch-1 history cache.
+
+    A cache with one row per sample (batch B > 1: several independent rollouts at once, e.g. the memory benchmark's
+    clips) runs the two CFG branches as two batch-B forwards that each read the cache in place: a batch-2B forward
+    would need the cache twice."""
     cfg_on = cond is not None and settings.uses_cfg(True)
     graphdef, state = nnx.split(model)  # the sampler's lax.scan needs the module as plain arrays
 
@@ -63,6 +67,14 @@ def _velocity_fn(model, cache, context, cond, settings: SamplerSettings):
         if not cfg_on:
             return model.forward_chunk(x, tt, context, cache, cond=cond)
         null = jnp.zeros_like(cond)
+        if cache.batch > 1:
+            b = x.shape[0]
+
+            def branches(x2, t2, c2):
+                return jnp.concatenate([model.forward_chunk(x2[:b], t2[:b], context, cache, cond=c2[:b]),
+                                        model.forward_chunk(x2[b:], t2[b:], context, cache, cond=c2[b:])])
+
+            return sampler_lib.guided_velocity(branches, x, tt, cond, null, settings.guidance)
         ctx2 = jnp.concatenate([context, context], axis=0)
         return sampler_lib.guided_velocity(
             lambda x2, t2, c2: model.forward_chunk(x2, t2, ctx2, cache, cond=c2), x, tt, cond, null,

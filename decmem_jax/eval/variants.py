@@ -1,0 +1,288 @@
+"""The five variants of the memory benchmark, built from two checkpoints, and their batched rollouts.
+
+    decmem        the stage-3 DecMem model: o = o_alm + G * o_sgm
+    alm_only      the same weights with SGM switched off (MemoryConfig.sgm=False): o = o_alm, the ALM window alone
+    dense_full    the stage-2 dense block-causal model attending to the whole history (token-major KV cache)
+    dense_window  the stage-2 dense weights in a DecMem model with SGM off and zero gates: dense attention over the
+                  ALM window only (same window, chunk and cache layout as ALM; tests/test_eval_variants.py checks it
+                  against a dense model under a sliding-window mask)
+    copy_last     the last context frame, repeated (no model)
+
+Every model variant rolls out the same clips under the clips' own actions (and poses), from the same VAE-encoded
+context, with the same per-clip noise: chunk i of clip n uses `engine.chunk_noise(seed + n, i, ...)`, so a clip's
+noise does not depend on which clips share its batch. Several clips run in one forward (`batch` clips, each with its
+own cache row; the last batch is padded with copies), and every model compiles its segment function once: the
+segments all have `segment_chunks` chunks (the cache has room for the padding chunks past the last one, whose frames
+are dropped).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from decmem_jax.eval.revisits import FRAMES_PER_LATENT, Timeline
+
+VARIANTS = ("decmem", "alm_only", "dense_full", "dense_window", "copy_last")
+MODEL_VARIANTS = VARIANTS[:4]
+ARCHITECTURE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "in_channels", "out_channels",
+                       "text_dim", "text_len", "freq_dim")
+
+
+class VariantError(ValueError):
+    """A checkpoint that cannot make the requested variant; the message names it."""
+
+
+def _replace_memory(model, memory):
+    """The same parameters under another MemoryConfig (an inference setting: no new parameters)."""
+    from decmem_jax.models.dit import WanDiT
+
+    new = nnx.eval_shape(lambda: WanDiT(model.cfg.replace(memory=memory), rngs=nnx.Rngs(0)))
+    nnx.update(new, nnx.state(model))
+    return new
+
+
+def dense_in_window(dense, memory):
+    """The dense model's parameters in a DecMem model (`memory` with SGM off): ALM's window over dense weights. The
+    DecMem model is built concretely so that its gates (absent from the dense checkpoint) keep their zero init."""
+    from decmem_jax.models.dit import WanDiT
+
+    if dense.cfg.memory is not None:
+        raise VariantError("dense_in_window needs a dense model (DiTConfig.memory None)")
+    model = WanDiT(dense.cfg.replace(memory=dataclasses.replace(memory, sgm=False)), rngs=nnx.Rngs(0))
+    nnx.update(model, nnx.state(dense))
+    gates = nnx.state(model.blocks.gate, nnx.Param)
+    if any(float(jnp.abs(g).max()) != 0.0 for g in jax.tree.leaves(gates)):
+        raise VariantError("dense_window: the DecMem gates are not zero after loading the dense weights")
+    return model
+
+
+def _differences(a, b) -> list[str]:
+    out = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCHITECTURE_FIELDS if getattr(a, f) != getattr(b, f)]
+
+    def shape(cond):
+        return None if cond is None else {k: v for k, v in dataclasses.asdict(cond).items() if "dtype" not in k}
+
+    if shape(a.conditioning) != shape(b.conditioning):
+        out.append("conditioning differs")
+    return out
+
+
+def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
+    """({variant: WanDiT} for the model variants in `names`, VAE) from the run config `c` (its checkpoint: stage 3,
+    vae_checkpoint, model.memory settings, rollout.dtype) and the stage-2 `dense_checkpoint`."""
+    from decmem_jax.convert.vae import load_vae
+    from decmem_jax.train.checkpoint import load_model
+    from decmem_jax.train.state import dit_config
+
+    dtype = c.rollout.dtype
+    run_cfg = dit_config(c)
+    overrides = dict(attention=run_cfg.attention, remat="none", dtype=run_cfg.dtype if dtype == "auto" else dtype)
+    models, decmem, memory = {}, None, None
+    if {"decmem", "alm_only", "dense_window"} & set(names):  # dense_window takes the DecMem model's memory layout
+        decmem = load_model(c.checkpoint, **overrides)
+        if decmem.cfg.memory is None:
+            raise VariantError(f"config.checkpoint {c.checkpoint}: a dense model; decmem and alm_only need a stage-3 "
+                               "DecMem checkpoint")
+        memory = run_cfg.memory or decmem.cfg.memory
+        if memory != decmem.cfg.memory:  # e.g. --config.model.memory.top_k=16: same parameters
+            decmem = _replace_memory(decmem, memory)
+        if "decmem" in names:
+            models["decmem"] = decmem
+        if "alm_only" in names:
+            models["alm_only"] = _replace_memory(decmem, dataclasses.replace(memory, sgm=False))
+    if {"dense_full", "dense_window"} & set(names):
+        dense = load_model(dense_checkpoint, **overrides)
+        if dense.cfg.memory is not None:
+            raise VariantError(f"--dense_checkpoint {dense_checkpoint}: a DecMem model; dense_full and dense_window "
+                               "need the stage-2 dense checkpoint")
+        if decmem is not None:
+            differ = _differences(dense.cfg, decmem.cfg)
+            if differ:
+                raise VariantError(f"--dense_checkpoint {dense_checkpoint}: its architecture differs from "
+                                   f"config.checkpoint {c.checkpoint} ({'; '.join(differ)})")
+        if "dense_full" in names:
+            models["dense_full"] = dense
+        if "dense_window" in names:
+            models["dense_window"] = dense_in_window(dense, memory)
+    vae = load_vae(c.vae_checkpoint, **({} if dtype == "auto" else {"dtype": dtype}))
+    return models, vae
+
+
+@dataclasses.dataclass
+class ClipBatch:
+    """Up to `batch` clips rolled out together. context: uint8 [B, context_frames, H, W, 3]; actions int32 [B, T, 8]
+    and poses float32 [B, T, 5] normalised as in training (`pipeline.clip_conditioning`), T covering the context,
+    the generated frames and the padding chunks; seeds: the noise seed of each clip; real: how many rows are clips
+    (the rest repeat the last one)."""
+
+    context: np.ndarray
+    actions: np.ndarray
+    poses: np.ndarray
+    seeds: list[int]
+    real: int
+
+
+def make_batch(clips: list[dict], batch: int, frames_needed: int) -> ClipBatch:
+    """clips: dicts with "context" uint8 [Tc, H, W, 3], "actions" [T, 8], "poses" [T, 5] (raw), "seed"."""
+    from decmem_jax.data.pipeline import clip_conditioning
+
+    if not 1 <= len(clips) <= batch:
+        raise ValueError(f"a batch holds 1..{batch} clips, got {len(clips)}")
+    rows = clips + [clips[-1]] * (batch - len(clips))
+    acts, poses = [], []
+    for clip in rows:
+        a, p = clip_conditioning(clip["actions"], clip["poses"])
+        pad = max(0, frames_needed - len(a))  # padding chunks only: their frames are dropped
+        acts.append(np.concatenate([a, np.repeat(a[-1:], pad, 0)])[:frames_needed])
+        poses.append(np.concatenate([p, np.repeat(p[-1:], pad, 0)])[:frames_needed])
+    return ClipBatch(np.stack([r["context"] for r in rows]), np.stack(acts), np.stack(poses),
+                     [int(r["seed"]) for r in rows], len(clips))
+
+
+def encode_context(vae, context: np.ndarray) -> jax.Array:
+    """VAE latents [B, context_latents, h, w, z] of uint8 context frames [B, T, H, W, 3] (streaming encoder)."""
+    from decmem_jax import video
+    from decmem_jax.models import vae_stream
+
+    pixels = jnp.asarray(video.to_model_range(context))
+    return jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
+
+
+class Roller:
+    """Rolls out clip batches for any model variant with one settings: segment functions are made once and reused
+    (nnx.jit compiles once per model graph and batch size)."""
+
+    def __init__(self, settings, timeline: Timeline, segment_chunks: int, lat_hw: tuple[int, int], text_context):
+        from decmem_jax.rollout import engine
+
+        self.settings, self.timeline, self.segment_chunks, self.lat_hw = settings, timeline, segment_chunks, lat_hw
+        self.text = np.asarray(text_context, np.float32)  # [1, L, text_dim]
+        self._segments = {flag: engine.make_segment_fn(settings, with_selection=flag) for flag in (False, True)}
+
+    def padded_chunks(self, num_frames: int) -> int:
+        n = self.timeline.num_chunks(num_frames)
+        return -(-n // self.segment_chunks) * self.segment_chunks
+
+    def frames_needed(self, num_frames: int) -> int:
+        """Action rows a batch needs: context + every (padded) generated chunk."""
+        return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.chunk * FRAMES_PER_LATENT
+
+    def warm_decoder(self, vae, latents: jax.Array):
+        """The streaming decoder's state after the context latents (as the rollout CLI warms it), shared by the
+        variants of a batch: `run` decodes from a copy."""
+        from decmem_jax.models import vae_stream
+
+        first_dec, step_dec = vae_stream.decode_steps(vae)
+        state, _ = first_dec(vae_stream.init_decode_state(vae, latents.shape[0], self.lat_hw), latents[:, :1])
+        if latents.shape[1] > 1:
+            state, _ = step_dec(state, latents[:, 1:])
+        return state
+
+    def run(self, model, vae, batch: ClipBatch, latents: jax.Array, num_frames: int, *, decoder=None,
+            with_selection=False, progress=None):
+        """(frames uint8 [real, num_frames, H, W, 3], selections (ids [chunks, L, real, H, C*M, K], counts) or None).
+        latents: the batch's encoded context; decoder: `warm_decoder(vae, latents)` (made here when None).
+        progress(n): called with the frames done after each segment."""
+        from decmem_jax import video
+        from decmem_jax.models import vae_stream
+        from decmem_jax.rollout import engine
+
+        tl, cfg = self.timeline, model.cfg
+        b = batch.context.shape[0]
+        chunk, seg = tl.chunk, self.segment_chunks
+        n_chunks, n_total = tl.num_chunks(num_frames), self.padded_chunks(num_frames)
+        capacity = tl.context_latents + n_total * chunk
+        text = jnp.asarray(np.repeat(self.text, b, axis=0))
+        frames_per_chunk = FRAMES_PER_LATENT * chunk
+        ctx = tl.context_frames
+
+        def cond(first: int, count: int, first_latent: bool):
+            if cfg.conditioning is None:
+                return None
+            a = jnp.asarray(batch.actions[:, first:first + count])
+            p = jnp.asarray(batch.poses[:, first:first + count]) if cfg.conditioning.pose == "added" else None
+            return model.embed_conditioning(a, p, first_latent=first_latent)
+
+        cache = model.init_cache(b, capacity, self.lat_hw)
+        cache = engine.prefill(model, cache, latents, text, cond(0, ctx, True), chunk=chunk)
+        gen_cond = cond(ctx, n_total * frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
+        if gen_cond is not None:
+            gen_cond = gen_cond.reshape(b, n_total, chunk, -1).transpose(1, 0, 2, 3)
+        _, step_dec = vae_stream.decode_steps(vae)
+        decoder = self.warm_decoder(vae, latents) if decoder is None else decoder
+        dec_state = jax.tree.map(jnp.copy, decoder)  # the steps donate their state
+        segment = self._segments[bool(with_selection)]
+        shape = (1, chunk, *self.lat_hw, cfg.in_channels)
+        out, ids, counts, done = [], [], [], 0
+        for s in range(0, n_total, seg):
+            if s >= n_chunks:
+                break  # whole padding segments are never run
+            noises = jnp.stack([jnp.concatenate([engine.chunk_noise(sd, i, shape) for sd in batch.seeds])
+                                for i in range(s, s + seg)])
+            conds = None if gen_cond is None else gen_cond[s:s + seg]
+            result = segment(model, cache, noises, text, conds)
+            new, cache = result[0], result[1]
+            if with_selection:
+                ids.append(np.asarray(result[2][0]))
+                counts.append(np.asarray(result[2][1]))
+            gen = new.transpose(1, 0, 2, 3, 4, 5).reshape(b, seg * chunk, *self.lat_hw, cfg.in_channels)
+            dec_state, pixels = step_dec(dec_state, gen)
+            pixels = np.asarray(pixels)
+            if not np.isfinite(pixels).all():
+                raise FloatingPointError(f"non-finite frames in chunks {s}..{s + seg - 1} (cache capacity "
+                                         f"{capacity} latents)")
+            take = min(pixels.shape[1], num_frames - done)
+            out.append(video.from_model_range(pixels[:batch.real, :take]))
+            done += take
+            if progress is not None:
+                progress(take * batch.real)
+        frames = np.concatenate(out, axis=1)
+        if not with_selection:
+            return frames, None
+        ids = np.concatenate(ids)[:n_chunks, :, :batch.real]
+        counts = np.concatenate(counts)[:n_chunks, :, :batch.real]
+        return frames, (ids, counts)
+
+    def teacher_forced(self, model, batch: ClipBatch, latents: jax.Array):
+        """SGM selections (ids [chunks, L, real, H, C*M, K], counts) when the TRUE continuation is committed chunk by
+        chunk on the rollout's timeline: what SGM retrieves for the right content, apart from the model's drift.
+        latents: the encoded truth, context first, then whole chunks (context_latents + chunks * C latents)."""
+        from decmem_jax.rollout import engine
+
+        tl, cfg = self.timeline, model.cfg
+        b, chunk = latents.shape[0], tl.chunk
+        n = (latents.shape[1] - tl.context_latents) // chunk
+        text = jnp.asarray(np.repeat(self.text, b, axis=0))
+        conds = None
+        if cfg.conditioning is not None:
+            frames = tl.context_frames + n * chunk * FRAMES_PER_LATENT
+            p = jnp.asarray(batch.poses[:, :frames]) if cfg.conditioning.pose == "added" else None
+            conds = model.embed_conditioning(jnp.asarray(batch.actions[:, :frames]), p)
+        ctx = tl.context_latents
+        cache = model.init_cache(b, ctx + n * chunk, self.lat_hw)
+        cache = engine.prefill(model, cache, latents[:, :ctx], text, None if conds is None else conds[:, :ctx],
+                               chunk=chunk)
+        ids, counts = [], []
+        for c in range(n):
+            rows = slice(ctx + c * chunk, ctx + (c + 1) * chunk)
+            cache, (i, k) = _commit_with_selection()(model, latents[:, rows], jnp.zeros((b, chunk)), text, cache,
+                                                     None if conds is None else conds[:, rows])
+            ids.append(np.asarray(i))
+            counts.append(np.asarray(k))
+        return np.stack(ids)[:, :, :batch.real], np.stack(counts)[:, :, :batch.real]
+
+
+@functools.cache
+def _commit_with_selection():
+    @functools.partial(nnx.jit, donate_argnums=(4,))
+    def commit(model, x, t, context, cache, cond):
+        _, cache, selection = model.commit(x, t, context, cache, cond=cond, with_selection=True)
+        return cache, selection
+
+    return commit
