@@ -41,7 +41,8 @@ _NUM_FRAMES = flags.DEFINE_integer("num_frames", 600, "frames to generate after 
 _OUT = flags.DEFINE_string("out", None, "output mp4 (written incrementally; a .json sidecar is written next to it)")
 _SEED = flags.DEFINE_integer("seed", 0, "noise seed")
 _DIAGNOSTICS = flags.DEFINE_string("diagnostics", None, "optional .npz: the SGM blocks each query block retrieved "
-                                   "(per chunk, layer, head) at the commit pass, for plotting")
+                                   "(per chunk, layer, head, best score first) at the commit pass, for plotting; "
+                                   "every field is described in docs/memory.md")
 _TRUTH = flags.DEFINE_string("ground_truth", None, "optional mp4 holding the true continuation (normally the --context "
                              "clip itself, when it is longer than the context): the generated frames are scored "
                              "against it (PSNR/SSIM/LPIPS, and a copy-the-last-context-frame baseline) in the sidecar, "
