@@ -42,9 +42,9 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     c.model.residual_dtype = "float32"
     c.model.memory = ml_collections.ConfigDict(dict(
         enabled=memory, blocks_per_frame=6, block_slots=192, top_k=80, window=8, candidates="all", backend="auto",
-        layers=None, sgm=True))
+        layers=None, sgm=True, score_on="rope"))
     # layers: DiT blocks with DecMem attention, e.g. (0, 1, 2); None = all. sgm=False: inference with the ALM window
-    # only (the memory benchmark's alm_only variant)
+    # only (the memory benchmark's alm_only variant). score_on: what SGM scores, "rope" or "content" (MemoryConfig)
     c.model.conditioning = ml_collections.ConfigDict(dict(enabled=True, hidden=256, pose="added", pose_scale=16.0))
 
     c.data = ml_collections.ConfigDict()

@@ -222,10 +222,11 @@ def _rollout_chunks(model, latents, t, ctx, cond, cache, commit_t=None):
     return jnp.concatenate(outs, axis=1), cache
 
 
-@pytest.mark.parametrize("candidates", ["all", "outside_window"])
-def test_f_chunked_cache_inference_equals_full_forward(model_inputs, candidates):
+@pytest.mark.parametrize("candidates,score_on", [("all", "rope"), ("outside_window", "rope"),
+                                                 ("outside_window", "content")])
+def test_f_chunked_cache_inference_equals_full_forward(model_inputs, candidates, score_on):
     latents, t, ctx, actions = model_inputs
-    model = make_model(tiny_memory_config(candidates=candidates, layers=None), gate_scale=0.05)
+    model = make_model(tiny_memory_config(candidates=candidates, layers=None, score_on=score_on), gate_scale=0.05)
     cond = model.embed_conditioning(actions)
     full = causal(model, latents, t, ctx, cond)
     chunked, cache = _rollout_chunks(model, latents, t, ctx, cond, model.init_cache(2, MF + MC, MGRID))
@@ -238,7 +239,8 @@ def test_f_teacher_forcing_equals_inference_against_the_clean_cache(model_inputs
     chunks before it were committed at t = 0; DecMem layers on only some blocks (the others dense) included."""
     latents, t, ctx, actions = model_inputs
     noisy = jnp.asarray(np.random.default_rng(1).standard_normal(latents.shape), jnp.float32)
-    for cfg in (tiny_memory_config(layers=(1,)), tiny_memory_config().replace(memory=None)):
+    for cfg in (tiny_memory_config(layers=(1,)), tiny_memory_config(score_on="content"),
+                tiny_memory_config().replace(memory=None)):
         model = make_model(cfg, gate_scale=0.05)
         cond = model.embed_conditioning(actions)
         drop = jnp.asarray([False, True])
@@ -272,3 +274,22 @@ def test_cfg_branches_share_one_history_cache(model_inputs):
         a = model.forward_chunk(*args, shared, cond=c2)
         b = model.forward_chunk(*args, twice, cond=c2)
         assert rel(a, np.asarray(b)) <= 1e-5
+
+
+def test_content_scoring_is_wired_through_training_and_inference(model_inputs):
+    """score_on="content" (pool q/k before RoPE) changes what SGM retrieves, at inference and in the full forward
+    alike (the equivalences above hold for it too)."""
+    latents, t, ctx, actions = model_inputs
+    picks = {}
+    for score_on in ("rope", "content"):
+        model = make_model(tiny_memory_config(score_on=score_on, top_k=2), gate_scale=0.05)
+        cond = model.embed_conditioning(actions)
+        commit = nnx.jit(lambda m, x, c, k, cond: m.commit(x, jnp.zeros(x.shape[:2]), c, k, cond=cond,
+                                                           with_selection=True))
+        cache, ids = model.init_cache(2, MF, MGRID), []
+        for s in range(0, MF, MC):
+            _, cache, (sel, _) = commit(model, latents[:, s:s + MC], ctx, cache, cond[:, s:s + MC])
+            ids.append(np.asarray(sel))
+        picks[score_on] = np.concatenate(ids, axis=-2)
+    assert picks["rope"].shape == picks["content"].shape
+    assert not np.array_equal(picks["rope"], picks["content"])

@@ -53,6 +53,11 @@ class MemoryConfig:
     # Inference switch, no parameters: False drops SGM (and so the gate) and leaves o = o_alm, the ALM window alone.
     # The memory benchmark's `alm_only` and `dense_window` variants run this way (decmem_jax/eval/variants.py).
     sgm: bool = True
+    # What SGM pools and scores: "rope" = the q/k fed to attention, after RoPE (the method's recommended default, as
+    # VSA); "content" = q/k before RoPE. RoPE rotates each token by its frame and patch position, so pooled rotated
+    # vectors partly cancel within a frame and their dot products depend on the time distance between frames;
+    # "content" scores what blocks show, wherever and whenever they are (architecture: fixed at training).
+    score_on: str = "rope"
 
     def __post_init__(self):
         if self.block_slots % 64:
@@ -63,6 +68,8 @@ class MemoryConfig:
             raise ValueError("MemoryConfig.top_k, window and blocks_per_frame must be positive")
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(sorted({int(i) for i in self.layers})))
+        if self.score_on not in ("rope", "content"):
+            raise ValueError(f"MemoryConfig.score_on={self.score_on!r}; expected 'rope' or 'content'")
         if not isinstance(self.sgm, (bool, np.bool_)):
             raise ValueError(f"MemoryConfig.sgm={self.sgm!r} must be True or False")
         object.__setattr__(self, "sgm", bool(self.sgm))

@@ -133,10 +133,12 @@ class WanBlock(nnx.Module):
 
         # Self-attention on modulated LN(x), with 3D RoPE on q and k.
         h = (self.norm1(x) * (1 + scale1) + shift1).astype(cfg.compute_dtype).reshape(b, f * t, d)
-        q = apply_rope(self.self_attn.query(h), cos, sin)
-        k, v = self.self_attn.key_value(h)
-        k = apply_rope(k, cos, sin)
-        g = None if self.gate is None else self.self_attn._heads(self.gate(h))
+        q_raw = self.self_attn.query(h)
+        k_raw, v = self.self_attn.key_value(h)
+        q, k = apply_rope(q_raw, cos, sin), apply_rope(k_raw, cos, sin)
+        g = None
+        if self.gate is not None:  # memory: the gate, and the q/k that SGM scores (MemoryConfig.score_on)
+            g = (self.self_attn._heads(self.gate(h)), (q_raw, k_raw) if cfg.memory.score_on == "content" else None)
         o, new_kv = mixer(q, k, v, g, layer_in)
         x = (x + self.self_attn.out(o).reshape(b, f, t, d) * gate1).astype(cfg.residual)
 
@@ -297,8 +299,8 @@ class WanDiT(nnx.Module):
             if plan is None:
                 raise ValueError("a DecMem model (DiTConfig.memory set) is causal: pass chunk_size")
             layout = self._layout(tokens_per_frame)
-            return lambda q, k, v, g, _, use: (mem.decmem_attention(q, k, v, g, layout, cfg.memory, plan=plan,
-                                                                    use_memory=use), None)
+            return lambda q, k, v, g, _, use: (mem.decmem_attention(q, k, v, g[0], layout, cfg.memory, plan=plan,
+                                                                    use_memory=use, score=g[1]), None)
         if chunk_size is None:
             return lambda q, k, v, g, _: (attn_lib.attention(q, k, v, backend=cfg.attention), None)
         chunk_tokens = chunk_size * tokens_per_frame
@@ -405,9 +407,9 @@ class WanDiT(nnx.Module):
 
             def mixer(q, k, v, g, hist, use):
                 hk, hv, hp = hist
-                o, new, selection = mem.chunk_decmem_attention(q, k, v, g, layout, cfg.memory,
+                o, new, selection = mem.chunk_decmem_attention(q, k, v, g[0], layout, cfg.memory,
                                                                (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
-                                                               use_memory=use)
+                                                               use_memory=use, score=g[1])
                 return o, (new, selection)
         out, new = self._forward(latents, timesteps, context, cond, mixer, layer_in=cache.layers(),
                                  frame_offset=length)

@@ -212,15 +212,23 @@ def _sgm(q, k, v, idx, cnt, lens, layout: BlockLayout, cfg: MemoryConfig, return
                          return_lse=return_lse)
 
 
+def _score_blocks(q, k, qb, kb, score, layout: BlockLayout):
+    """The block-major tensors SGM pools: q/k's own blocks, or those of `score` = (q, k) before RoPE."""
+    if score is None or score[0] is q:
+        return qb, kb
+    return layout.to_blocks(score[0]), layout.to_blocks(score[1])
+
+
 def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, plan: FramePlan | None = None,
-                     chunk: int | None = None, use_memory=True):
+                     chunk: int | None = None, use_memory=True, score=None):
     """DecMem self-attention over a whole sequence (teacher forcing / full forward), under a `FramePlan`.
 
     q, k, v: [B, F*T, H, D] token-major (post qk-norm and RoPE); gate: [B, F*T, H, D] (the gate Linear's output,
     zeros at init). Returns o_alm + gate * o_sgm (o_alm alone when cfg.sgm is False), token-major [B, F*T, H, D], to
     be fed to W_o. `plan` defaults to
     `causal_plan(F, chunk)`. use_memory: True, or a traced bool (per-layer switch under a layer scan): where False the
-    layer runs dense attention over every visible block instead.
+    layer runs dense attention over every visible block instead. score: optional (q, k) that SGM pools and scores
+    instead of q and k (MemoryConfig.score_on="content": the tensors before RoPE).
     """
     b, s, h, d = q.shape
     frames = s // layout.tokens_per_frame
@@ -239,8 +247,9 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
         if not cfg.sgm:  # inference switch: the ALM window alone
             return layout.from_blocks(o_alm).astype(q.dtype)
         cand = expand_frames(plan.candidates(cfg.window, cfg.candidates), layout.blocks)
-        sgm_idx, sgm_cnt = select_blocks(pool_blocks(qb, lengths, layout.slots),
-                                         pool_blocks(kb, lengths, layout.slots), jnp.asarray(cand)[None, None],
+        qs, ks = _score_blocks(q, k, qb, kb, score, layout)
+        sgm_idx, sgm_cnt = select_blocks(pool_blocks(qs, lengths, layout.slots),
+                                         pool_blocks(ks, lengths, layout.slots), jnp.asarray(cand)[None, None],
                                          cfg.top_k)
         o_sgm = _sgm(qb, kb, vb, sgm_idx, sgm_cnt, kv_len, layout, cfg)
         o = layout.from_blocks(o_alm).astype(jnp.float32) + gate.astype(jnp.float32) * layout.from_blocks(o_sgm)
@@ -289,7 +298,8 @@ def _take_suffix(idx, start, nk_offset):
     return jnp.take_along_axis(idx, pos, axis=-1) - nk_offset
 
 
-def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, hist, length, *, use_memory=True):
+def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, hist, length, *, use_memory=True,
+                           score=None):
     """DecMem attention of one chunk against a block-major cache (inference; forward only).
 
     q, k, v, gate: [B, C*T, H, D] token-major, the chunk's frames follow the `length` committed ones.
@@ -308,9 +318,10 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
     if cfg.window < c:
         raise ValueError(f"MemoryConfig.window={cfg.window} is shorter than the chunk ({c} latents)")
     qb, kb, vb = (layout.to_blocks(x) for x in (q, k, v))
+    qs, ks = _score_blocks(q, k, qb, kb, score, layout)  # what SGM pools (`score`: see decmem_attention)
     own_len = jnp.broadcast_to(jnp.asarray(layout.block_lengths(c)), (b, c * m))
     hist_len = jnp.broadcast_to(jnp.asarray(layout.block_lengths(cap_blocks // m)), (hk.shape[0], cap_blocks))
-    k_pool = pool_blocks(kb, layout.block_lengths(c), slots)
+    k_pool = pool_blocks(ks, layout.block_lengths(c), slots)
     length = jnp.asarray(length, jnp.int32)
     all_own = (jnp.broadcast_to(jnp.arange(c * m, dtype=jnp.int32), (b, h, c * m, c * m)),
                jnp.full((b, h, c * m), c * m, jnp.int32))
@@ -333,7 +344,7 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
         if not cfg.sgm:  # inference switch: the ALM window alone, nothing retrieved
             return o_alm.astype(q.dtype), no_selection()
 
-        q_pool = pool_blocks(qb, layout.block_lengths(c), slots)
+        q_pool = pool_blocks(qs, layout.block_lengths(c), slots)
         limit = length - max(wh, 0) if cfg.candidates == "outside_window" else length
         hist_ok = jnp.arange(cap_blocks) < limit * m
         own_ok = jnp.full((c * m,), cfg.candidates == "all")
