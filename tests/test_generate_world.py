@@ -183,3 +183,23 @@ def test_speed_64x64(tmp_path):
     per_clip = (time.perf_counter() - start) / 2
     print(f"\n64x64, 300 frames: {per_clip:.2f} s per clip (render + mp4)")
     assert per_clip * 2 < 10
+
+
+def test_retrace_revisits_every_outbound_view_facing_the_same_way():
+    w = world.build_world(11)
+    for way_back in agent.WAYS_BACK:
+        actions, poses, s0 = agent.revisit_trajectory(w, 299, np.random.default_rng(2), way_back=way_back)
+        assert actions.shape == (300, 8)
+        np.testing.assert_array_equal(agent.run_actions(w, poses[0], actions[1:]), poses)
+        np.testing.assert_allclose(poses[-1], poses[s0], atol=1e-4)
+        pairs = agent.find_revisits(poses.astype(np.float32))
+        if way_back == "retrace":
+            # Every outbound frame (after the look-around) is seen again on the way back, the farthest ~2 x 137 later
+            # (the last ones before the turning point come back within find_revisits' 20-frame minimum gap).
+            out = 299 - s0 - 24
+            assert len(pairs) >= 0.8 * (out // 2) and (pairs[:, 1] - pairs[:, 0]).max() > out
+            assert (actions[s0 + 25 + out // 2:, 0] != 1).all()  # no forward step on the way back
+        else:
+            assert len(pairs) >= 13
+    with pytest.raises(ValueError, match="way_back"):
+        agent.revisit_trajectory(w, 299, np.random.default_rng(2), way_back="fly")

@@ -170,20 +170,31 @@ def _reversible(world: World, before, after) -> bool:
     return moved and straight and math.dist((back[0], back[2]), (before[0], before[2])) < 1e-9
 
 
-def revisit_trajectory(world: World, steps: int, rng: np.random.Generator, start=None):
+WAYS_BACK = ("turn", "retrace")
+
+
+def revisit_trajectory(world: World, steps: int, rng: np.random.Generator, start=None, way_back: str | None = None):
     """A trajectory of ``steps`` actions that ends where its scripted part began, in the same pose.
 
     Layout: random exploration (whatever the script leaves), [a 360-degree look-around: 24 right turns, when
     ``steps >= 120``], an outbound path of forward steps and 15-45 degree turns (each step checked to be exactly
-    retraceable: free, straight, no slide), a 180-degree turn (12 right turns), the path back (forward steps, turns
-    mirrored), and 12 more right turns back to the starting heading. Returns (actions [steps + 1, 8], poses
-    [steps + 1, 5], index of the first scripted frame). Raises ValueError if ``steps < 26``.
+    retraceable: free, straight, no slide), then the way back, one of ``WAYS_BACK`` (``None``: drawn from ``rng``,
+    even odds): "turn" = a 180-degree turn (12 right turns), the path back (forward steps, turns mirrored) and 12 more
+    right turns to the starting heading, so the way back looks the other way and only the end repeats earlier views;
+    "retrace" = the path undone in reverse with BACK steps, facing as on the way out, so every outbound view is seen
+    again, in reverse order, up to 2 * 160 frames later. Returns (actions [steps + 1, 8], poses [steps + 1, 5], index of
+    the first scripted frame). Raises ValueError if ``steps < 26``.
     """
+    if way_back is None:
+        way_back = WAYS_BACK[int(rng.integers(len(WAYS_BACK)))]
+    if way_back not in WAYS_BACK:
+        raise ValueError(f"way_back={way_back!r}; expected one of {WAYS_BACK}")
     look = 24 if steps >= 120 else 0
-    n_path = min(PATH_MAX, (steps - look - 24) // 2)
-    if n_path < 1:
+    turns = 24 if way_back == "turn" else 0
+    n_path = min(PATH_MAX, (steps - look - turns) // 2)
+    if steps < 26 or n_path < 1:
         raise ValueError(f"a revisit trajectory needs at least 26 steps (27 frames), got {steps}")
-    actions, poses = random_explorer(world, steps - look - 24 - 2 * n_path, rng, start)
+    actions, poses = random_explorer(world, steps - look - turns - 2 * n_path, rng, start)
     s0 = len(poses) - 1
     pose = tuple(poses[-1])
     script = [TURN_RIGHT] * look
@@ -203,9 +214,13 @@ def revisit_trajectory(world: World, steps: int, rng: np.random.Generator, start
         for _ in range(k):
             pose = step_pose(world, pose, turn)[0]
         run = int(rng.integers(4, 16))
-    mirror = {True: TURN_LEFT, False: TURN_RIGHT}
-    back = [FORWARD if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in out[::-1]]
-    script += out + [TURN_RIGHT] * 12 + back + [TURN_RIGHT] * 12
+    mirror = {True: TURN_LEFT, False: TURN_RIGHT}  # a turn undone (walking back either way)
+    if way_back == "turn":
+        back = [FORWARD if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in out[::-1]]
+        script += out + [TURN_RIGHT] * 12 + back + [TURN_RIGHT] * 12
+    else:  # a BACK step from `after` lands exactly on `before`: the same displacement _reversible checked
+        back = [BACK if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in out[::-1]]
+        script += out + back
     actions = np.concatenate([actions, np.array(script, np.int32)])
     poses = np.concatenate([poses, run_actions(world, poses[-1], script)[1:]])
     return actions, poses, s0
