@@ -132,27 +132,30 @@ class Page:
         except (WebSocketDisconnect, RuntimeError, ValueError, OSError):  # ValueError: not JSON
             self._gone()
 
-    async def start_session(self) -> None:
+    async def start_session(self) -> bool:
+        """A fresh session in world `self.seed`; False (the page told, the log written) if it could not start."""
         await self.send({"type": "status", "message": f"preparing world {self.seed}: encoding the context clip "
                                                       f"into the memory bank..."})
-        self.session, self.clip = await self.loop.run_in_executor(self.player.worker, self.player.new_session,
-                                                                  self.seed)
+        try:
+            self.session, self.clip = await self.loop.run_in_executor(self.player.worker, self.player.new_session,
+                                                                      self.seed)
+        except Exception as e:  # noqa: BLE001 -- one message to the page and the log; the server keeps serving
+            log.error("could not start a session: %s", e, exc_info=not isinstance(e, SessionError))
+            await self.send({"type": "error", "message": f"could not start a session: {e}"})
+            return False
         last = self.clip.frames[-1]
         await self.send({"type": "context", "frame": png(last), "truth": png(last), "world": self.seed,
                          "frames": int(self.session.context_frames), "chunks_left": self.session.chunks_left,
                          "prefill_seconds": round(self.session.prefill_seconds, 2)})
         await self.send({"type": "status", "message": "ready: hold W to walk, A/D or arrows to turn and look"})
+        return True
 
     async def run(self) -> None:
         model = self.player.model
         await self.send({"type": "hello", "settings": model.describe(), "keymap": controls_lib.KEYMAP})
         reader = asyncio.create_task(self.read())
         try:
-            try:
-                await self.start_session()
-            except Exception as e:  # noqa: BLE001 -- one message to the page and the log; the server keeps serving
-                log.error("could not start a session: %s", e, exc_info=not isinstance(e, SessionError))
-                await self.send({"type": "error", "message": f"could not start a session: {e}"})
+            if not await self.start_session():
                 return
             while not self.closed:
                 await self.wake.wait()
@@ -162,7 +165,8 @@ class Page:
                 if self.restart:
                     self.restart, self.tapped, self.seed = False, set(), self.seed + 1
                     self.session = None  # the old memory bank is freed before the new one is built
-                    await self.start_session()
+                    if not await self.start_session():
+                        return
                     continue
                 wanted = self.held | self.tapped
                 self.tapped = set()
