@@ -15,7 +15,6 @@ from decmem_jax.data.worldmem_format import noop
 from decmem_jax.rollout import session as session_lib
 from decmem_jax.rollout.session import SessionError, SessionFull
 
-pytestmark = pytest.mark.slow
 MAX_CHUNKS = 2
 
 
@@ -69,6 +68,7 @@ def _reference(model, clip):
     return video.from_model_range(pixels[n:])
 
 
+@pytest.mark.slow
 def test_steps_match_the_rollout_recipe_and_report_retrieval(model, clip):
     c, n = clip
     k = model.frames_per_chunk
@@ -93,6 +93,7 @@ def test_steps_match_the_rollout_recipe_and_report_retrieval(model, clip):
         session.step(noop(k))
 
 
+@pytest.mark.slow
 def test_stream_pieces_and_an_abandoned_chunk(model, clip):
     k = model.frames_per_chunk
     session = _session(model, clip)
@@ -107,6 +108,7 @@ def test_stream_pieces_and_an_abandoned_chunk(model, clip):
         session.step(noop(k))
 
 
+@pytest.mark.slow
 def test_bad_inputs_name_what_is_wrong(model, clip):
     c, n = clip
     k = model.frames_per_chunk
