@@ -77,7 +77,7 @@ class MemoryConfig:
 
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(JsonConfig):
-    """Wan2.1 DiT architecture plus runtime policy. Field names follow `wan/configs` and `../shared/reference/wan21.md`."""
+    """Wan2.1 DiT architecture plus runtime policy. Field names follow Wan's own configs (`docs/method.md` §2)."""
 
     # --- architecture (must match the checkpoint) ---
     dim: int = 1536

@@ -1,6 +1,6 @@
 """DecMem's decoupled memory: Sparse Global Memory (SGM) + Anchored Local Memory (ALM), fused by a gate.
 
-Everything here works on the **block-major padded layout** (`../shared/reference/decmem_method.md` §4.1): each
+Everything here works on the **block-major padded layout** (`docs/method.md` §5): each
 latent frame's T tokens are cut into M raster runs of ceil(T/M) tokens (the last one shorter), each padded to P slots
 (a multiple of 64) with zeros, so a block is one contiguous [P, H, D] slab and frame f's block m has id f*M + m.
 

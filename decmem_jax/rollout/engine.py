@@ -1,5 +1,5 @@
 """The autoregressive rollout core: memory-bank prefill, one chunk step (denoise with CFG, then commit), and a
-`lax.scan` over chunks with the KV cache in the carry (decmem_method.md §10).
+`lax.scan` over chunks with the KV cache in the carry (docs/method.md §12).
 
 Per generated chunk: fresh noise [B, C, H, W, 16]; `steps` sampler steps, each one batched forward of the cond and
 uncond branches (only the current chunk's conditioning differs; both read ONE history cache of batch 1); then a
