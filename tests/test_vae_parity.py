@@ -82,7 +82,7 @@ def test_normalisation_round_trip(reference):
 def test_original_layout_and_mismatch_report(reference):
     cfg, _, state, _, _ = reference
     flat = vk.assemble_vae(state.items(), cfg, "diffusers")
-    # The original .pth layout (§3.7 renames) loads to the same parameters; spot-check the documented examples.
+    # The original .pth layout (the original-to-diffusers renames) loads to the same parameters; spot-check the documented examples.
     original = {vk.original_key(k, cfg): v for k, v in state.items()}
     assert vk.original_key("decoder.up_blocks.1.resnets.0.conv_shortcut.weight", cfg) == \
         "decoder.upsamples.4.shortcut.weight"

@@ -28,7 +28,7 @@ Linear zero-initialised (kernel and bias), so a fresh module outputs exact zeros
 The streams are summed. Dtypes as the DiT: parameters in `param_dtype` (float32), matmuls in `dtype`
 ("auto" = float32 on CPU, bfloat16 elsewhere), the output always float32.
 
-CFG (§7.3): the null condition is the ZERO embedding (not a learned token). `drop` (bool [B] or [B, F], True =
+CFG (docs/method.md §9): the null condition is the ZERO embedding (not a learned token). `drop` (bool [B] or [B, F], True =
 dropped) zeroes the embedding of those samples / latent frames exactly; use `drop_mask` for training dropout
 restricted to the noisy chunk's latents, and drop=True on the uncond half of a cond/uncond batch at inference.
 """
@@ -173,7 +173,7 @@ def group_by_latent(x, frames_per_latent: int = 4, *, first_latent: bool = True)
 
 
 def null_like(embedding) -> jax.Array:
-    """The CFG null condition for an embedding [B, F, dim]: zeros of the same shape, float32 (§7.3)."""
+    """The CFG null condition for an embedding [B, F, dim]: zeros of the same shape, float32 (docs/method.md §9)."""
     return jnp.zeros(jnp.shape(embedding), jnp.float32)
 
 
@@ -181,7 +181,7 @@ def drop_mask(key, batch: int, rate: float, noisy=None) -> jax.Array:
     """Training dropout for `Conditioning(drop=...)`: each sample dropped with probability `rate`.
 
     noisy: optional bool [F] marking the latent frames of the noisy target chunk; then only those are dropped
-    (clean history keeps its conditioning, §7.3) and the mask is [B, F]; otherwise [B]."""
+    (clean history keeps its conditioning, docs/method.md §9) and the mask is [B, F]; otherwise [B]."""
     per_sample = jax.random.bernoulli(key, rate, (batch,))
     if noisy is None:
         return per_sample

@@ -41,7 +41,7 @@ class JsonConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-    """DecMem memory settings (models/memory.py); defaults are the paper's / the method spec's recommended ones (§13)."""
+    """DecMem memory settings (models/memory.py); defaults are the paper's / the recommended ones of docs/method.md §5-§7."""
 
     blocks_per_frame: int = 6  # M
     block_slots: int = 192  # P: slots per block, a multiple of 64 (kernel tiles)

@@ -1,6 +1,6 @@
 """Building blocks of the Wan2.1 causal video VAE in Flax NNX (`docs/method.md` §3).
 
-Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation (§3.6): causal
+Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation (docs/method.md §3): causal
 convolutions see the full sequence with zero frames in front, and the first frame bypasses temporal resampling.
 Parameter names follow diffusers' `AutoencoderKLWan` so that the key table (`convert/vae_keymap.py`) stays a list of
 renames: convolutions hold `kernel` (DHWIO / HWIO) and `bias`, norms hold `gamma` of shape (C,).
@@ -156,7 +156,7 @@ RESAMPLE_MODES = ("downsample2d", "downsample3d", "upsample2d", "upsample3d")
 
 
 class Resample(nnx.Module):
-    """Spatial (and temporal, for the *3d modes) resampling by 2 (§3.2 table).
+    """Spatial (and temporal, for the *3d modes) resampling by 2.
 
     downsample: per frame, zero-pad right/bottom by 1, 3x3 conv stride 2; downsample3d then keeps frame 0 and appends
     `time_conv` (kernel 3, stride 2, no padding) over the whole spatially downsampled sequence: 1+2k -> 1+k frames.

@@ -8,7 +8,7 @@ For clean latents z0 [B, F, H, W, C] (F = chunks * chunk):
               chunks before it and itself; only the noisy frames' velocity comes back
   loss        mean over the noisy frames of (v_pred - v)^2             (clean tokens are never supervised)
 CFG action dropout: with probability `dropout` per sample the NOISY copy's conditioning is zeroed (`drop`); the
-clean history keeps its actions, as at inference (§7.3).
+clean history keeps its actions, as at inference (docs/method.md §9).
 Context noise augmentation (`context_noise` > 0, off by default; not part of the DecMem method): each chunk of the
 history copy is noised to its own level s_c ~ U(0, context_noise), z_c = (1 - s_c) z0 + s_c eps', and runs at
 timestep 1000 s_c. A model trained only on perfect history drifts when its history is its own imperfect samples; seeing
