@@ -1,4 +1,5 @@
-"""The small world model shipped in weights/world_tiny: all three stages and its rollout, `--config=configs/world_tiny.py:STAGE`.
+"""The small world model shipped in weights/world_tiny: its VAE, the three stages and its rollout
+(`--config=configs/world_tiny.py:STAGE`).
 
     python -m decmem_jax.train --config=configs/world_tiny.py:dense_short --workdir runs/world_tiny/s1
     python -m decmem_jax.train --config=configs/world_tiny.py:dense_long --workdir runs/world_tiny/s2

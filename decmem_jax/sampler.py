@@ -1,7 +1,7 @@
 """Flow-matching samplers (Euler, UniPC-bh2) with a functional, `lax.scan`-friendly interface, plus the CFG helper.
 
-Conventions (docs/method.md §4): x_t = (1-σ)·x0 + σ·ε, the model predicts v = ε - x0, x0 = x_t - σ·v, model timestep
-t = σ·1000.
+Conventions (docs/method.md §4): x_t = (1-σ)·x0 + σ·ε, the model predicts v = ε - x0, x0 = x_t - σ·v, model
+timestep t = σ·1000.
 
 Schedules are static per rollout: `flow_sigmas` builds them on the host in numpy. Every UniPC coefficient depends
 only on the σ grid and the step index, so each sampler precomputes per-step coefficient tables (float64 on the

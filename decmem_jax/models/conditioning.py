@@ -28,9 +28,9 @@ Linear zero-initialised (kernel and bias), so a fresh module outputs exact zeros
 The streams are summed. Dtypes as the DiT: parameters in `param_dtype` (float32), matmuls in `dtype`
 ("auto" = float32 on CPU, bfloat16 elsewhere), the output always float32.
 
-CFG (docs/method.md §9): the null condition is the ZERO embedding (not a learned token). `drop` (bool [B] or [B, F], True =
-dropped) zeroes the embedding of those samples / latent frames exactly; use `drop_mask` for training dropout
-restricted to the noisy chunk's latents, and drop=True on the uncond half of a cond/uncond batch at inference.
+CFG (docs/method.md §9): the null condition is the ZERO embedding (not a learned token). `drop` (bool [B] or
+[B, F], True = dropped) zeroes the embedding of those samples / latent frames exactly; use `drop_mask` for training
+dropout restricted to the noisy chunk's latents, and drop=True on the uncond half of a cond/uncond batch at inference.
 """
 
 from __future__ import annotations

@@ -41,7 +41,7 @@ class JsonConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryConfig:
-    """DecMem memory settings (models/memory.py); defaults are the paper's / the recommended ones of docs/method.md §5-§7."""
+    """DecMem memory settings (models/memory.py); defaults are the paper's and docs/method.md §5-§7's choices."""
 
     blocks_per_frame: int = 6  # M
     block_slots: int = 192  # P: slots per block, a multiple of 64 (kernel tiles)

@@ -360,7 +360,8 @@ class WanDiT(nnx.Module):
         _, h, w = self._grid(clean)
         mixer = self._sequence_mixer(h * w, chunk_size, plan)
         seq = jnp.concatenate([clean, noisy], axis=1)
-        t_clean = jnp.zeros_like(timesteps) if clean_timesteps is None else jnp.asarray(clean_timesteps, timesteps.dtype)
+        t_clean = jnp.zeros_like(timesteps) if clean_timesteps is None else jnp.asarray(clean_timesteps,
+                                                                                         timesteps.dtype)
         t = jnp.concatenate([t_clean, timesteps], axis=1)
         out = self._forward(seq, t, context, cond, mixer, positions=plan.positions)[0]
         return out[:, f:]

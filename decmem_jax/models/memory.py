@@ -7,9 +7,9 @@ latent frame's T tokens are cut into M raster runs of ceil(T/M) tokens (the last
 - SGM (docs/method.md §6): per head, mean-pool the valid tokens of every query block and key block (fp32), score
   q̄·k̄/√d, keep the top-k candidate key blocks (ties: lower block id first; fewer candidates than k: all of them),
   then attend densely to the valid tokens of the selected blocks.
-- ALM (docs/method.md §7): the query chunk attends, bidirectionally, to its own chunk and the preceding latents inside a window of
+- ALM (§7): the query chunk attends, bidirectionally, to its own chunk and the preceding latents inside a window of
   `window` latent frames (counting the chunk: default 8 = the chunk of 4 + the 4 before it).
-- Gate (docs/method.md §8): o = o_alm + G ⊙ o_sgm, G = Linear(h) per token and channel, zero-initialised (a dense/ALM checkpoint is
+- Gate (§8): o = o_alm + G ⊙ o_sgm, G = Linear(h) per token and channel, zero-initialised (a dense/ALM checkpoint is
   unchanged at initialisation).
 
 Both branches are expressed as key-block index lists fed to one function, `pallas_kernels.sgm.sgm_attention`
@@ -158,8 +158,8 @@ def causal_plan(frames: int, chunk: int) -> FramePlan:
 
 
 def teacher_forcing_plan(frames: int, chunk: int) -> FramePlan:
-    """[clean ; noisy] sequence of 2F frames (docs/method.md §11): clean chunk c sees clean chunks <= c; noisy chunk c sees clean
-    chunks < c and itself; both copies share positions 0..F-1."""
+    """[clean ; noisy] sequence of 2F frames (docs/method.md §11): clean chunk c sees clean chunks <= c; noisy chunk c
+    sees clean chunks < c and itself; both copies share positions 0..F-1."""
     if frames % chunk:
         raise ValueError(f"teacher forcing needs whole chunks: {frames} latent frames, chunk {chunk}")
     f = np.arange(frames)

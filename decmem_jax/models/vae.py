@@ -3,7 +3,7 @@
 Pixels [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k map to latents [B, 1 + k, H/8, W/8, 16] and back
 (`docs/method.md` §3). The reference runs chunked with a per-conv frame cache (1 frame, then 4 at a
 time); here every causal conv runs over the whole sequence with zero frames in front and the first frame bypasses
-temporal resampling, which is the same function (docs/method.md §3) and one XLA program. Only the posterior mean is used, as in
+temporal resampling, which is the same function and one XLA program. Only the posterior mean is used, as in
 Wan. Blocks live in `vae_blocks.py`; the checkpoint key table in `convert/vae_keymap.py`.
 """
 

@@ -1,6 +1,6 @@
 """Building blocks of the Wan2.1 causal video VAE in Flax NNX (`docs/method.md` §3).
 
-Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation (docs/method.md §3): causal
+Video is channels-last, [B, T, H, W, C]. Every block is written for the whole-sequence formulation: causal
 convolutions see the full sequence with zero frames in front, and the first frame bypasses temporal resampling.
 Parameter names follow diffusers' `AutoencoderKLWan` so that the key table (`convert/vae_keymap.py`) stays a list of
 renames: convolutions hold `kernel` (DHWIO / HWIO) and `bias`, norms hold `gamma` of shape (C,).
