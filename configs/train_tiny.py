@@ -1,4 +1,5 @@
-"""Tiny versions of the three stages for CPU tests and smoke runs: `--config=configs/train_tiny.py:decmem`.
+"""Tiny versions of the three stages for CPU tests and smoke runs (training and rollout):
+`--config=configs/train_tiny.py:decmem`.
 
 Tiny DiT (dim 256, 2 layers), 8 latents of 8x8 (16 tokens per frame, 2 chunks of 4; memory: one 64-slot block per
 frame, top-4, window 8), batch 2, float32, synthetic latents unless data.source/csv are overridden.
@@ -15,6 +16,8 @@ except ImportError:  # loaded from outside the repository root
 
 
 def get_config(stage: str = "decmem"):
+    from decmem_jax.rollout.settings import add_rollout_fields
+
     c = common.train_config(stage or "decmem")
     c.init_from = "random"
     c.model.preset = "tiny"
@@ -35,4 +38,11 @@ def get_config(stage: str = "decmem"):
     c.train.log_every = 1
     c.mesh.update(data=1, fsdp=-1, tensor=1, context=1)
     c.checkpointing.update(every=10, keep=2)
+    # Rollout fields matching this training config, so a tiny run's checkpoint rolls out with the same memory settings:
+    #   python -m decmem_jax.rollout --config=configs/train_tiny.py:decmem --config.checkpoint=RUN_DIR ...
+    # (its latents are 8x8 at 64x64, the shipped world-tiny VAE's geometry).
+    add_rollout_fields(c)
+    c.vae_checkpoint = "weights/world_tiny/vae"
+    c.rollout.update(height=64, width=64, context_frames=17, chunk=4, steps=4, shift=c.train.sigma_shift,
+                     segment_chunks=4, dtype="float32")
     return c
