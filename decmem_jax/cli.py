@@ -286,3 +286,11 @@ def train() -> None:
 
 def train_vae() -> None:
     _run_as_main("decmem_jax.train.vae")
+
+
+def evaluate() -> None:
+    _run_as_main("decmem_jax.eval")
+
+
+def play() -> None:
+    _run_as_main("decmem_jax.play")
