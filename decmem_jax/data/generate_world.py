@@ -72,15 +72,17 @@ def is_revisit_clip(index: int, seed: int, revisit: float) -> bool:
     return bool(np.random.default_rng([seed, index, 0x5EE]).random() < revisit)
 
 
-def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, fog: bool = True):
+def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, fog: bool = True,
+              way_back: str | None = None):
     """Clip ``index`` of a run: (frames uint8 [T, H, W, 3], actions int32 [T, 8], poses float32 [T, 5],
     revisit_pairs int32 [P, 2]). ``revisit``: True/False, or the fraction of clips that follow a revisit script
-    (the others explore at random)."""
+    (the others explore at random); ``way_back``: how revisit scripts return (`agent.WAYS_BACK`; None = drawn per
+    clip)."""
     world_seed, agent_seed = np.random.SeedSequence([seed, index]).generate_state(2)
     world = world_lib.build_world(int(world_seed))
     rng = np.random.default_rng(int(agent_seed))
     if is_revisit_clip(index, seed, float(revisit)):
-        actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng)
+        actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng, way_back=way_back)
     else:
         actions, poses = agent_lib.random_explorer(world, frames - 1, rng)
     poses = poses.astype(np.float32)  # the stored poses are what gets rendered
@@ -100,12 +102,12 @@ def video_options(quantizer: int) -> dict:
 
 
 def _write_clip(job) -> tuple[str, str]:
-    out, split, episode, index, frames, size, seed, revisit, fog, quantizer, skip = job
+    out, split, episode, index, frames, size, seed, revisit, fog, quantizer, skip, way_back = job
     folder = Path(out) / split / WORKER
     mp4, npz = folder / f"{episode:06d}.mp4", folder / f"{episode:06d}.npz"
     if skip and mp4.exists() and npz.exists():
         return str(mp4), str(npz)
-    video, actions, poses, pairs = make_clip(index, frames, size, seed, revisit, fog)
+    video, actions, poses, pairs = make_clip(index, frames, size, seed, revisit, fog, way_back)
     problems = check_clip_arrays(actions, poses, len(video))
     if problems:
         raise RuntimeError(f"clip {index}: generated invalid arrays: {problems}")
@@ -149,12 +151,15 @@ def check_args(clips, frames, size, revisit, split, jobs, quantizer: int = 1, se
 
 def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit: bool | float = False,
              split: str = "training", *, fog: bool = True, quantizer: int = 1, jobs: int = 1,
-             skip_existing: bool = False, progress: bool = True) -> list[tuple[str, str]]:
+             skip_existing: bool = False, progress: bool = True,
+             way_back: str | None = None) -> list[tuple[str, str]]:
     """Write ``clips`` clips of ``frames`` frames (see the module docstring); returns the (mp4, npz) paths in clip
     order. ``size`` is (H, W) or 'HxW'; ``quantizer`` the MPEG-4 quantizer (see `video_options`); ``jobs`` worker
     processes;
-    ``skip_existing`` keeps complete pairs."""
+    ``skip_existing`` keeps complete pairs; ``way_back`` fixes how revisit scripts return (None: drawn per clip)."""
     size = check_args(clips, frames, size, revisit, split, jobs, quantizer, seed)
+    if way_back is not None and way_back not in agent_lib.WAYS_BACK:
+        raise ValueError(f"--way-back {way_back}: expected one of {agent_lib.WAYS_BACK}")
     problem = cli.output_problem(out)
     if problem:  # before any clip is rendered
         raise ValueError(f"--out {os.fspath(out)}: {problem}")
@@ -163,7 +168,7 @@ def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit
     work = []
     for index, name in enumerate(assign_splits(clips, seed, split)):
         work.append((os.fspath(out), name, counters[name], index, frames, size, seed, revisit, fog, quantizer,
-                     skip_existing))
+                     skip_existing, way_back))
         counters[name] += 1
     bar = tqdm(total=clips, unit="clip", desc="generate_world", disable=not progress)
     with contextlib.ExitStack() as stack:
@@ -199,6 +204,10 @@ def main(argv=None) -> int:
     parser.add_argument("--revisit-fraction", type=float, default=None, metavar="F",
                         help="a revisit script for a fraction F of the clips (chosen by seed and clip index), a "
                              "random walk for the others; overrides --revisit")
+    parser.add_argument("--way-back", default=None, choices=agent_lib.WAYS_BACK,
+                        help="how revisit scripts return: 'turn' (turn round, walk back facing the other way) or "
+                             "'retrace' (step back facing as on the way out, so every outbound view is seen again); "
+                             "default: drawn per clip, even odds")
     parser.add_argument("--split", default="training", choices=(*SPLITS, "all"),
                         help="split folder for every clip, or 'all' for a seeded 80/10/10 "
                              "training/validation/test assignment; default training")
@@ -222,7 +231,7 @@ def main(argv=None) -> int:
     try:
         written = generate(args.out, args.clips, args.frames, args.size, args.seed, revisit, args.split,
                            fog=args.fog, quantizer=args.quantizer, jobs=args.jobs, skip_existing=args.skip_existing,
-                           progress=not args.quiet)
+                           progress=not args.quiet, way_back=args.way_back)
     except OSError as e:  # e.g. the disk filled up: finished pairs stay, the clip being written left nothing
         return cli.fail(f"--out {args.out}: {e}")
     seconds = time.perf_counter() - start
