@@ -203,3 +203,38 @@ def test_retrace_revisits_every_outbound_view_facing_the_same_way():
             assert len(pairs) >= 13
     with pytest.raises(ValueError, match="way_back"):
         agent.revisit_trajectory(w, 299, np.random.default_rng(2), way_back="fly")
+
+
+def test_way_back_flag_fixes_the_return(tmp_path, capsys):
+    """--way-back retrace: the main job's clip layout (look round 0-24, out 24-92, back 92-160), every way-back frame
+    the pose of an outbound frame; --way-back turn differs; a bad value is one argparse error."""
+    poses = {}
+    for way in agent.WAYS_BACK:
+        assert generate_world.main(["--out", str(tmp_path / way), "--clips", "1", "--frames", "161", "--size",
+                                    "16x16", "--seed", "0", "--revisit", "--way-back", way, "--quiet",
+                                    "--split", "test"]) == 0
+        poses[way] = load_clip_arrays(tmp_path / way / "test/0/000000.npz")[1]
+    back = poses["retrace"]
+    for t in range(92, 161):
+        np.testing.assert_allclose(back[t], back[184 - t], atol=1e-3)
+    assert not np.allclose(poses["turn"][120], back[120], atol=1e-3)
+    with pytest.raises(SystemExit) as e:
+        generate_world.main(["--out", str(tmp_path / "x"), "--clips", "1", "--frames", "40", "--revisit",
+                             "--way-back", "fly"])
+    assert e.value.code == 2 and "--way-back" in capsys.readouterr().err
+
+
+def test_patrol_walks_the_path_back_and_forth():
+    """Every frame after the outbound path has the exact pose of a frame of the look-round or the path."""
+    w = world.build_world(11)
+    actions, poses, end = agent.patrol_trajectory(w, 600, np.random.default_rng(3))
+    assert actions.shape == (601, 8) and end == 24 + 160
+    np.testing.assert_array_equal(agent.run_actions(w, poses[0], actions[1:]), poses)
+    seen = poses[:end + 1]
+    for t in range(end + 1, 601):
+        assert np.abs(seen - poses[t]).max(axis=1).min() < 1e-6, t
+    np.testing.assert_allclose(poses[end + 160], poses[24], atol=1e-6)  # one lap back: the start of the path
+    np.testing.assert_allclose(poses[end + 320], poses[end], atol=1e-6)  # and out again
+    assert agent.patrol_trajectory(w, 100, np.random.default_rng(3))[2] == 24 + 38
+    with pytest.raises(ValueError, match="26 steps"):
+        agent.patrol_trajectory(w, 20, np.random.default_rng(3))

@@ -173,6 +173,33 @@ def _reversible(world: World, before, after) -> bool:
 WAYS_BACK = ("turn", "retrace")
 
 
+def _outbound_path(world: World, pose, n_path: int, rng: np.random.Generator) -> list:
+    """``n_path`` actions from ``pose``: runs of 4-15 forward steps, each checked to be exactly retraceable (free,
+    straight, no slide), between runs of 1-3 turns of 15 degrees."""
+    out, run, turn = [], int(rng.integers(4, 16)), TURN_RIGHT if rng.random() < 0.5 else TURN_LEFT
+    while len(out) < n_path:
+        if run > 0:
+            nxt, moved = step_pose(world, pose, FORWARD)
+            if moved and _reversible(world, pose, nxt):
+                out.append(FORWARD)
+                pose, run = nxt, run - 1
+                continue
+        turn = turn if run > 0 else (TURN_RIGHT if rng.random() < 0.5 else TURN_LEFT)
+        k = min(int(rng.integers(1, 4)), n_path - len(out))
+        out += [turn] * k
+        for _ in range(k):
+            pose = step_pose(world, pose, turn)[0]
+        run = int(rng.integers(4, 16))
+    return out
+
+
+def _undo(path: list, step) -> list:
+    """The actions that walk ``path`` backwards: its turns mirrored, each forward step replaced by ``step`` (FORWARD
+    after a 180-degree turn, BACK facing as on the way out)."""
+    mirror = {True: TURN_LEFT, False: TURN_RIGHT}
+    return [step if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in path[::-1]]
+
+
 def revisit_trajectory(world: World, steps: int, rng: np.random.Generator, start=None, way_back: str | None = None):
     """A trajectory of ``steps`` actions that ends where its scripted part began, in the same pose.
 
@@ -200,30 +227,44 @@ def revisit_trajectory(world: World, steps: int, rng: np.random.Generator, start
     script = [TURN_RIGHT] * look
     for a in script:
         pose = step_pose(world, pose, a)[0]
-    out, run, turn = [], int(rng.integers(4, 16)), TURN_RIGHT if rng.random() < 0.5 else TURN_LEFT
-    while len(out) < n_path:
-        if run > 0:
-            nxt, moved = step_pose(world, pose, FORWARD)
-            if moved and _reversible(world, pose, nxt):
-                out.append(FORWARD)
-                pose, run = nxt, run - 1
-                continue
-        turn = turn if run > 0 else (TURN_RIGHT if rng.random() < 0.5 else TURN_LEFT)
-        k = min(int(rng.integers(1, 4)), n_path - len(out))
-        out += [turn] * k
-        for _ in range(k):
-            pose = step_pose(world, pose, turn)[0]
-        run = int(rng.integers(4, 16))
-    mirror = {True: TURN_LEFT, False: TURN_RIGHT}  # a turn undone (walking back either way)
+    out = _outbound_path(world, pose, n_path, rng)
     if way_back == "turn":
-        back = [FORWARD if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in out[::-1]]
-        script += out + [TURN_RIGHT] * 12 + back + [TURN_RIGHT] * 12
+        script += out + [TURN_RIGHT] * 12 + _undo(out, FORWARD) + [TURN_RIGHT] * 12
     else:  # a BACK step from `after` lands exactly on `before`: the same displacement _reversible checked
-        back = [BACK if a[FORWARD_BACK] else mirror[bool(a[CAMERA_YAW] > 12)] for a in out[::-1]]
-        script += out + back
+        script += out + _undo(out, BACK)
     actions = np.concatenate([actions, np.array(script, np.int32)])
     poses = np.concatenate([poses, run_actions(world, poses[-1], script)[1:]])
     return actions, poses, s0
+
+
+def patrol_trajectory(world: World, steps: int, rng: np.random.Generator, start=None):
+    """A look-round and an outbound path, then that path walked back and forth until ``steps`` actions: BACK steps
+    facing as on the way out to the start of the path, the path again, back again, ... Every frame after the outbound
+    path shows exactly the view of an earlier frame of the look-round or the path, so a rollout given the frames up to
+    the end of the path as context has a known answer for every frame it generates (the memory benchmark's clips).
+    Layout: 24 right turns (a 360-degree look-round), an outbound path of ``min(PATH_MAX, (steps - 24) // 2)``
+    steps (as in `revisit_trajectory`), then the laps. Returns (actions [steps + 1, 8], poses [steps + 1, 5], index of the last
+    frame of the outbound path). Raises ValueError if ``steps < 26``."""
+    look = 24
+    n_path = min(PATH_MAX, (steps - look) // 2)
+    if steps < 26 or n_path < 1:
+        raise ValueError(f"a patrol trajectory needs at least 26 steps (27 frames), got {steps}")
+    actions, poses = random_explorer(world, 0, rng, start)  # the start pose (random unless given)
+    pose = tuple(poses[-1])
+    script = [TURN_RIGHT] * look
+    for a in script:
+        pose = step_pose(world, pose, a)[0]
+    out = _outbound_path(world, pose, n_path, rng)
+    script += out
+    end_of_path = len(poses) - 1 + len(script)
+    laps = [_undo(out, BACK), out]
+    while len(script) < steps:
+        script += laps[0]
+        laps.reverse()
+    script = script[:steps]
+    actions = np.concatenate([actions, np.array(script, np.int32)])
+    poses = np.concatenate([poses, run_actions(world, poses[-1], script)[1:]])
+    return actions, poses, end_of_path
 
 
 def find_revisits(poses: np.ndarray, min_gap: int = 20, pos_tol: float = 1e-3, angle_tol: float = 1e-2):

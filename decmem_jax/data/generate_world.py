@@ -64,6 +64,9 @@ def assign_splits(clips: int, seed: int, split: str) -> list[str]:
     return names.tolist()
 
 
+WAY_BACK_CHOICES = (*agent_lib.WAYS_BACK, "patrol")
+
+
 def is_revisit_clip(index: int, seed: int, revisit: float) -> bool:
     """Whether clip ``index`` follows a revisit script: always for revisit=1 (True), never for 0 (False), else
     with probability ``revisit``, drawn from (seed, index) alone."""
@@ -77,11 +80,13 @@ def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, f
     """Clip ``index`` of a run: (frames uint8 [T, H, W, 3], actions int32 [T, 8], poses float32 [T, 5],
     revisit_pairs int32 [P, 2]). ``revisit``: True/False, or the fraction of clips that follow a revisit script
     (the others explore at random); ``way_back``: how revisit scripts return (`agent.WAYS_BACK`; None = drawn per
-    clip)."""
+    clip), or "patrol" (`agent.patrol_trajectory`: walk out, then back and forth along the path)."""
     world_seed, agent_seed = np.random.SeedSequence([seed, index]).generate_state(2)
     world = world_lib.build_world(int(world_seed))
     rng = np.random.default_rng(int(agent_seed))
-    if is_revisit_clip(index, seed, float(revisit)):
+    if is_revisit_clip(index, seed, float(revisit)) and way_back == "patrol":
+        actions, poses, _ = agent_lib.patrol_trajectory(world, frames - 1, rng)
+    elif is_revisit_clip(index, seed, float(revisit)):
         actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng, way_back=way_back)
     else:
         actions, poses = agent_lib.random_explorer(world, frames - 1, rng)
@@ -158,8 +163,8 @@ def generate(out, clips: int, frames: int, size=(64, 64), seed: int = 0, revisit
     processes;
     ``skip_existing`` keeps complete pairs; ``way_back`` fixes how revisit scripts return (None: drawn per clip)."""
     size = check_args(clips, frames, size, revisit, split, jobs, quantizer, seed)
-    if way_back is not None and way_back not in agent_lib.WAYS_BACK:
-        raise ValueError(f"--way-back {way_back}: expected one of {agent_lib.WAYS_BACK}")
+    if way_back is not None and way_back not in WAY_BACK_CHOICES:
+        raise ValueError(f"--way-back {way_back}: expected one of {WAY_BACK_CHOICES}")
     problem = cli.output_problem(out)
     if problem:  # before any clip is rendered
         raise ValueError(f"--out {os.fspath(out)}: {problem}")
@@ -204,10 +209,11 @@ def main(argv=None) -> int:
     parser.add_argument("--revisit-fraction", type=float, default=None, metavar="F",
                         help="a revisit script for a fraction F of the clips (chosen by seed and clip index), a "
                              "random walk for the others; overrides --revisit")
-    parser.add_argument("--way-back", default=None, choices=agent_lib.WAYS_BACK,
-                        help="how revisit scripts return: 'turn' (turn round, walk back facing the other way) or "
-                             "'retrace' (step back facing as on the way out, so every outbound view is seen again); "
-                             "default: drawn per clip, even odds")
+    parser.add_argument("--way-back", default=None, choices=WAY_BACK_CHOICES,
+                        help="how revisit scripts return: 'turn' (turn round, walk back facing the other way), "
+                             "'retrace' (step back facing as on the way out, so every outbound view is seen again) "
+                             "or 'patrol' (look round, walk out, then back and forth along the path until the clip "
+                             "ends: the memory benchmark's clips); default: turn or retrace, drawn per clip")
     parser.add_argument("--split", default="training", choices=(*SPLITS, "all"),
                         help="split folder for every clip, or 'all' for a seeded 80/10/10 "
                              "training/validation/test assignment; default training")
