@@ -53,6 +53,17 @@ def test_revisit_rule_on_hand_made_poses():
     assert wide.frames.tolist() == [45, 46, 47, 50, 56]
 
 
+def test_generated_frames_are_sources_only_when_asked():
+    p = _poses(97)
+    p[90] = p[36]  # frame 36 was generated (latent 9, chunk 0); frame 90 (latent 23, window from 17) sees it again
+    p[94] = p[7]  # frame 7 is context: a source under either rule
+    assert find_revisits(p, TL, 64).frames.tolist() == [94]  # default: sources="context"
+    got = find_revisits(p, TL, 64, RevisitRule(sources="any"))
+    assert got.frames.tolist() == [90, 94] and got.sources[0].tolist() == [36]
+    with pytest.raises(ValueError, match="sources"):
+        RevisitRule(sources="all")
+
+
 def test_standing_still_is_no_revisit_and_bad_poses_fail():
     still = np.zeros((65, 5))
     assert len(find_revisits(still, TL, 32)) == 0  # the window always holds the same view

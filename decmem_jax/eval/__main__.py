@@ -55,6 +55,10 @@ _YAW = flags.DEFINE_float("yaw_tol", RevisitRule.yaw_tol, "revisit rule: yaws wi
 _PITCH = flags.DEFINE_float("pitch_tol", RevisitRule.pitch_tol, "revisit rule: pitches within this many degrees")
 _EXCLUDE = flags.DEFINE_bool("exclude_window", RevisitRule.exclude_window, "revisit rule: a view still held in the "
                              "committed part of the ALM window is no revisit")
+_SOURCES = flags.DEFINE_enum("revisit_sources", RevisitRule.sources, ["context", "any"], "revisit rule: which "
+                              "earlier frames count as a revisit's source: 'context' (the teacher-forced frames, "
+                              "whose truth the memory holds) or 'any' (generated frames too: then the truth shows "
+                              "a view the model never saw; see docs/memory.md)")
 _FVD = flags.DEFINE_bool("fvd", True, "compute FVD (I3D on 16-frame segments; slow on a CPU)")
 _BOOT = flags.DEFINE_integer("fvd_bootstrap", 1000, "bootstrap draws over clips for FVD's interval")
 _PLOT_CLIPS = flags.DEFINE_integer("plot_clips", 4, "clips (from the first) that get PSNR and retrieval plots and a "
@@ -71,7 +75,8 @@ def settings_from_flags():
                     plots=_PLOTS.value or str(Path(out).with_suffix("")), num_frames=_NUM_FRAMES.value,
                     clips=_CLIPS.value, batch_clips=_BATCH.value, variants=tuple(_VARIANTS.value), seed=_SEED.value,
                     dense_checkpoint=_DENSE.value,
-                    rule=RevisitRule(_POS.value, _YAW.value, _PITCH.value, _EXCLUDE.value), fvd=_FVD.value,
+                    rule=RevisitRule(_POS.value, _YAW.value, _PITCH.value, _EXCLUDE.value, _SOURCES.value),
+                    fvd=_FVD.value,
                     fvd_bootstrap=_BOOT.value, plot_clips=_PLOT_CLIPS.value, commit=_COMMIT.value,
                     progress=_PROGRESS.value)
 

@@ -19,10 +19,15 @@ View match (`RevisitRule`)
 
 Revisit frame
     A generated frame t (t >= context_frames) is a revisit frame when (1) some frame s whose latent lies before t's
-    window start matches its view (s is a ground-truth source of t; it may be a context or a generated frame, the
-    memory holds whichever the rollout committed), and, with `exclude_window` (default), (2) no frame of the
-    committed part of t's window (latents [window start, chunk start)) matches it: a view the window still holds
-    does not test the memory. Standing still therefore never makes a revisit.
+    window start matches its view (s is a ground-truth source of t), and, with `exclude_window` (default), (2) no
+    frame of the committed part of t's window (latents [window start, chunk start)) matches it: a view the window
+    still holds does not test the memory. Standing still therefore never makes a revisit.
+
+    Which frames may be sources (`RevisitRule.sources`): "context" (default) only the teacher-forced context frames,
+    whose true pixels the memory holds, so that a generated revisit frame can be scored against the truth: a memory
+    that works reproduces it. "any" also admits generated frames: the memory then holds the model's own version of
+    that view, which the truth does not show (it was never given), so scoring such frames against the truth
+    measures how well the model guessed unseen places, not whether it remembers them.
 """
 
 from __future__ import annotations
@@ -84,8 +89,11 @@ class RevisitRule:
     yaw_tol: float = 15.0  # degrees, wrapped difference
     pitch_tol: float = 15.0  # degrees
     exclude_window: bool = True  # a view still held in the committed part of the window is no revisit
+    sources: str = "context"  # "context": only teacher-forced frames are sources; "any": generated frames too
 
     def __post_init__(self):
+        if self.sources not in ("context", "any"):
+            raise ValueError(f"revisit.sources={self.sources!r}; expected 'context' or 'any'")
         for name in ("pos_tol", "yaw_tol", "pitch_tol"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"revisit.{name}={getattr(self, name)} must be >= 0")
@@ -140,10 +148,11 @@ def find_revisits(poses, timeline: Timeline, num_frames: int, rule: RevisitRule 
     p = check_poses(poses, end, "find_revisits")[:end]
     match = rule.matches(p)
     latent = timeline.latent(np.arange(end))
+    may_source = np.arange(end) < (timeline.context_frames if rule.sources == "context" else end)
     frames, sources = [], []
     for t in range(timeline.context_frames, end):
         ws = int(timeline.window_start(latent[t]))
-        src = np.nonzero(match[t] & (latent < ws))[0]
+        src = np.nonzero(match[t] & (latent < ws) & may_source)[0]
         if len(src) == 0:
             continue
         if rule.exclude_window:
