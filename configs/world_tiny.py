@@ -11,7 +11,8 @@ docs/world_model.md records how the shipped weights were made. The model is the 
 layers, 4 heads of 64, 8.1M parameters) on 64x64 frames: 8x8 latents, 16 tokens per latent frame. Memory (stage 3):
 one 16-token block per frame (padded to the kernels' 64 slots), an ALM window of 8 latents (the chunk and the 4
 before it) and SGM over the top 8 frames OUTSIDE that window: at this size a pooled frame is one block, and letting
-SGM pick frames the window already covers would spend its budget on them instead of on the distant past.
+SGM pick frames the window already covers would spend its budget on them instead of on the distant past. SGM scores
+q and k before RoPE (score_on="content"): what a frame shows, not how far back it is (docs/memory.md).
 Training differs from the 1.3B recipe where the size asks for it: from scratch at lr 3e-4 / 2e-4 with cosine decay,
 flow shift 2.0 (few tokens per frame need less shift than 480p), no remat, latents cached in memory, and the history
 copy noised to U(0, 0.1) per chunk (`train.context_noise`, see train/objective.py) against drift in long rollouts.
@@ -68,7 +69,8 @@ def get_config(stage: str = "decmem"):
     clip_latents, steps, batch, lr, warmup = _STAGES[stage]
     c.init_from = "random" if stage == "dense_short" else f"{DATA}/{common.STAGES[common.STAGES.index(stage) - 1]}"
     c.model.preset = "world-tiny"
-    c.model.memory.update(blocks_per_frame=1, block_slots=64, top_k=8, window=8, candidates="outside_window")
+    c.model.memory.update(blocks_per_frame=1, block_slots=64, top_k=8, window=8, candidates="outside_window",
+                          score_on="content")
     c.model.conditioning.hidden = 128
     c.data.csv = f"{DATA}/latents/latents.csv"
     c.data.clip_latents = clip_latents
