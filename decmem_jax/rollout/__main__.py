@@ -64,7 +64,7 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
     work, so a bad input costs nothing."""
     from decmem_jax import video
     from decmem_jax.data.pipeline import clip_conditioning
-    from decmem_jax.data.worldmem_format import load_clip_arrays
+    from decmem_jax.format import load_clip_arrays
 
     r = c.rollout
     if num_frames < 1:

@@ -13,7 +13,7 @@ import logging
 import jax
 import numpy as np
 
-from decmem_jax.data.worldmem_format import noop
+from decmem_jax.format import noop
 from decmem_jax.train.state import ConfigError
 
 log = logging.getLogger(__name__)
