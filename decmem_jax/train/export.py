@@ -26,7 +26,7 @@ import numpy as np
 from decmem_jax.convert.orbax_io import (ConvertError, check_destination, flatten, params_sha256, weight_dtype,
                                          write_checkpoint)
 from decmem_jax.errors import DecMemError
-from decmem_jax.train.checkpoint import CheckpointError, resolve_params_dir, stored_model_config
+from decmem_jax.weights import CheckpointError, resolve_params_dir, stored_model_config
 
 STATS_CLIPS = 64  # training clips whose latents give a VAE's statistics
 STATS_FRAMES = 33  # first frames of each (1 + 4k)

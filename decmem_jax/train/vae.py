@@ -39,9 +39,11 @@ from tqdm.auto import tqdm
 from decmem_jax import video as video_io
 from decmem_jax.errors import DecMemError
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
+from decmem_jax.run_config import ConfigError
 from decmem_jax.train import checkpoint as ckpt_lib
 from decmem_jax.train import metrics as metrics_lib
-from decmem_jax.train.state import ConfigError, TrainState, make_optimizer
+from decmem_jax.train.state import TrainState, make_optimizer
+from decmem_jax.weights import MODEL_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +231,7 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
         state = jax.jit(init)()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomic(workdir / "config.yaml", readable_config(cfg))
-    _write_atomic(workdir / ckpt_lib.MODEL_CONFIG_FILE, vcfg.to_json() + "\n")
+    _write_atomic(workdir / MODEL_CONFIG_FILE, vcfg.to_json() + "\n")
     lpips_fn, lpips_vars = lpips_network()
     step_fn = make_step(graphdef, tx, schedule, dict(cfg.loss), lpips_fn)
     writer = metrics_lib.MetricWriter(workdir)
