@@ -44,6 +44,7 @@ import jax  # noqa: E402
 from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
 from configs import common as configs_common  # noqa: E402
 from decmem_jax.parallel import mesh as mesh_lib  # noqa: E402
+from decmem_jax.run_config import dit_config  # noqa: E402
 from decmem_jax.train import data as data_lib  # noqa: E402
 from decmem_jax.train import loop  # noqa: E402
 from decmem_jax.train import metrics as metrics_lib  # noqa: E402
@@ -182,7 +183,7 @@ def main(argv=None):
             if row.get("status") != "ok":
                 print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
                 break
-    dit_cfg = state_lib.dit_config(make_config(args, args.frames[0], args.remat[0]))
+    dit_cfg = dit_config(make_config(args, args.frames[0], args.remat[0]))
     dtype = jax.numpy.dtype(dit_cfg.compute_dtype).name
     print()
     print_table(rows, dtype)

@@ -252,13 +252,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 
 def check_data_csvs(config) -> None:
     """Checks, before a training run builds anything, that the CSVs a config reads are the kind it needs:
-    `data.csv` and `data.eval_csv` must be latents CSVs (`worldmem_format.check_index_csv`) when `data.source` is
+    `data.csv` and `data.eval_csv` must be latents CSVs (`format.check_index_csv`) when `data.source` is
     "latents". Raises ValueError naming the field and the file (e.g. a video CSV from build_csv passed by mistake,
     found otherwise only after the model was set up)."""
     data = config.get("data") if hasattr(config, "get") else None
     if data is None or data.get("source", "latents") != "latents":
         return
-    from decmem_jax.data.worldmem_format import check_index_csv
+    from decmem_jax.format import check_index_csv
 
     for field in ("csv", "eval_csv"):
         path = data.get(field)

@@ -22,7 +22,7 @@ from decmem_jax import cli
 from decmem_jax.data import build_csv as build_csv_mod
 from decmem_jax.data import encode_latents as enc
 from decmem_jax.data import generate_world
-from decmem_jax.data.worldmem_format import check_index_csv, load_clip_arrays
+from decmem_jax.format import check_index_csv, load_clip_arrays
 
 REPO = Path(__file__).resolve().parents[1]
 VAE = REPO / "weights/world_tiny/vae"

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from decmem_jax.data.worldmem_format import noop
+from decmem_jax.format import noop
 from decmem_jax.models import conditioning as C
 from decmem_jax.models.config import get_config
 

@@ -15,7 +15,7 @@ from decmem_jax import video as video_io
 from decmem_jax.data import build_csv as build_csv_mod
 from decmem_jax.data import encode_latents as enc
 from decmem_jax.data import pipeline as pl
-from decmem_jax.data.worldmem_format import noop
+from decmem_jax.format import noop
 from decmem_jax.models.conditioning import group_by_latent
 
 T = 41

@@ -89,7 +89,7 @@ def test_ranked_selection_orders_the_same_blocks_by_score():
 
 @pytest.fixture(scope="module")
 def shipped_dense():
-    from decmem_jax.train.checkpoint import load_model
+    from decmem_jax.weights import load_model
 
     return load_model(ROOT / "weights/world_tiny/dense", dtype="float32")
 
@@ -101,7 +101,7 @@ def test_dense_weights_in_the_alm_window_equal_dense_attention_under_a_sliding_w
     latents of the chunk's end), history at t = 0 and the last chunk at t, through the masked-attention path;
     checked on the chunk-by-chunk inference path, with the shipped weights and their memory layout."""
     from decmem_jax.eval.variants import dense_in_window
-    from decmem_jax.train.checkpoint import load_model
+    from decmem_jax.weights import load_model
 
     dense = shipped_dense
     memory = load_model(ROOT / "weights/world_tiny/decmem", dtype="float32").cfg.memory

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from decmem_jax.data import agent, generate_world, world
-from decmem_jax.data.worldmem_format import check_clip_arrays, load_clip_arrays, noop
+from decmem_jax.format import check_clip_arrays, load_clip_arrays, noop
 from decmem_jax.video import probe, read_video
 
 

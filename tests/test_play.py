@@ -24,7 +24,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from decmem_jax.data.worldmem_format import CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, JUMP_SNEAK_SPRINT, noop
+from decmem_jax.format import CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, JUMP_SNEAK_SPRINT, noop
 from decmem_jax.play import controls
 from decmem_jax.rollout.session import ChunkResult, SessionFull
 

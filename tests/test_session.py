@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from decmem_jax.data.worldmem_format import noop
+from decmem_jax.format import noop
 from decmem_jax.rollout import session as session_lib
 from decmem_jax.rollout.session import SessionError, SessionFull
 

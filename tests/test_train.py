@@ -8,7 +8,7 @@ a fixed batch):
 - new parameters keep their zero init, so a later stage's model at step 0 computes exactly the earlier one's outputs:
   stage 1 with new conditioning == the converted dense DiT, stage 3 with new memory gate == trained stage 2 (the ALM
   window of 8 latents covers the whole 8-latent clip, so ALM-only attention is the dense block-causal attention);
-- the trained checkpoint loads for inference (`checkpoint.load_model`, `orbax_io.restore_params`);
+- the trained checkpoint loads for inference (`weights.load_model`, `orbax_io.restore_params`);
 - a non-finite loss stops the run with a clear error and keeps the last good checkpoint;
 - benchmarks/train_step.py --small runs.
 """
@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 from configs import train_tiny
+from decmem_jax import weights
 from decmem_jax.convert.orbax_io import flatten, restore_params, write_checkpoint
 from decmem_jax.models.config import get_config
 from decmem_jax.models.dit import WanDiT
@@ -115,7 +116,7 @@ def test_each_stage_trains(stages, csv, stage):
     # The loss on the (fixed) training clips, at the stage's start (init_from + new zero-init parameters) and end.
     cfg = _cfg(stage, csv, str(stages["init_from"][stage]))
     setup, start = _setup_at_step0(cfg)
-    end = nnx.to_pure_dict(nnx.state(ckpt_lib.load_model(workdir), nnx.Param))
+    end = nnx.to_pure_dict(nnx.state(weights.load_model(workdir), nnx.Param))
     batch, _ = next(Batches(cfg))
     before, after = _eval_loss(setup, start, batch), _eval_loss(setup, end, batch)
     print(f"{stage}: loss on the training clips {before:.4f} -> {after:.4f} ({after / before:.3f} x)")
@@ -160,7 +161,7 @@ def test_stage3_from_stage2_is_identical_at_step0(stages, csv):
     stage3, params = _model_at_step0(cfg)
     gates = [v for p, v in flatten(params).items() if "gate" in p]
     assert gates and all(float(jnp.abs(g).max()) == 0.0 for g in gates)
-    stage2 = ckpt_lib.load_model(stages["dense_long"])  # trained: conditioning is no longer zero
+    stage2 = weights.load_model(stages["dense_long"])  # trained: conditioning is no longer zero
     assert stage2.cfg.memory is None and stage3.cfg.memory is not None
     x = _inputs(cfg, csv)
     ref = _tf(stage2, x)
@@ -181,7 +182,7 @@ def test_stage1_from_converted_wan_is_identical_at_step0(wan_ckpt, csv):
 @pytest.mark.slow
 def test_trained_checkpoint_loads_for_inference(stages):
     workdir = stages["decmem"]
-    model = ckpt_lib.load_model(workdir)  # latest step of the workdir
+    model = weights.load_model(workdir)  # latest step of the workdir
     assert model.cfg.memory is not None and model.cfg.conditioning is not None
     step_dir = workdir / ckpt_lib.CKPT_DIR / "50"
     direct = restore_params(step_dir, nnx.eval_shape(lambda: WanDiT(model.cfg, rngs=nnx.Rngs(0))))

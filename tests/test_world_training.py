@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from configs import train_tiny, world_tiny
+from decmem_jax import weights
 from decmem_jax.convert.orbax_io import ConvertError, flatten, restore_params
 from decmem_jax.data import build_csv, generate_world
-from decmem_jax.train import checkpoint as ckpt_lib
 from decmem_jax.train import export as export_lib
 from decmem_jax.train import loop
 from decmem_jax.train import vae as vae_train
@@ -45,8 +45,8 @@ def _params(workdir):
 
     from decmem_jax.models.vae import WanVAE, VAEConfig
 
-    step_dir = ckpt_lib.resolve_params_dir(workdir)
-    cfg = VAEConfig.from_json(ckpt_lib.stored_model_config(step_dir))
+    step_dir = weights.resolve_params_dir(workdir)
+    cfg = VAEConfig.from_json(weights.stored_model_config(step_dir))
     model = restore_params(step_dir, nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
     return {k: np.asarray(v) for k, v in flatten(nnx.to_pure_dict(nnx.state(model, nnx.Param))).items()}
 
@@ -112,7 +112,7 @@ def test_dit_export_round_trip_and_held_out_loss(tmp_path):
     from decmem_jax.convert.dit import load_dit
 
     model = load_dit(out)
-    stored = _flat(ckpt_lib.load_model(tmp_path / "run"))
+    stored = _flat(weights.load_model(tmp_path / "run"))
     exported = _flat(model)
     assert stored.keys() == exported.keys()
     for k in stored:  # bf16 storage: the exported weights are the trained ones rounded to bfloat16
@@ -133,7 +133,7 @@ def test_world_tiny_configs_build(stage):
         cfg = vae_train.vae_config(c)
         assert cfg.base_dim == 32 and cfg.z_dim == 16 and cfg.spatial_factor == 8 and cfg.temporal_factor == 4
         return
-    from decmem_jax.train.state import dit_config
+    from decmem_jax.run_config import dit_config
 
     cfg = dit_config(c)
     assert (cfg.dim, cfg.num_layers, cfg.text_len) == (256, 8, 8)
@@ -148,7 +148,7 @@ def test_shipped_weights_are_the_world_tiny_architecture():
     from decmem_jax.convert.dit import read_config as read_dit_config
     from decmem_jax.convert.vae import read_vae_config
     from decmem_jax.rollout.__main__ import architecture_differences
-    from decmem_jax.train.state import dit_config
+    from decmem_jax.run_config import dit_config
 
     root = Path(__file__).resolve().parents[1] / world_tiny.WEIGHTS
     for stage, name in (("decmem", "decmem"), ("dense_long", "dense")):

@@ -82,7 +82,7 @@ def test_local_xmanager_experiment_runs_the_three_stages(tmp_path):
     # The final checkpoint is a complete DecMem model: it loads, with the memory gate stage 3 added.
     from flax import nnx
 
-    from decmem_jax.train.checkpoint import load_model
+    from decmem_jax.weights import load_model
 
     final = root / "tiny" / "decmem" / "checkpoints" / str(STEPS)
     assert {"params", "opt_state", "meta", "data", "model_config"} <= {p.name for p in final.iterdir()}

@@ -24,7 +24,7 @@ from collections import deque
 import numpy as np
 
 from decmem_jax.data.world import AIR, World
-from decmem_jax.data.worldmem_format import CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, STRAFE, camera_degrees, noop
+from decmem_jax.format import CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, STRAFE, camera_degrees, noop
 
 STEP = 0.25
 EYE_HEIGHT = 1.62

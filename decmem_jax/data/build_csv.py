@@ -10,7 +10,7 @@ the summary as skipped, never ignored silently.
 
 Each split folder is scanned recursively (hidden files, e.g. writers' temporary files, are ignored); `<stem>.mp4` and
 `<stem>.npz` are paired by their path relative to the split folder without the suffix. Files without a partner are
-reported. Every pair is validated (`worldmem_format.check_clip_arrays` with the video's frame count; an npz that does
+reported. Every pair is validated (`format.check_clip_arrays` with the video's frame count; an npz that does
 not load or an mp4 that is unreadable/truncated makes the pair invalid). How hard the mp4 is checked (`check`):
 
 * ``probe``: container metadata only (fast; a truncated file with its index at the front passes);
@@ -18,7 +18,7 @@ not load or an mp4 that is unreadable/truncated makes the pair invalid). How har
   truncation without decoding; reads the whole file);
 * ``decode``: decodes every frame (slow; catches corrupt bitstreams).
 
-The CSV (`worldmem_format.CSV_COLUMNS` = `video_path,action_path`, then an extra `num_frames` column = the video's
+The CSV (`format.CSV_COLUMNS` = `video_path,action_path`, then an extra `num_frames` column = the video's
 frame count) holds paths relative to ROOT (where the CSV lives), one row per valid pair, sorted by path and then
 shuffled with `np.random.default_rng(seed).permutation` (seed 42 = the DecMem reference convention). Readers look
 columns up by name and ignore columns they do not know. The file is written to a temporary name and renamed into
@@ -43,8 +43,7 @@ import tempfile
 import numpy as np
 
 from decmem_jax import cli, video
-from decmem_jax.data.worldmem_format import (CSV_COLUMNS, CSV_FOR_SPLIT, OPTIONAL_SPLITS, SPLITS, check_clip_arrays,
-                                             read_clip_npz)
+from decmem_jax.format import CSV_COLUMNS, CSV_FOR_SPLIT, OPTIONAL_SPLITS, SPLITS, check_clip_arrays, read_clip_npz
 
 EXTRA_COLUMNS = ("num_frames",)
 CHECKS = ("probe", "demux", "decode")

@@ -15,7 +15,7 @@ chunk of `chunk` frames plus the VAE's causal cache per clip, never the whole vi
 
 Output `<out>/<video path relative to the CSV's folder, without .mp4>.latents.npz` (np.savez, uncompressed):
 `latents` [F, h, w, 16] normalised (`dtype`, default float16), `actions` int32 [M, 8] and `poses` float32 [M, 5] (raw,
-of the encoded frames, poses left-padded as worldmem_format.load_clip_arrays does; the pipeline normalises per clip),
+of the encoded frames, poses left-padded as format.load_clip_arrays does; the pipeline normalises per clip),
 `latent_index` int32 [M], `frame_start` (video index of encoded frame 0), `num_latents`, `size` [H, W], `video`.
 Each file is written to `<name>.tmp` and renamed into place, so an existing output is complete: a rerun skips it
 (resumable), and a leftover `.tmp` from an interrupted run is overwritten. Finally `<out>/latents.csv` (columns
@@ -45,7 +45,7 @@ import numpy as np
 
 from decmem_jax import cli
 from decmem_jax import video as video_io
-from decmem_jax.data.worldmem_format import SKIP_FRAMES, check_index_csv, load_clip_arrays
+from decmem_jax.format import SKIP_FRAMES, check_index_csv, load_clip_arrays
 
 LATENTS_CSV = "latents.csv"
 LATENT_COLUMNS = ("latent_path", "video_path", "action_path", "num_latents", "frame_start")
@@ -152,7 +152,7 @@ def check_settings(*, clip_frames: int | None, all_frames: bool, skip_frames: in
 
 def check_inputs(csv_path, vae, out_dir):
     """Checks the inputs and the output folder before any model is loaded or video decoded: `csv_path` must be a
-    video CSV (`worldmem_format.check_index_csv`), `vae` a converted VAE directory (when given as a path), `out_dir`
+    video CSV (`format.check_index_csv`), `vae` a converted VAE directory (when given as a path), `out_dir`
     a writable folder. Raises ValueError (ConvertError for the VAE) naming the file; returns the CSV's rows (a
     `pipeline.CsvSource`)."""
     from decmem_jax.data.pipeline import CsvSource  # grain and jax: imported once the arguments are known good

@@ -3,7 +3,7 @@
     python -m decmem_jax.data.generate_world --out DIR --clips 20 --frames 300 --size 64x64 --seed 0 [--revisit]
 
 Writes ``DIR/<split>/0/<episode:06d>.mp4`` (H.264, 10 fps) + ``.npz`` pairs in the WorldMem layout
-(``decmem_jax.data.worldmem_format``): ``np.savez_compressed(actions=int32 [T, 8], poses=float32 [T, 5],
+(``decmem_jax.format``): ``np.savez_compressed(actions=int32 [T, 8], poses=float32 [T, 5],
 revisit_pairs=int32 [P, 2])``. ``revisit_pairs`` is an extra key (WorldMem readers ignore unknown keys): rows
 ``(i, j)``, frame j shows frame i's pose again (ground truth for revisit evaluation; see ``agent.find_revisits``).
 Episodes are numbered within their split; the worker folder is always ``0`` (one generator; ``--jobs`` only
@@ -33,7 +33,7 @@ from tqdm import tqdm
 from decmem_jax import cli
 from decmem_jax.data import agent as agent_lib
 from decmem_jax.data import world as world_lib
-from decmem_jax.data.worldmem_format import FPS, SPLITS, check_clip_arrays
+from decmem_jax.format import FPS, SPLITS, check_clip_arrays
 from decmem_jax.video import write_video
 
 SPLIT_FRACTIONS = {"training": 0.8, "validation": 0.1, "test": 0.1}

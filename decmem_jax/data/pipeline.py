@@ -19,13 +19,13 @@ Per example (`source="video"`), T = clip_frames (1 + 4k), L = (T - 1) / 4 + 1 la
     video        uint8 [T, H, W, 3] RGB (default; `video_dtype="float32"` gives [-1, 1] via video.to_model_range).
                  uint8 is 4x smaller on the host and in host->device copies (237x352x640x3 float32 = 640 MB per
                  clip); convert on the device: x / 127.5 - 1.
-    actions      int32 [T, 8] raw MineDojo vectors (worldmem_format); row 0 is replaced by the no-op vector
+    actions      int32 [T, 8] raw MineDojo vectors (decmem_jax.format); row 0 is replaced by the no-op vector
                  [0,0,0,12,12,0,0,0] (`first_action="noop"`, the raw-space meaning of WorldMem's zeroed first action;
                  literal zeros would read as a -180 degree camera turn) or by zeros (`first_action="zeros"`).
     poses        float32 [T, 5] [x, y, z, pitch, yaw] in WorldMem's convention: x, y, z minus the clip's first
                  frame's (so row 0 starts with three zeros); yaw negated; pitch and yaw taken mod 360 (absolute
                  angles, in [0, 360): positions stay in world axes, so angles stay in world axes too). A (T-1)-row
-                 pose array is left-padded with a zero row first (worldmem_format.load_clip_arrays).
+                 pose array is left-padded with a zero row first (format.load_clip_arrays).
     latent_index int32 [T]: frame t belongs to latent 0 if t == 0, else ceil(t / 4) (latent j >= 1 <-> frames
                  4j-3 .. 4j); `decmem_jax.models.conditioning.group_by_latent` gives the per-latent view.
     start        int32: index in the source video of the clip's frame 0; index int32: the CSV row.
@@ -57,8 +57,8 @@ import grain
 import numpy as np
 
 from decmem_jax import video as video_io
-from decmem_jax.data.worldmem_format import load_clip_arrays, noop
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import load_clip_arrays, noop
 
 log = logging.getLogger(__name__)
 

@@ -88,7 +88,7 @@ def load_clips(s: Settings, c, timeline: revisits.Timeline) -> list[Clip]:
     """The CSV's clips, validated (one clear error naming the file), with their revisit frames."""
     from decmem_jax import video
     from decmem_jax.data.pipeline import CsvSource
-    from decmem_jax.data.worldmem_format import load_clip_arrays
+    from decmem_jax.format import load_clip_arrays
 
     try:
         source = CsvSource(s.csv)

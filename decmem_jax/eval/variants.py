@@ -77,12 +77,12 @@ def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
     """({variant: WanDiT} for the model variants in `names`, VAE) from the run config `c` (its checkpoint: stage 3,
     vae_checkpoint, model.memory settings, rollout.dtype) and the stage-2 `dense_checkpoint`."""
     from decmem_jax.convert.vae import load_vae
-    from decmem_jax.train.checkpoint import load_model
-    from decmem_jax.train.state import dit_config
+    from decmem_jax.run_config import dit_config, runtime_overrides
+    from decmem_jax.weights import load_model
 
     dtype = c.rollout.dtype
-    run_cfg = dit_config(c)
-    overrides = dict(attention=run_cfg.attention, remat="none", dtype=run_cfg.dtype if dtype == "auto" else dtype)
+    run_cfg = dit_config(c, inference=True)
+    overrides = runtime_overrides(run_cfg)
     models, decmem, memory = {}, None, None
     if {"decmem", "alm_only", "dense_window"} & set(names):  # dense_window takes the DecMem model's memory layout
         decmem = load_model(c.checkpoint, **overrides)

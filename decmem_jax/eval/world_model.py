@@ -24,13 +24,30 @@ from pathlib import Path
 import numpy as np
 
 
+def reconstruction_scores(vae, clips: list[np.ndarray], frames: int) -> dict:
+    """{clips, frames, psnr, ssim, lpips}: the means of encode -> decode over the first `frames` frames of each
+    uint8 clip [T, H, W, 3]."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from decmem_jax import video as video_io
+    from decmem_jax.eval import metrics
+
+    rec = nnx.jit(lambda m, x: m.decode(m.encode(x)))
+    outs = [video_io.from_model_range(np.asarray(rec(vae, jnp.asarray(video_io.to_model_range(c[:frames]))[None])[0]))
+            for c in clips]
+    gen, ref = np.stack(outs), np.stack([c[:frames] for c in clips])
+    return {"clips": len(clips), "frames": frames, "psnr": float(metrics.psnr(gen, ref).mean),
+            "ssim": float(metrics.ssim(gen, ref).mean), "lpips": float(metrics.lpips(gen, ref).mean)}
+
+
 def vae_scores(weights: Path, test_csv: str, clips: int, frames: int) -> dict:
     from decmem_jax.convert.vae import load_vae
-    from decmem_jax.train import vae as vae_train
+    from decmem_jax.data.clips import load_clips, read_clip_paths
 
     vae = load_vae(weights / "vae", dtype="float32")
-    videos = vae_train.load_clips(vae_train.read_clip_paths(test_csv), None, limit=clips, progress=False)
-    return vae_train.reconstruction_scores(vae, videos, frames).to_dict()
+    videos = load_clips(read_clip_paths(test_csv), None, limit=clips, progress=False)
+    return reconstruction_scores(vae, videos, frames)
 
 
 def world_scores(weights: Path, test_csv: str, clips: int, frames: int, out_dir: Path, overrides: dict) -> dict:

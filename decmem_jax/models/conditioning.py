@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decmem_jax.data.worldmem_format import (
+from decmem_jax.format import (
     CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
 from decmem_jax.models.config import DTYPES
 from decmem_jax.models.layers import linear

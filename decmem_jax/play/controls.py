@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from decmem_jax.data.worldmem_format import CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, \
+from decmem_jax.format import CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, \
     JUMP_SNEAK_SPRINT, noop
 
 CONTROLS = ("forward", "back", "turn_left", "turn_right", "look_up", "look_down", "jump")

@@ -64,7 +64,7 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
     work, so a bad input costs nothing."""
     from decmem_jax import video
     from decmem_jax.data.pipeline import clip_conditioning
-    from decmem_jax.data.worldmem_format import load_clip_arrays
+    from decmem_jax.format import load_clip_arrays
 
     r = c.rollout
     if num_frames < 1:
@@ -107,12 +107,10 @@ def build_models(c):
 
     from decmem_jax.models.dit import WanDiT
     from decmem_jax.models.vae import WanVAE, get_vae_config
-    from decmem_jax.train.state import dit_config
+    from decmem_jax.run_config import dit_config
 
     dtype = c.rollout.dtype
-    run_cfg = dit_config(c).replace(remat="none")
-    if dtype != "auto":
-        run_cfg = run_cfg.replace(dtype=dtype)
+    run_cfg = dit_config(c, inference=True)
     if c.random_weights:
         print("=" * 78 + "\nWARNING: RANDOM WEIGHTS (config.random_weights=True). The video is noise: this run only "
               "checks\nthat the pipeline works. Pass --config.checkpoint and --config.vae_checkpoint for real output.\n"
@@ -124,10 +122,10 @@ def build_models(c):
         nnx.update(vae, jax.device_put(nnx.state(vae), jax.devices()[0]))
         return dit, vae, "random weights"
     from decmem_jax.convert.vae import load_vae
-    from decmem_jax.train.checkpoint import load_model
+    from decmem_jax.run_config import runtime_overrides
+    from decmem_jax.weights import load_model
 
-    overrides = dict(attention=run_cfg.attention, remat="none", dtype=run_cfg.dtype)
-    dit = load_model(c.checkpoint, **overrides)
+    dit = load_model(c.checkpoint, **runtime_overrides(run_cfg))
     stored = dit.cfg
     differ = architecture_differences(stored, run_cfg)
     if differ:

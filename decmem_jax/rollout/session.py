@@ -30,7 +30,7 @@ from typing import Iterator
 import numpy as np
 
 from decmem_jax.data import agent as agent_lib
-from decmem_jax.data.worldmem_format import ACTION_DIM, ACTION_NVEC, POSE_DIM
+from decmem_jax.format import ACTION_DIM, ACTION_NVEC, POSE_DIM
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/, weights/)
 

@@ -1,4 +1,5 @@
-"""Training checkpoints (Orbax `CheckpointManager`: async, keep-N, atomic) and stage initialisation.
+"""Training checkpoints (Orbax `CheckpointManager`: async, keep-N, atomic) and stage initialisation. Reading a trained
+model back for inference is `decmem_jax.weights`, which owns the layout below (and does not need the training code).
 
 A run's workdir holds `checkpoints/<step>/` with the items
 
@@ -28,21 +29,14 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from decmem_jax.errors import DecMemError
 from decmem_jax.models.config import DiTConfig
 from decmem_jax.parallel import sharding as shd
 from decmem_jax.train.state import NEW_PARAM_PATTERNS, TrainState, path_str
+from decmem_jax.weights import CKPT_DIR, CheckpointError, complete_steps, resolve_params_dir, step_is_complete
 
 log = logging.getLogger(__name__)
 
-CKPT_DIR = "checkpoints"
 INCOMPLETE_DIR = "checkpoints.incomplete"
-ITEMS = ("params", "opt_state", "meta", "data", "model_config")
-MODEL_CONFIG_FILE = "model_config.json"  # also written at the workdir root
-
-
-class CheckpointError(DecMemError, ValueError):
-    """A checkpoint path that holds nothing usable, or one that does not fit the model."""
 
 
 class _StateHolder:
@@ -60,17 +54,6 @@ class _StateHolder:
 
     def start_prefetch(self) -> None:  # called by grain's handler after a restore
         pass
-
-
-def _complete(step_dir: Path) -> bool:
-    return (step_dir / "_CHECKPOINT_METADATA").is_file() and all((step_dir / i).is_dir() for i in ITEMS)
-
-
-def complete_steps(directory: Path) -> list[int]:
-    """Steps under `directory` (a checkpoints/ folder) that were fully written, ascending."""
-    if not directory.is_dir():
-        return []
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit() and _complete(p))
 
 
 class Checkpointer:
@@ -95,7 +78,7 @@ class Checkpointer:
         if not self.directory.is_dir():
             return
         for p in sorted(self.directory.iterdir()):
-            if p.name.isdigit() and not _complete(p):
+            if p.name.isdigit() and not step_is_complete(p):
                 dest = self.directory.parent / INCOMPLETE_DIR / f"{p.name}-{int(time.time())}"
                 dest.parent.mkdir(exist_ok=True)
                 os.replace(p, dest)
@@ -156,29 +139,7 @@ class Checkpointer:
         self.manager.close()
 
 
-# ----- locating parameters: init_from and loading a trained model -----
-
-def resolve_params_dir(path: str | os.PathLike) -> Path:
-    """The directory holding a `params/` item: a converted checkpoint or a step dir as given; for a run's workdir or
-    its checkpoints/ folder, the latest complete step."""
-    path = Path(path).expanduser().absolute()
-    if (path / "params").is_dir():
-        return path
-    for candidate in (path / CKPT_DIR, path):
-        steps = complete_steps(candidate)
-        if steps:
-            return candidate / str(steps[-1])
-    raise CheckpointError(f"{path}: holds no parameters (expected a converted checkpoint with params/, a training "
-                          f"step directory, or a training workdir with complete steps under {CKPT_DIR}/)")
-
-
-def stored_model_config(step_or_converted: Path) -> str | None:
-    """The DiTConfig JSON next to a params/ item (training step or converted checkpoint), if recorded."""
-    for f in (step_or_converted / "model_config" / "metadata", step_or_converted / "config.json"):
-        if f.is_file():
-            return f.read_text()
-    return None
-
+# ----- init_from: a later stage starts from an earlier one's parameters -----
 
 def stored_param_shapes(params_dir: Path) -> dict[str, tuple[int, ...]]:
     with ocp.StandardCheckpointer() as ckptr:
@@ -221,29 +182,3 @@ def load_init_params(path: str | os.PathLike, state: TrainState, shardings: Trai
         log.info("init_from %s: %d parameters not in the checkpoint keep their init: %s", src, len(missing), missing)
     log.info("init_from %s: %d parameters restored", src, len(restored))
     return TrainState(step=state.step, params=nest(flat), opt_state=state.opt_state, rng=state.rng)
-
-
-def load_model(path: str | os.PathLike, **overrides):
-    """A WanDiT with trained parameters from a run's workdir (latest step), its checkpoints/ folder or a step
-    directory. `overrides` change runtime fields of the stored DiTConfig (dtype, attention, remat, ...)."""
-    from flax import nnx
-
-    from decmem_jax.convert.orbax_io import restore_params
-    from decmem_jax.models.dit import WanDiT
-
-    step_dir = resolve_params_dir(path)
-    if (step_dir / "conversion.json").is_file():  # a converted checkpoint says what it holds
-        from decmem_jax.convert.orbax_io import check_checkpoint_dir
-
-        check_checkpoint_dir(step_dir, "dit")
-    text = stored_model_config(step_dir)
-    if text is None:
-        root = Path(path).expanduser().absolute()
-        text = (root / MODEL_CONFIG_FILE).read_text() if (root / MODEL_CONFIG_FILE).is_file() else None
-    if text is None:
-        raise CheckpointError(f"{step_dir}: no model config recorded (model_config/ item or {MODEL_CONFIG_FILE})")
-    if "base_dim" in json.loads(text):
-        raise CheckpointError(f"{step_dir}: holds a VAE (its model config is a VAEConfig), not a DiT; pass it as "
-                              "the VAE (e.g. --config.vae_checkpoint) and a DiT run or checkpoint here")
-    cfg = DiTConfig.from_json(text).replace(**overrides)
-    return restore_params(step_dir, nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))

@@ -13,8 +13,8 @@ import logging
 import jax
 import numpy as np
 
-from decmem_jax.data.worldmem_format import noop
-from decmem_jax.train.state import ConfigError
+from decmem_jax.format import noop
+from decmem_jax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 

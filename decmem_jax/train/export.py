@@ -26,7 +26,7 @@ import numpy as np
 from decmem_jax.convert.orbax_io import (ConvertError, check_destination, flatten, params_sha256, weight_dtype,
                                          write_checkpoint)
 from decmem_jax.errors import DecMemError
-from decmem_jax.train.checkpoint import CheckpointError, resolve_params_dir, stored_model_config
+from decmem_jax.weights import CheckpointError, resolve_params_dir, stored_model_config
 
 STATS_CLIPS = 64  # training clips whose latents give a VAE's statistics
 STATS_FRAMES = 33  # first frames of each (1 + 4k)
@@ -55,14 +55,14 @@ def export(workdir, out, *, dtype: str = "bf16", stats_csv: str | None = None, o
         raise CheckpointError(f"{step_dir}: no model config recorded; cannot tell what model it holds")
     kind = _model_kind(text)
     if kind == "vae":
+        from decmem_jax.data.clips import load_clips, read_clip_paths
         from decmem_jax.train import vae as vae_train
 
         if not stats_csv:
             raise ConvertError("a VAE export needs --stats-csv (training clips for its latent statistics)")
         cfg = VAEConfig.from_json(text).replace(dtype="float32", param_dtype="float32")
         model = restore_params(step_dir, nnx.eval_shape(lambda: WanVAE(cfg, rngs=nnx.Rngs(0))))
-        clips = vae_train.load_clips(vae_train.read_clip_paths(stats_csv), None, limit=STATS_CLIPS,
-                                     progress=progress)
+        clips = load_clips(read_clip_paths(stats_csv), None, limit=STATS_CLIPS, progress=progress)
         mean, std = vae_train.latent_stats(model, clips, STATS_FRAMES)
         cfg = cfg.replace(latents_mean=mean, latents_std=std)
     else:

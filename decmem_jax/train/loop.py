@@ -30,11 +30,13 @@ from tqdm.auto import tqdm
 from decmem_jax.errors import DecMemError
 from decmem_jax.parallel import mesh as mesh_lib
 from decmem_jax.parallel import sharding as shd
+from decmem_jax.run_config import dit_config
 from decmem_jax.train import checkpoint as ckpt_lib
 from decmem_jax.train import data as data_lib
 from decmem_jax.train import metrics as metrics_lib
 from decmem_jax.train import state as state_lib
 from decmem_jax.train.objective import Objective, loss_fn
+from decmem_jax.weights import MODEL_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +158,7 @@ class Setup:
 def build(cfg, mesh) -> Setup:
     """Model config, optimizer, abstract state and shardings for `cfg` on `mesh` (then `compile(batch)`)."""
     t = cfg.train
-    dit_cfg = state_lib.dit_config(cfg)
+    dit_cfg = dit_config(cfg)
     tx, schedule = state_lib.make_optimizer(t)
     graphdef, abstract, init = state_lib.abstract_state(dit_cfg, tx, int(t.seed))
     shardings = state_lib.state_shardings(abstract, mesh, tx)
@@ -186,7 +188,7 @@ def readable_config(cfg) -> str:
 def _dump_config(cfg, workdir: Path, dit_cfg, flops: dict) -> None:
     _write_atomic(workdir / "config.yaml", readable_config(cfg))
     _write_atomic(workdir / "config.json", cfg.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    _write_atomic(workdir / ckpt_lib.MODEL_CONFIG_FILE, dit_cfg.to_json() + "\n")
+    _write_atomic(workdir / MODEL_CONFIG_FILE, dit_cfg.to_json() + "\n")
     _write_atomic(workdir / "flops.json", json.dumps(flops, indent=2) + "\n")
 
 

@@ -1,5 +1,6 @@
-"""What a training run is made of: the model config from the run config, the sharded train state (fp32 master
-parameters, AdamW state, step, RNG), stage initialisation (`init_from`) and the optimizer.
+"""What a training run is made of: the sharded train state (fp32 master parameters, AdamW state, step, RNG), stage
+initialisation (`init_from`), the objective and the optimizer. The model config comes from `decmem_jax.run_config`,
+shared with the rollout.
 
 Parameters live as a nested dict of arrays (`nnx.to_pure_dict` of the model's Params): the same tree Orbax stores,
 `parallel.sharding` annotates and `convert.orbax_io.restore_params` reads. The graph (module structure) is
@@ -19,53 +20,19 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from decmem_jax.errors import DecMemError
-from decmem_jax.models.config import DiTConfig, get_config
+from decmem_jax.models.config import DiTConfig
 from decmem_jax.models.dit import WanDiT
 from decmem_jax.parallel import sharding as shd
+from decmem_jax.run_config import ConfigError
 from decmem_jax.train.objective import Objective
 
 log = logging.getLogger(__name__)
 
-MASTER_DTYPE = "float32"  # parameters, gradients and AdamW moments; the compute dtype is model.dtype
 # Parameters that a later stage may add on top of its `init_from` checkpoint; they keep their (zero) init.
 NEW_PARAM_PATTERNS = (r"blocks/(.*/)?gate(/.*)?", r"conditioning/.*")
 
 
-class ConfigError(DecMemError, ValueError):
-    """A run config field with a bad value; the message names the field."""
-
-
 # ----- configs -----
-
-def dit_config(cfg) -> DiTConfig:
-    """The DiTConfig of a run config (`configs/common.py`): preset + overrides, runtime policy, memory and
-    conditioning (None when disabled)."""
-    try:
-        return _dit_config(cfg)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"model config ({cfg.model.preset}): {e}") from e
-
-
-def _dit_config(cfg) -> DiTConfig:
-    m = cfg.model
-    memory = conditioning = None
-    if m.memory.enabled:
-        from decmem_jax.models.config import MemoryConfig
-
-        fields = {k: v for k, v in m.memory.items() if k != "enabled"}
-        if fields.get("layers") is not None:
-            fields["layers"] = tuple(fields["layers"])
-        memory = MemoryConfig(**fields)
-    base = get_config(m.preset, **dict(m.overrides))
-    if m.conditioning.enabled:
-        from decmem_jax.models.conditioning import ConditioningConfig
-
-        fields = {k: v for k, v in m.conditioning.items() if k != "enabled"}
-        conditioning = ConditioningConfig.from_dit(base.replace(dtype=m.dtype, param_dtype=MASTER_DTYPE), **fields)
-    return base.replace(dtype=m.dtype, param_dtype=MASTER_DTYPE, attention=m.attention, remat=cfg.train.remat,
-                        residual_dtype=m.residual_dtype, memory=memory, conditioning=conditioning)
-
 
 def objective(cfg) -> Objective:
     cond = cfg.model.conditioning

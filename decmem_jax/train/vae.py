@@ -20,13 +20,11 @@ with the latent statistics measured on the training clips.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -37,11 +35,14 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from decmem_jax import video as video_io
+from decmem_jax.data.clips import load_clips, read_clip_paths
 from decmem_jax.errors import DecMemError
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
+from decmem_jax.run_config import ConfigError
 from decmem_jax.train import checkpoint as ckpt_lib
 from decmem_jax.train import metrics as metrics_lib
-from decmem_jax.train.state import ConfigError, TrainState, make_optimizer
+from decmem_jax.train.state import TrainState, make_optimizer
+from decmem_jax.weights import MODEL_CONFIG_FILE
 
 log = logging.getLogger(__name__)
 
@@ -51,30 +52,6 @@ class VaeTrainError(DecMemError, RuntimeError):
 
 
 # ----- data -----
-
-def read_clip_paths(csv_path: str | os.PathLike) -> list[str]:
-    """The video paths of a `build_csv` index (column video_path, relative to the CSV's folder)."""
-    from decmem_jax.data.pipeline import CsvSource
-
-    if not csv_path or not os.path.isfile(csv_path):
-        raise ConfigError(f"data.csv {csv_path!r}: file not found (run decmem_jax.data.build_csv first)")
-    try:
-        source = CsvSource(csv_path)
-    except ValueError as e:
-        raise ConfigError(f"data.csv: {e}") from None
-    if not len(source):
-        raise ConfigError(f"data.csv {csv_path}: no clips")
-    return [source[i][1]["video_path"] for i in range(len(source))]
-
-
-def load_clips(paths: list[str], size: tuple[int, int], *, limit: int | None = None, progress: bool = True,
-               threads: int = 8) -> list[np.ndarray]:
-    """Every clip decoded to uint8 [T, H, W, 3] (resized/cropped to `size`), in order."""
-    paths = paths[:limit] if limit else paths
-    with ThreadPoolExecutor(threads) as pool:
-        it = pool.map(lambda p: video_io.read_video(p, size=size), paths)
-        return list(tqdm(it, total=len(paths), desc="loading clips", unit="clip", disable=not progress))
-
 
 class ClipWindows:
     """Random windows of `frames` frames from in-memory clips: batch i is a pure function of (seed, i)."""
@@ -229,7 +206,7 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
         state = jax.jit(init)()
     workdir.mkdir(parents=True, exist_ok=True)
     _write_atomic(workdir / "config.yaml", readable_config(cfg))
-    _write_atomic(workdir / ckpt_lib.MODEL_CONFIG_FILE, vcfg.to_json() + "\n")
+    _write_atomic(workdir / MODEL_CONFIG_FILE, vcfg.to_json() + "\n")
     lpips_fn, lpips_vars = lpips_network()
     step_fn = make_step(graphdef, tx, schedule, dict(cfg.loss), lpips_fn)
     writer = metrics_lib.MetricWriter(workdir)
@@ -271,7 +248,7 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
     return 0
 
 
-# ----- evaluation and latent statistics -----
+# ----- latent statistics -----
 
 def encode_clips(vae: WanVAE, clips: list[np.ndarray], frames: int) -> list[np.ndarray]:
     """Posterior means (raw, not normalised) of the first `frames` (1 + 4k) frames of each clip."""
@@ -283,30 +260,6 @@ def latent_stats(vae: WanVAE, clips: list[np.ndarray], frames: int) -> tuple[tup
     """Per-channel mean and standard deviation of the raw latents of `clips` (for VAEConfig.latents_mean/std)."""
     z = np.concatenate([x.reshape(-1, x.shape[-1]) for x in encode_clips(vae, clips, frames)]).astype(np.float64)
     return tuple(float(v) for v in z.mean(0)), tuple(float(v) for v in np.maximum(z.std(0), 1e-6))
-
-
-@dataclasses.dataclass
-class Reconstruction:
-    clips: int
-    frames: int
-    psnr: float
-    ssim: float
-    lpips: float
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-
-def reconstruction_scores(vae: WanVAE, clips: list[np.ndarray], frames: int) -> Reconstruction:
-    """PSNR / SSIM / LPIPS of encode -> decode over the first `frames` frames of each clip (decmem_jax.eval)."""
-    from decmem_jax.eval import metrics
-
-    rec = nnx.jit(lambda m, x: m.decode(m.encode(x)))
-    outs = [video_io.from_model_range(np.asarray(rec(vae, jnp.asarray(video_io.to_model_range(c[:frames]))[None])[0]))
-            for c in clips]
-    gen, ref = np.stack(outs), np.stack([c[:frames] for c in clips])
-    return Reconstruction(len(clips), frames, float(metrics.psnr(gen, ref).mean),
-                          float(metrics.ssim(gen, ref).mean), float(metrics.lpips(gen, ref).mean))
 
 
 # ----- command line -----

@@ -11,6 +11,9 @@ files (any sub-folder depth). The mp4 is 640x360 RGB at 10 fps; the npz (`np.sav
 with T = the number of video frames (±1 tolerated, as the reference data has such clips). Used by the generator
 (writing), the CSV builder (validating) and the pipeline (reading).
 
+A leaf module (numpy and the standard library only): the model's action conditioning, the data tools, the rollout and
+the play controls all read the action layout from here without importing one another.
+
 The CSV indexes come in two kinds (`check_index_csv` tells them apart before a tool reads one): a video CSV
 (`video_path,action_path[,num_frames]`, written by `decmem_jax.data.build_csv`) and a latents CSV (`latent_path,...`,
 written by `decmem_jax.data.encode_latents`).
