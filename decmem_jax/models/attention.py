@@ -191,10 +191,14 @@ def teacher_forcing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk
 
 
 def merge_partial(o1, lse1, o2, lse2):
-    """Exact softmax attention over the union of two disjoint key sets from the two partial results.
+    """Exact softmax attention over the union of two disjoint key sets from the two partial results: the one
+    log-sum-exp merge of the project (dense history + chunk here, ALM + SGM in `memory`, key splits in the Mosaic
+    wrapper).
 
-    o: [B, Sq, H, D]; lse: natural-log log-sum-exp of the scaled logits, [B, Sq, H]. Returns (o, lse)."""
+    o: [B, Sq, H, D]; lse: natural-log log-sum-exp of the scaled logits, [B, Sq, H], -inf for a row without keys
+    (it gets zero weight; a row empty on both sides gives zeros). Returns (o, lse)."""
     lse1, lse2 = lse1.astype(jnp.float32), lse2.astype(jnp.float32)
     lse = jnp.logaddexp(lse1, lse2)
-    w1, w2 = jnp.exp(lse1 - lse)[..., None], jnp.exp(lse2 - lse)[..., None]
+    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # exp(-inf - 0) = 0 instead of exp(nan)
+    w1, w2 = jnp.exp(lse1 - safe)[..., None], jnp.exp(lse2 - safe)[..., None]
     return (w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)).astype(o1.dtype), lse

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decmem_jax.models.attention import merge_partial
 from decmem_jax.models.config import MemoryConfig  # noqa: F401 -- re-exported: the memory settings
 from pallas_kernels.sgm import sgm_attention
 
@@ -264,16 +265,6 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     return jax.lax.cond(use_memory, memory, dense)
 
 
-def merge_partial(o1, lse1, o2, lse2):
-    """Exact softmax over the union of two disjoint key sets from partial results o [B, T, H, D], lse [B, H, T]
-    (natural log, -inf for rows without keys; such rows get zero weight, and zeros when both are empty)."""
-    lse = jnp.logaddexp(lse1, lse2)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-    w1 = jnp.exp(lse1 - safe).transpose(0, 2, 1)[..., None]
-    w2 = jnp.exp(lse2 - safe).transpose(0, 2, 1)[..., None]
-    return (w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)).astype(o1.dtype)
-
-
 def _history_attention(qb, hk, hv, idx, cnt, hist_len, layout, cfg):
     """sgm over the cache with (out, lse). A cache of batch 1 shared by a batch of B queries (the CFG branches): the
     batch is folded into the query blocks, so the cache is read in place, never broadcast."""
@@ -329,7 +320,8 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
     def both(hist_list, own_list):
         o1, l1 = _history_attention(qb, hk, hv, *hist_list, hist_len, layout, cfg)
         o2, l2 = _sgm(qb, kb, vb, *own_list, own_len, layout, cfg, return_lse=True)
-        return layout.from_blocks(merge_partial(o1, l1, o2, l2))
+        # the kernels' lse is [B, H, T]; the merge takes the row layout [B, T, H] of the outputs
+        return layout.from_blocks(merge_partial(o1, l1.transpose(0, 2, 1), o2, l2.transpose(0, 2, 1))[0])
 
     def memory():
         wh = cfg.window - c  # history frames inside the ALM window
