@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from decmem_jax.models import attention as attn
+from decmem_jax.models import attention_ops
 
 
 def reference(q, k, v, mask):
@@ -74,10 +75,10 @@ def test_mosaic_wrapper_pads_splits_and_merges_exactly(sq, sk):
         return out.astype(q.dtype), lse
 
     q, k, v = (a.astype(jnp.float16) for a in qkv(sq + sk, sq=sq, sk=sk, d=64))
-    got, lse = mosaic_attention(q, k, v, None, 1 / 8.0, with_lse=True, kernel=kernel, tail=attn._xla_attention)
+    got, lse = mosaic_attention(q, k, v, None, 1 / 8.0, with_lse=True, kernel=kernel, tail=attention_ops.xla_attention)
     expected = reference(q, k, v, np.ones((1, 1, sq, sk), bool))
     np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=5e-3, rtol=5e-3)
-    _, lse_xla = attn._xla_attention(*(a.astype(jnp.float32) for a in (q, k, v)), None, 1 / 8.0, with_lse=True)
+    _, lse_xla = attention_ops.xla_attention(*(a.astype(jnp.float32) for a in (q, k, v)), None, 1 / 8.0, with_lse=True)
     np.testing.assert_allclose(lse, lse_xla, atol=2e-3)
 
 

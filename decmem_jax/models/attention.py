@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decmem_jax.models.layers import matmul_precision
+from decmem_jax.models.attention_mgpu import mosaic_attention
+from decmem_jax.models.attention_ops import cudnn_attention, merge_partial, xla_attention
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -54,30 +55,6 @@ def resolve_backend(name: str, dtype=None) -> str:
     return name
 
 
-def _xla_attention(q, k, v, kv_length, scale, with_lse=False, mask=None):
-    precision = matmul_precision(q.dtype)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32, precision=precision) * scale
-    if kv_length is not None:
-        valid = jnp.arange(k.shape[1]) < kv_length[:, None]  # [B, Sk]
-        logits = jnp.where(valid[:, None, None, :], logits, -jnp.inf)
-    if mask is not None:
-        logits = jnp.where(mask, logits, -jnp.inf)
-    probs = jax.nn.softmax(logits, axis=-1)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32,
-                     precision=precision)
-    if with_lse:
-        return out.astype(q.dtype), jax.nn.logsumexp(logits, axis=-1).transpose(0, 2, 1)  # [B, Sq, H]
-    return out.astype(q.dtype)
-
-
-def _cudnn_attention(q, k, v, kv_length, scale, with_lse=False, mask=None):
-    if q.dtype not in (jnp.bfloat16, jnp.float16):
-        raise ValueError(f"attention backend 'cudnn' supports bfloat16/float16 only, got {q.dtype}; "
-                         "use DiTConfig(dtype='bfloat16') or attention='xla'")
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, mask=mask, key_value_seq_lengths=kv_length,
-                                        implementation="cudnn", return_residual=with_lse)
-
-
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
               kv_length: jax.Array | int | None = None, mask: jax.Array | None = None) -> jax.Array:
     """Softmax attention of q [B, Sq, H, D] over k, v [B, Sk, H, D]; keys at positions >= kv_length are ignored.
@@ -100,13 +77,11 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
 
 def _masked(backend):
     """The implementation used for attention with a key-length mask (the Mosaic kernel has no mask: cuDNN)."""
-    return _xla_attention if backend == "xla" else _cudnn_attention
+    return xla_attention if backend == "xla" else cudnn_attention
 
 
 def _unmasked(backend):
     if backend == "mosaic":
-        from decmem_jax.models.attention_mgpu import mosaic_attention
-
         return mosaic_attention
     return _masked(backend)
 
@@ -188,17 +163,3 @@ def teacher_forcing_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, chunk
             outs.append(attention_with_history(q[:, rows], k[:, rows], v[:, rows], k[:, :start], v[:, :start],
                                                start, backend=backend))
     return jnp.concatenate(outs, axis=1)
-
-
-def merge_partial(o1, lse1, o2, lse2):
-    """Exact softmax attention over the union of two disjoint key sets from the two partial results: the one
-    log-sum-exp merge of the project (dense history + chunk here, ALM + SGM in `memory`, key splits in the Mosaic
-    wrapper).
-
-    o: [B, Sq, H, D]; lse: natural-log log-sum-exp of the scaled logits, [B, Sq, H], -inf for a row without keys
-    (it gets zero weight; a row empty on both sides gives zeros). Returns (o, lse)."""
-    lse1, lse2 = lse1.astype(jnp.float32), lse2.astype(jnp.float32)
-    lse = jnp.logaddexp(lse1, lse2)
-    safe = jnp.where(jnp.isfinite(lse), lse, 0.0)  # exp(-inf - 0) = 0 instead of exp(nan)
-    w1, w2 = jnp.exp(lse1 - safe)[..., None], jnp.exp(lse2 - safe)[..., None]
-    return (w1 * o1.astype(jnp.float32) + w2 * o2.astype(jnp.float32)).astype(o1.dtype), lse

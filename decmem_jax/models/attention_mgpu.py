@@ -19,6 +19,8 @@ import math
 
 import jax.numpy as jnp
 
+from decmem_jax.models.attention_ops import cudnn_attention, merge_partial
+
 BLOCK_Q, BLOCK_KV, STAGES = 64, 128, 2  # 633 TFLOP/s fp16 at S=49152 on H100 (jax's published figure for this kernel)
 
 
@@ -36,9 +38,7 @@ def mosaic_attention(q, k, v, kv_length, scale, with_lse=False, *, kernel=_kerne
 
     `kernel` and `tail` (the cuDNN attention of the key tail) are parameters so the padding and merging logic can be
     checked on CPU against stand-ins."""
-    from decmem_jax.models.attention import _cudnn_attention, merge_partial
-
-    tail = tail or _cudnn_attention
+    tail = tail or cudnn_attention
     if kv_length is not None:
         raise ValueError("the mosaic attention kernel has no key-length mask; use the cudnn backend for masked calls")
     if q.dtype not in (jnp.bfloat16, jnp.float16) or q.shape[-1] % 64:
