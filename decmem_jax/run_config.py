@@ -45,7 +45,7 @@ def _dit_config(cfg) -> DiTConfig:
         memory = MemoryConfig(**fields)
     base = get_config(m.preset, **dict(m.overrides))
     if m.conditioning.enabled:
-        from decmem_jax.models.conditioning import ConditioningConfig
+        from decmem_jax.models.config import ConditioningConfig
 
         fields = {k: v for k, v in m.conditioning.items() if k != "enabled"}
         conditioning = ConditioningConfig.from_dit(base.replace(dtype=m.dtype, param_dtype=MASTER_DTYPE), **fields)

@@ -15,6 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decmem_jax.format import (
+    CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
+
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -75,6 +78,74 @@ class MemoryConfig:
         object.__setattr__(self, "sgm", bool(self.sgm))
 
 
+# name -> (action slot, kind, value): kind "eq" gives float(slot == value), "signed" gives slot - value.
+ACTION_FEATURES: dict[str, tuple[int, str, int]] = {
+    "forward": (FORWARD_BACK, "eq", 1),
+    "back": (FORWARD_BACK, "eq", 2),
+    "left": (STRAFE, "eq", 1),
+    "right": (STRAFE, "eq", 2),
+    "jump": (JUMP_SNEAK_SPRINT, "eq", 1),
+    "sneak": (JUMP_SNEAK_SPRINT, "eq", 2),
+    "sprint": (JUMP_SNEAK_SPRINT, "eq", 3),
+    "camera_pitch": (CAMERA_PITCH, "signed", CAMERA_NOOP_BIN),
+    "camera_yaw": (CAMERA_YAW, "signed", CAMERA_NOOP_BIN),
+    "use": (FUNCTIONAL, "eq", 1),
+    "attack": (FUNCTIONAL, "eq", 3),
+    "place": (FUNCTIONAL, "eq", 6),
+}
+DEFAULT_ACTION_FEATURES = tuple(ACTION_FEATURES)
+POSE_FEATURE_DIM = 7  # x, y, z scaled; sin/cos pitch; sin/cos yaw
+POSE_MODES = ("off", "added")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConditioningConfig:
+    """Conditioning module shape and policy. `dim` must equal the DiT width (DiTConfig.dim)."""
+
+    dim: int = 1536
+    hidden: int = 256
+    frames_per_latent: int = 4
+    pose: str = "off"  # "off" | "added"
+    action_features: tuple[str, ...] = DEFAULT_ACTION_FEATURES
+    pose_scale: float = 16.0  # blocks per unit of the position features
+    dtype: str = "auto"  # compute dtype of the MLP matmuls (as DiTConfig.dtype)
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "action_features", tuple(self.action_features))
+        unknown = [f for f in self.action_features if f not in ACTION_FEATURES]
+        if unknown or not self.action_features:
+            raise ValueError(f"ConditioningConfig.action_features={self.action_features}: unknown {unknown}; "
+                             f"choose a non-empty subset of {DEFAULT_ACTION_FEATURES}")
+        if self.pose not in POSE_MODES:
+            raise ValueError(f"ConditioningConfig.pose={self.pose!r}; expected one of {POSE_MODES}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"ConditioningConfig.dtype={self.dtype!r}; expected 'auto' or one of {sorted(DTYPES)}")
+        if self.param_dtype not in DTYPES:
+            raise ValueError(f"ConditioningConfig.param_dtype={self.param_dtype!r}; expected one of {sorted(DTYPES)}")
+        if min(self.dim, self.hidden, self.frames_per_latent) < 1:
+            raise ValueError(f"ConditioningConfig dim/hidden/frames_per_latent must be positive: {self}")
+
+    @classmethod
+    def from_dit(cls, dit_cfg, **overrides) -> "ConditioningConfig":
+        """Width and dtype policy taken from a DiTConfig; other fields from `overrides` or the defaults."""
+        kw = dict(dim=dit_cfg.dim, dtype=dit_cfg.dtype, param_dtype=dit_cfg.param_dtype)
+        return cls(**{**kw, **overrides})
+
+    @property
+    def action_dim(self) -> int:
+        return len(self.action_features)
+
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        if self.dtype == "auto":
+            return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "ConditioningConfig":
+        return dataclasses.replace(self, **changes)
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTConfig(JsonConfig):
     """Wan2.1 DiT architecture plus runtime policy. Field names follow Wan's own configs (`docs/method.md` §2)."""
@@ -105,7 +176,7 @@ class DiTConfig(JsonConfig):
 
     # --- DecMem additions (None: plain Wan2.1 / dense block-causal) ---
     memory: MemoryConfig | None = None  # SGM + ALM + gate in place of dense self-attention
-    conditioning: Any = None  # decmem_jax.models.conditioning.ConditioningConfig: actions/poses added to tokens
+    conditioning: Any = None  # ConditioningConfig (above): actions/poses added to tokens
 
     def __post_init__(self):
         if self.dim % self.num_heads:
@@ -133,8 +204,6 @@ class DiTConfig(JsonConfig):
             if bad:
                 raise ValueError(f"DiTConfig.memory.layers has {bad}, outside 0..{self.num_layers - 1}")
         if self.conditioning is not None:
-            from decmem_jax.models.conditioning import ConditioningConfig  # imports this module: no cycle at top
-
             if isinstance(self.conditioning, dict):
                 object.__setattr__(self, "conditioning", ConditioningConfig(**self.conditioning))
             if not isinstance(self.conditioning, ConditioningConfig):
