@@ -243,8 +243,8 @@ def patrol_trajectory(world: World, steps: int, rng: np.random.Generator, start=
     path shows exactly the view of an earlier frame of the look-round or the path, so a rollout given the frames up to
     the end of the path as context has a known answer for every frame it generates (the memory benchmark's clips).
     Layout: 24 right turns (a 360-degree look-round), an outbound path of ``min(PATH_MAX, (steps - 24) // 2)``
-    steps (as in `revisit_trajectory`), then the laps. Returns (actions [steps + 1, 8], poses [steps + 1, 5], index of the last
-    frame of the outbound path). Raises ValueError if ``steps < 26``."""
+    steps (as in `revisit_trajectory`), then the laps. Returns (actions [steps + 1, 8], poses [steps + 1, 5], index
+    of the last frame of the outbound path). Raises ValueError if ``steps < 26``."""
     look = 24
     n_path = min(PATH_MAX, (steps - look) // 2)
     if steps < 26 or n_path < 1:

@@ -84,12 +84,12 @@ def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, f
     world_seed, agent_seed = np.random.SeedSequence([seed, index]).generate_state(2)
     world = world_lib.build_world(int(world_seed))
     rng = np.random.default_rng(int(agent_seed))
-    if is_revisit_clip(index, seed, float(revisit)) and way_back == "patrol":
-        actions, poses, _ = agent_lib.patrol_trajectory(world, frames - 1, rng)
-    elif is_revisit_clip(index, seed, float(revisit)):
-        actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng, way_back=way_back)
-    else:
+    if not is_revisit_clip(index, seed, float(revisit)):
         actions, poses = agent_lib.random_explorer(world, frames - 1, rng)
+    elif way_back == "patrol":
+        actions, poses, _ = agent_lib.patrol_trajectory(world, frames - 1, rng)
+    else:
+        actions, poses, _ = agent_lib.revisit_trajectory(world, frames - 1, rng, way_back=way_back)
     poses = poses.astype(np.float32)  # the stored poses are what gets rendered
     video = world_lib.render(world, poses.astype(np.float64), size, fog=fog)
     return video, actions, poses, agent_lib.find_revisits(poses)
