@@ -267,7 +267,7 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
 
 def retrieval_loss(q, k, layout: BlockLayout, cfg: MemoryConfig, plan: FramePlan, target, *, score=None):
     """Auxiliary retrieval loss on SGM's block scores (NOT part of the DecMem method, which trains the scores only
-    through the fine attention; `train.retrieval_loss` > 0 turns it on, docs/memory.md "Retrieval loss").
+    through the fine attention; `train.retrieval_loss` > 0 turns it on; docs/memory.md, "Retrieval loss").
 
     SGM's top-k is not differentiable, so nothing teaches q̄·k̄ to rank the blocks that matter; at small scale the
     scores stayed at chance. This loss gives them a direct signal: for every query block whose frame has target key

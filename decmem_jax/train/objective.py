@@ -54,9 +54,9 @@ class Objective:
 def latent_view_match(poses: jax.Array, num_latents: int) -> jax.Array:
     """bool [B, F, F]: latents i and j show a common view (some frame of i matches some frame of j, see
     `format.view_match`). poses [B, T, 5] with T = 1 + 4(F-1): latent 0 is frame 0, latent j >= 1 frames 4j-3..4j."""
-    t = poses.shape[1]
-    if t != 1 + 4 * (num_latents - 1):
-        raise ValueError(f"latent_view_match: {t} poses for {num_latents} latents (expected {1 + 4 * (num_latents - 1)})")
+    t, expected = poses.shape[1], 1 + 4 * (num_latents - 1)
+    if t != expected:
+        raise ValueError(f"latent_view_match: {t} poses for {num_latents} latents (expected {expected})")
     frames = view_match(poses.astype(jnp.float32), xp=jnp).astype(jnp.float32)  # [B, T, T]
     owner = jax.nn.one_hot((jnp.arange(t) + 3) // 4, num_latents, dtype=jnp.float32)  # [T, F]
     return jnp.einsum("tf,bts,sg->bfg", owner, frames, owner) > 0
@@ -101,13 +101,14 @@ def loss_fn(model, batch: dict, context: jax.Array, key: jax.Array, obj: Objecti
         if obj.poses:
             kwargs["poses"] = batch["poses"]
     ctx = jnp.broadcast_to(context, (z0.shape[0],) + context.shape[1:])
-    metrics = {}
-    if obj.retrieval_loss > 0:
+    retrieve = obj.retrieval_loss > 0
+    if retrieve:
         kwargs["retrieval_target"] = latent_view_match(batch["poses"], z0.shape[1])
-    v = model.teacher_forcing(n["clean"], n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
-                              clean_timesteps=n["clean_timesteps"], **kwargs)
-    if obj.retrieval_loss > 0:
-        v, metrics = v
+    out = model.teacher_forcing(n["clean"], n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
+                                clean_timesteps=n["clean_timesteps"], **kwargs)
+    v, retrieval = out if retrieve else (out, None)
     flow = jnp.mean(jnp.square(v.astype(jnp.float32) - n["target"]))
-    loss = flow + obj.retrieval_loss * metrics["retrieval_ce"] if metrics else flow
-    return loss, {"sigma_mean": jnp.mean(n["sigma"]), **({"flow_loss": flow, **metrics} if metrics else {})}
+    metrics = {"sigma_mean": jnp.mean(n["sigma"])}
+    if not retrieve:
+        return flow, metrics
+    return flow + obj.retrieval_loss * retrieval["retrieval_ce"], {**metrics, "flow_loss": flow, **retrieval}
