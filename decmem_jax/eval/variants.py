@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decmem_jax.eval.revisits import FRAMES_PER_LATENT, Timeline
+from decmem_jax.eval.revisits import Timeline
 
 VARIANTS = ("decmem", "alm_only", "dense_full", "dense_window", "copy_last")
 MODEL_VARIANTS = VARIANTS[:4]
@@ -171,7 +171,7 @@ class Roller:
 
     def frames_needed(self, num_frames: int) -> int:
         """Action rows a batch needs: context + every (padded) generated chunk."""
-        return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.chunk * FRAMES_PER_LATENT
+        return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.frames_per_chunk
 
     def warm_decoder(self, vae, latents: jax.Array):
         """The streaming decoder's state after the context latents (as the rollout CLI warms it), shared by the
@@ -199,7 +199,6 @@ class Roller:
         n_chunks, n_total = tl.num_chunks(num_frames), self.padded_chunks(num_frames)
         capacity = tl.context_latents + n_total * chunk
         text = jnp.asarray(np.repeat(self.text, b, axis=0))
-        frames_per_chunk = FRAMES_PER_LATENT * chunk
         ctx = tl.context_frames
 
         def cond(first: int, count: int, first_latent: bool):
@@ -211,7 +210,7 @@ class Roller:
 
         cache = model.init_cache(b, capacity, self.lat_hw)
         cache = engine.prefill(model, cache, latents, text, cond(0, ctx, True), chunk=chunk)
-        gen_cond = cond(ctx, n_total * frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
+        gen_cond = cond(ctx, n_total * tl.frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
         if gen_cond is not None:
             gen_cond = gen_cond.reshape(b, n_total, chunk, -1).transpose(1, 0, 2, 3)
         _, step_dec = vae_stream.decode_steps(vae)
@@ -261,7 +260,7 @@ class Roller:
         text = jnp.asarray(np.repeat(self.text, b, axis=0))
         conds = None
         if cfg.conditioning is not None:
-            frames = tl.context_frames + n * chunk * FRAMES_PER_LATENT
+            frames = tl.context_frames + n * tl.frames_per_chunk
             p = jnp.asarray(batch.poses[:, :frames]) if cfg.conditioning.pose == "added" else None
             conds = model.embed_conditioning(jnp.asarray(batch.actions[:, :frames]), p)
         ctx = tl.context_latents

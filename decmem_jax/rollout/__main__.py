@@ -29,6 +29,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import FRAMES_PER_LATENT, latent_size, latents_for_frames
 from decmem_jax.rollout import settings as settings_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py",
@@ -209,12 +210,13 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     cfg = dit.cfg
     settings = settings_lib.sampler_settings(c)
     chunk = int(r.chunk)
-    n_chunks = -(-num_frames // (4 * chunk))
-    ctx_latents = (r.context_frames - 1) // 4 + 1
+    frames_per_chunk = FRAMES_PER_LATENT * chunk
+    n_chunks = -(-num_frames // frames_per_chunk)
+    ctx_latents = latents_for_frames(r.context_frames)
     capacity = int(r.capacity) or ctx_latents + n_chunks * chunk
     if capacity < ctx_latents + n_chunks * chunk:
         _fail(f"rollout.capacity={capacity} < context latents {ctx_latents} + generated {n_chunks * chunk}")
-    lat_hw = (r.height // 8, r.width // 8)
+    lat_hw = latent_size((r.height, r.width))
     text = jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None))
     pose_on = cfg.conditioning is not None and cfg.conditioning.pose == "added"
 
@@ -258,7 +260,8 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
                                 range(s, s + n)])
             conds = None
             if cfg.conditioning is not None:
-                conds = jnp.stack([conditioning(gen_start + 4 * chunk * i, 4 * chunk, False) for i in range(s, s + n)])
+                conds = jnp.stack([conditioning(gen_start + frames_per_chunk * i, frames_per_chunk, False)
+                                   for i in range(s, s + n)])
             t_seg = time.perf_counter()
             result = segment(dit, cache, noises, text, conds)
             new_latents, cache = result[0], result[1]
@@ -292,7 +295,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
                     # The first segment includes compilation: with one segment there is no compile-free figure.
-                    fps_excluding_compile=((4 * chunk) / float(np.median(chunk_times[1:])) if len(chunk_times) > 1
+                    fps_excluding_compile=(frames_per_chunk / float(np.median(chunk_times[1:])) if len(chunk_times) > 1
                                            else None)),
         host_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )

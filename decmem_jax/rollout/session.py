@@ -30,7 +30,8 @@ from typing import Iterator
 import numpy as np
 
 from decmem_jax.data import agent as agent_lib
-from decmem_jax.format import ACTION_DIM, ACTION_NVEC, POSE_DIM
+from decmem_jax.format import (ACTION_DIM, ACTION_NVEC, FRAMES_PER_LATENT, POSE_DIM, is_frame_count,
+                               last_frame_of_latent, latent_size, latents_for_frames)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/, weights/)
 
@@ -151,9 +152,9 @@ class WorldModel:
             raise SessionError(str(e)) from e
         r = c.rollout
         self.chunk, self.fps = int(r.chunk), int(r.fps)
-        self.frames_per_chunk = 4 * self.chunk
+        self.frames_per_chunk = FRAMES_PER_LATENT * self.chunk
         self.size = (int(r.height), int(r.width))
-        self.latent_hw = (self.size[0] // 8, self.size[1] // 8)
+        self.latent_hw = latent_size(self.size)
         self.memory = self.dit.cfg.memory
         self._segment = None
         self._embed = None
@@ -211,7 +212,7 @@ class Session:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*model.size, 3):
             raise SessionError(f"context frames: expected uint8 [T, {model.size[0]}, {model.size[1]}, 3] (the "
                                f"config's rollout.height/width), got {frames.dtype} {frames.shape}")
-        if t < 1 or (t - 1) % 4:
+        if not is_frame_count(t):
             raise SessionError(f"context frames: {t} frames; the VAE needs T = 1 + 4k")
         actions = check_actions(actions, t, "context actions")
         poses = np.asarray(poses, np.float32)
@@ -221,7 +222,7 @@ class Session:
             raise SessionError(f"max_chunks={max_chunks} must be >= 1")
         self.model, self.world = model, world
         self.context_frames = t
-        self.context_latents = (t - 1) // 4 + 1
+        self.context_latents = latents_for_frames(t)
         self.capacity = self.context_latents + max_chunks * model.chunk
         self.max_chunks = int(max_chunks)
         self._raw_actions, self._raw_poses = actions, poses  # whole trajectory so far, context first
@@ -361,7 +362,7 @@ class Session:
 
     def frame_of_latent(self, latent: int) -> np.ndarray:
         """The uint8 frame a latent ends at (latent 0 = frame 0, latent j = frame 4j): a thumbnail for retrieval."""
-        return self.video[min(4 * int(latent), sum(len(f) for f in self.frames) - 1)]
+        return self.video[min(last_frame_of_latent(int(latent)), sum(len(f) for f in self.frames) - 1)]
 
 
 class _ChunkStream:

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from decmem_jax import video as video_io
 from decmem_jax.data.clips import load_clips, read_clip_paths
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import PIXELS_PER_LATENT, is_frame_count
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
 from decmem_jax.run_config import ConfigError
 from decmem_jax.train import checkpoint as ckpt_lib
@@ -167,10 +168,10 @@ def _fresh_state(cfg, vcfg: VAEConfig, tx):
 
 def check_config(cfg) -> None:
     d = cfg.data
-    if d.clip_frames < 1 or (d.clip_frames - 1) % 4:
+    if not is_frame_count(d.clip_frames):
         raise ConfigError(f"data.clip_frames={d.clip_frames} must be 1 + 4k (the VAE's frame rule)")
-    if any(s % 8 for s in d.size):
-        raise ConfigError(f"data.size={tuple(d.size)} must be divisible by 8")
+    if any(s % PIXELS_PER_LATENT for s in d.size):
+        raise ConfigError(f"data.size={tuple(d.size)} must be divisible by {PIXELS_PER_LATENT}")
     for name in ("l1", "lpips", "kl"):
         if cfg.loss[name] < 0:
             raise ConfigError(f"loss.{name}={cfg.loss[name]} must be >= 0")
