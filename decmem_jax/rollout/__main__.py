@@ -26,14 +26,13 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
+from decmem_jax.cli import define_config_flag
 from decmem_jax.errors import DecMemError
 from decmem_jax.format import FRAMES_PER_LATENT, latent_size, latents_for_frames
 from decmem_jax.rollout import settings as settings_lib
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py",
-                                          lock_config=True)
+_CONFIG = define_config_flag("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py")
 _CONTEXT = flags.DEFINE_string("context", None, "context clip (mp4); its first rollout.context_frames frames seed the "
                                "memory bank")
 _ACTIONS = flags.DEFINE_string("actions", None, "WorldMem npz with actions [T, 8] (and poses [T, 5]) from the "

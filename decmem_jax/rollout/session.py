@@ -29,6 +29,7 @@ from typing import Iterator
 
 import numpy as np
 
+from decmem_jax.cli import configs_importable
 from decmem_jax.data import agent as agent_lib
 from decmem_jax.format import (ACTION_DIM, ACTION_NVEC, FRAMES_PER_LATENT, POSE_DIM, is_frame_count,
                                last_frame_of_latent, latent_size, latents_for_frames)
@@ -55,8 +56,9 @@ def load_config(spec: str):
         raise SessionError(f"config {path}: file not found")
     module_spec = importlib.util.spec_from_file_location(f"_decmem_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    with configs_importable(file):  # as the CLIs load it (decmem_jax.cli.define_config_flag)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
 
 
 def resolve_weights(c) -> None:

@@ -283,13 +283,11 @@ def main(argv, config, workdir: str, resume: bool) -> int:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/world_tiny.py:vae",
-                                              lock_config=True)
+    from decmem_jax.cli import define_config_flag, parse_flags
+
+    _CONFIG = define_config_flag("config", None, "run config file, e.g. configs/world_tiny.py:vae")
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, config dump")
     _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest complete checkpoint in --workdir")
     flags.mark_flags_as_required(["config", "workdir"])
-    from decmem_jax.cli import parse_flags
-
     app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value, _RESUME.value), flags_parser=parse_flags)
