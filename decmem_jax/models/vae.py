@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decmem_jax.models.config import DTYPES, JsonConfig
-from decmem_jax.models.vae_blocks import CausalConv3d, MidBlock, ResidualBlock, Resample, RMSNorm
+from decmem_jax.models.vae_blocks import CausalConv3d, L2ChannelNorm, MidBlock, ResidualBlock, Resample
 
 # Published per-channel statistics of the Wan2.1 latent space (identical in Wan, diffusers, Self-Forcing, CausVid).
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -40,7 +40,7 @@ class VAEConfig(JsonConfig):
     out_channels: int = 3
     latents_mean: tuple[float, ...] = LATENTS_MEAN
     latents_std: tuple[float, ...] = LATENTS_STD
-    eps: float = 1e-12  # RMS_norm divides by max(||x||, eps) (F.normalize's clamp)
+    eps: float = 1e-12  # L2ChannelNorm divides by max(||x||, eps) (F.normalize's clamp)
 
     # --- runtime policy ---
     dtype: str = "float32"  # compute dtype of the convolutions/attention; norms and softmax always in float32
@@ -118,7 +118,7 @@ class Encoder3d(nnx.Module):
                 blocks.append(Resample(dout, mode, **kw))
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock(dims[-1], eps=eps, **kw)
-        self.norm_out = RMSNorm(dims[-1], eps=eps, param_dtype=cfg.weight_dtype)
+        self.norm_out = L2ChannelNorm(dims[-1], eps=eps, param_dtype=cfg.weight_dtype)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -168,7 +168,7 @@ class Decoder3d(nnx.Module):
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
             blocks.append(UpBlock(din, dout, mode, cfg, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.norm_out = RMSNorm(dims[-1], eps=cfg.eps, param_dtype=cfg.weight_dtype)
+        self.norm_out = L2ChannelNorm(dims[-1], eps=cfg.eps, param_dtype=cfg.weight_dtype)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:

@@ -83,8 +83,10 @@ class Conv2d(nnx.Module):
         return y.reshape(b, t, *y.shape[1:])
 
 
-class RMSNorm(nnx.Module):
-    """Wan's RMS_norm: x / max(||x||_2, eps) over channels, times sqrt(C) and gamma; no bias. Statistics in float32."""
+class L2ChannelNorm(nnx.Module):
+    """x / max(||x||_2, eps) over channels, times sqrt(C) and gamma; no bias; statistics in float32. Wan calls it
+    RMS_norm, but it is F.normalize (eps clamps the L2 norm, 1e-12), not the DiT's RMSNorm (`layers.RMSNorm`:
+    rsqrt(mean(x^2) + eps), eps 1e-6), hence its own name."""
 
     def __init__(self, dim: int, *, eps: float, param_dtype):
         self.gamma = nnx.Param(jnp.ones((dim,), param_dtype))
@@ -102,9 +104,9 @@ class ResidualBlock(nnx.Module):
 
     def __init__(self, din: int, dout: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = RMSNorm(din, eps=eps, param_dtype=param_dtype)
+        self.norm1 = L2ChannelNorm(din, eps=eps, param_dtype=param_dtype)
         self.conv1 = CausalConv3d(din, dout, 3, padding=1, **kw)
-        self.norm2 = RMSNorm(dout, eps=eps, param_dtype=param_dtype)
+        self.norm2 = L2ChannelNorm(dout, eps=eps, param_dtype=param_dtype)
         self.conv2 = CausalConv3d(dout, dout, 3, padding=1, **kw)
         self.conv_shortcut = CausalConv3d(din, dout, 1, **kw) if din != dout else None
 
@@ -120,7 +122,7 @@ class AttentionBlock(nnx.Module):
 
     def __init__(self, dim: int, *, eps: float, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm = RMSNorm(dim, eps=eps, param_dtype=param_dtype)
+        self.norm = L2ChannelNorm(dim, eps=eps, param_dtype=param_dtype)
         self.to_qkv = Conv2d(dim, 3 * dim, 1, **kw)
         self.proj = Conv2d(dim, dim, 1, **kw)
         self.dim, self.dtype = dim, dtype
