@@ -27,24 +27,14 @@ import numpy as np
 from flax import nnx
 
 from decmem_jax.eval.revisits import Timeline
+from decmem_jax.rollout.load import architecture_differences, with_memory
 
 VARIANTS = ("decmem", "alm_only", "dense_full", "dense_window", "copy_last")
 MODEL_VARIANTS = VARIANTS[:4]
-ARCHITECTURE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "in_channels", "out_channels",
-                       "text_dim", "text_len", "freq_dim")
 
 
 class VariantError(ValueError):
     """A checkpoint that cannot make the requested variant; the message names it."""
-
-
-def _replace_memory(model, memory):
-    """The same parameters under another MemoryConfig (an inference setting: no new parameters)."""
-    from decmem_jax.models.dit import WanDiT
-
-    new = nnx.eval_shape(lambda: WanDiT(model.cfg.replace(memory=memory), rngs=nnx.Rngs(0)))
-    nnx.update(new, nnx.state(model))
-    return new
 
 
 def dense_in_window(dense, memory):
@@ -60,17 +50,6 @@ def dense_in_window(dense, memory):
     if any(float(jnp.abs(g).max()) != 0.0 for g in jax.tree.leaves(gates)):
         raise VariantError("dense_window: the DecMem gates are not zero after loading the dense weights")
     return model
-
-
-def _differences(a, b) -> list[str]:
-    out = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCHITECTURE_FIELDS if getattr(a, f) != getattr(b, f)]
-
-    def shape(cond):
-        return None if cond is None else {k: v for k, v in dataclasses.asdict(cond).items() if "dtype" not in k}
-
-    if shape(a.conditioning) != shape(b.conditioning):
-        out.append("conditioning differs")
-    return out
 
 
 def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
@@ -91,18 +70,18 @@ def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
                                "DecMem checkpoint")
         memory = run_cfg.memory or decmem.cfg.memory
         if memory != decmem.cfg.memory:  # e.g. --config.model.memory.top_k=16: same parameters
-            decmem = _replace_memory(decmem, memory)
+            decmem = with_memory(decmem, memory)
         if "decmem" in names:
             models["decmem"] = decmem
         if "alm_only" in names:
-            models["alm_only"] = _replace_memory(decmem, dataclasses.replace(memory, sgm=False))
+            models["alm_only"] = with_memory(decmem, dataclasses.replace(memory, sgm=False))
     if {"dense_full", "dense_window"} & set(names):
         dense = load_model(dense_checkpoint, **overrides)
         if dense.cfg.memory is not None:
             raise VariantError(f"--dense_checkpoint {dense_checkpoint}: a DecMem model; dense_full and dense_window "
                                "need the stage-2 dense checkpoint")
         if decmem is not None:
-            differ = _differences(dense.cfg, decmem.cfg)
+            differ = architecture_differences(dense.cfg, decmem.cfg, names=("dense", "decmem"))
             if differ:
                 raise VariantError(f"--dense_checkpoint {dense_checkpoint}: its architecture differs from "
                                    f"config.checkpoint {c.checkpoint} ({'; '.join(differ)})")

@@ -133,8 +133,8 @@ class WorldModel:
     """The DiT and VAE of a run config, with the jitted pieces a session needs (compiled once, on first use)."""
 
     def __init__(self, c, *, steps: int | None = None, guidance: float | None = None, seed: int = 0):
-        from decmem_jax.rollout import __main__ as rollout_cli  # build_models: the CLI's model loading and checks
         from decmem_jax.rollout import settings as settings_lib
+        from decmem_jax.rollout.load import RolloutError, build_models
 
         c = c.copy_and_resolve_references()  # the caller's config stays as it was
         with c.unlocked():
@@ -149,8 +149,8 @@ class WorldModel:
         self.config, self.seed = c, int(seed)
         try:
             self.settings = settings_lib.sampler_settings(c)
-            self.dit, self.vae, self.weights = rollout_cli.build_models(c)
-        except (rollout_cli.RolloutError, OSError, ValueError) as e:
+            self.dit, self.vae, self.weights = build_models(c)
+        except (RolloutError, OSError, ValueError) as e:
             raise SessionError(str(e)) from e
         r = c.rollout
         self.chunk, self.fps = int(r.chunk), int(r.fps)
