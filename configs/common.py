@@ -77,6 +77,7 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     c.train.action_dropout = 0.1  # CFG: noisy copy's conditioning zeroed per sample
     c.train.sigma_shift = 5.0
     c.train.context_noise = 0.0  # > 0: noise the history copy to U(0, this) per chunk (train/objective.py); 0 = method
+    c.train.retrieval_loss = 0.0  # > 0: pose-supervised loss on SGM's block scores (memory.retrieval_loss); 0 = method
     c.train.chunk = 4  # latents per chunk
     c.train.seed = 0
     c.train.log_every = 10

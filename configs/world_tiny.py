@@ -15,7 +15,9 @@ SGM pick frames the window already covers would spend its budget on them instead
 q and k before RoPE (score_on="content"): what a frame shows, not how far back it is (docs/memory.md).
 Training differs from the 1.3B recipe where the size asks for it: from scratch at lr 3e-4 / 2e-4 with cosine decay,
 flow shift 2.0 (few tokens per frame need less shift than 480p), no remat, latents cached in memory, and the history
-copy noised to U(0, 0.1) per chunk (`train.context_noise`, see train/objective.py) against drift in long rollouts.
+copy noised to U(0, 0.1) per chunk (`train.context_noise`, see train/objective.py) against drift in long rollouts,
+and, in stage 3, a retrieval loss that teaches SGM's block scores to rank the frames showing the same view (from the
+camera poses; `train.retrieval_loss`, an addition to the method, see docs/memory.md).
 The rollout fields (decmem_jax/rollout/settings.py) default to the shipped weights.
 """
 
@@ -31,11 +33,15 @@ except ImportError:  # loaded from outside the repository root
 WEIGHTS = "weights/world_tiny"  # relative to the repository root (the CLIs run there)
 DATA = "runs/world_tiny"  # the recipe's working folder (data, latents, run directories)
 
+# Weight of the pose-supervised retrieval loss on SGM's block scores in stage 3 (train/objective.py; not in the
+# DecMem paper): without it the scores of this small model stayed at chance (docs/memory.md).
+RETRIEVAL_LOSS = 0.1
+
 # stage -> (clip latents, steps, batch, peak learning rate, warmup steps)
 _STAGES = {
     "dense_short": (21, 6000, 64, 3e-4, 300),
     "dense_long": (60, 1500, 32, 2e-4, 100),
-    "decmem": (60, 2500, 32, 2e-4, 100),
+    "decmem": (60, 4500, 32, 2e-4, 100),
 }
 
 
@@ -79,7 +85,8 @@ def get_config(stage: str = "decmem"):
     c.data.num_threads = 8
     c.data.prefetch = 16
     c.train.update(steps=steps, batch=batch, lr=lr, warmup=warmup, schedule="cosine", weight_decay=0.01,
-                   remat="none", sigma_shift=2.0, context_noise=0.1, log_every=50)
+                   remat="none", sigma_shift=2.0, context_noise=0.1, log_every=50,
+                   retrieval_loss=RETRIEVAL_LOSS if stage == "decmem" else 0.0)
     c.mesh.update(data=1, fsdp=-1, tensor=1, context=1)
     c.checkpointing.update(every=500, keep=2)
 

@@ -54,6 +54,10 @@ FORWARD_BACK, STRAFE, JUMP_SNEAK_SPRINT, CAMERA_PITCH, CAMERA_YAW, FUNCTIONAL, C
 CAMERA_NOOP_BIN = 12  # bins cover -180..+180 degrees in 15-degree steps; 11 = -15, 13 = +15
 DEG_PER_CAMERA_BIN = 15.0
 POSE_DIM = 5  # x, y, z, pitch, yaw
+# Two frames show "the same view" when their eyes are within 1 block and their yaw and pitch within 15 degrees (one
+# camera-action bin; four walking steps of 0.25 blocks): with the generator's 70-degree field of view they then share
+# at least ~55/70 of their width. Used by the memory benchmark's revisit rule and the training retrieval target.
+VIEW_TOLERANCES = (1.0, 15.0, 15.0)  # position (blocks), yaw (degrees), pitch (degrees)
 
 
 # The Wan VAE's compression. Latent 0 holds frame 0 alone, latent j >= 1 holds frames 4j-3 .. 4j: a clip the VAE can
@@ -252,3 +256,14 @@ def check_index_csv(path, kind: str) -> list[str]:
     if len(rows) < 2 or not any(any(cell.strip() for cell in row) for row in rows[1:]):
         raise ValueError(f"{path}: has a header but no rows; nothing to read")
     return header
+
+
+def view_match(poses, tolerances=VIEW_TOLERANCES, xp=np):
+    """bool [..., T, T]: frames i and j show the same view (`VIEW_TOLERANCES`). poses [..., T, 5] = x, y, z, pitch,
+    yaw in blocks and degrees (yaw wrapped). xp: the array module (numpy, or jax.numpy inside a training step)."""
+    pos_tol, yaw_tol, pitch_tol = tolerances
+    a, b = poses[..., :, None, :], poses[..., None, :, :]
+    dist = xp.sqrt(((a[..., :3] - b[..., :3]) ** 2).sum(-1))
+    dyaw = xp.abs((a[..., 4] - b[..., 4] + 180.0) % 360.0 - 180.0)
+    dpitch = xp.abs(a[..., 3] - b[..., 3])
+    return (dist <= pos_tol) & (dyaw <= yaw_tol) & (dpitch <= pitch_tol)

@@ -36,7 +36,8 @@ import dataclasses
 
 import numpy as np
 
-from decmem_jax.format import FRAMES_PER_LATENT, is_frame_count, latent_of_frame, latents_for_frames
+from decmem_jax.format import (FRAMES_PER_LATENT, VIEW_TOLERANCES, is_frame_count, latent_of_frame,
+                                latents_for_frames, view_match)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,9 +91,9 @@ class Timeline:
 class RevisitRule:
     """View-match tolerances (module docstring)."""
 
-    pos_tol: float = 1.0  # blocks, Euclidean distance of the eye positions
-    yaw_tol: float = 15.0  # degrees, wrapped difference
-    pitch_tol: float = 15.0  # degrees
+    pos_tol: float = VIEW_TOLERANCES[0]  # blocks, Euclidean distance of the eye positions
+    yaw_tol: float = VIEW_TOLERANCES[1]  # degrees, wrapped difference
+    pitch_tol: float = VIEW_TOLERANCES[2]  # degrees
     exclude_window: bool = True  # a view still held in the committed part of the window is no revisit
     sources: str = "context"  # "context": only teacher-forced frames are sources; "any": generated frames too
 
@@ -105,11 +106,7 @@ class RevisitRule:
 
     def matches(self, poses: np.ndarray) -> np.ndarray:
         """bool [T, T]: frames i and j show the same view. poses float [T, 5] = x, y, z, pitch, yaw (degrees)."""
-        p = np.asarray(poses, np.float64)
-        dist = np.sqrt(((p[:, None, :3] - p[None, :, :3]) ** 2).sum(-1))
-        dyaw = np.abs((p[:, None, 4] - p[None, :, 4] + 180.0) % 360.0 - 180.0)
-        dpitch = np.abs(p[:, None, 3] - p[None, :, 3])
-        return (dist <= self.pos_tol) & (dyaw <= self.yaw_tol) & (dpitch <= self.pitch_tol)
+        return view_match(np.asarray(poses, np.float64), (self.pos_tol, self.yaw_tol, self.pitch_tol))
 
 
 @dataclasses.dataclass(frozen=True)

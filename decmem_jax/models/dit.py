@@ -293,14 +293,24 @@ class WanDiT(nnx.Module):
         return self._unpatchify(self.head(x, e), grid), layer_out
 
     # ----- full-sequence modes -----
-    def _sequence_mixer(self, tokens_per_frame: int, chunk_size: int | None, plan: mem.FramePlan | None):
+    def _sequence_mixer(self, tokens_per_frame: int, chunk_size: int | None, plan: mem.FramePlan | None,
+                        retrieval_target=None):
         cfg = self.cfg
         if cfg.memory is not None:
             if plan is None:
                 raise ValueError("a DecMem model (DiTConfig.memory set) is causal: pass chunk_size")
             layout = self._layout(tokens_per_frame)
-            return lambda q, k, v, g, _, use: (mem.decmem_attention(q, k, v, g[0], layout, cfg.memory, plan=plan,
-                                                                    use_memory=use, score=g[1]), None)
+
+            def mixer(q, k, v, g, _, use):
+                o = mem.decmem_attention(q, k, v, g[0], layout, cfg.memory, plan=plan, use_memory=use, score=g[1])
+                if retrieval_target is None:
+                    return o, None
+                loss, top1 = mem.retrieval_loss(q, k, layout, cfg.memory, plan, retrieval_target, score=g[1])
+                return o, (jnp.where(use, loss, 0.0), jnp.where(use, top1, 0.0))  # dense layers retrieve nothing
+
+            return mixer
+        if retrieval_target is not None:
+            raise ValueError("retrieval_target needs a DecMem model (DiTConfig.memory set)")
         if chunk_size is None:
             return lambda q, k, v, g, _: (attn_lib.attention(q, k, v, backend=cfg.attention), None)
         chunk_tokens = chunk_size * tokens_per_frame
@@ -333,7 +343,8 @@ class WanDiT(nnx.Module):
 
     def teacher_forcing(self, clean: jax.Array, noisy: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                         chunk_size: int, actions: jax.Array | None = None, poses: jax.Array | None = None,
-                        drop: jax.Array | None = None, clean_timesteps: jax.Array | None = None) -> jax.Array:
+                        drop: jax.Array | None = None, clean_timesteps: jax.Array | None = None,
+                        retrieval_target: jax.Array | None = None):
         """Velocity for the noisy frames of a teacher-forcing step (docs/method.md §11).
 
         clean, noisy: [B, F, H, W, C] (F a multiple of chunk_size); timesteps [B, F]: the noisy frames' timesteps
@@ -341,7 +352,9 @@ class WanDiT(nnx.Module):
         chunks <= c, noisy chunk c sees clean chunks < c and itself. actions int [B, 1+4(F-1), 8] / poses [B, T, 5]
         condition both copies; drop bool [B] zeroes the noisy copy's condition only (CFG dropout). Returns
         [B, F, H, W, C] float32. clean_timesteps [B, F]: run the history copy at these timesteps instead of 0 (context
-        noise augmentation: `clean` is then a lightly noised history, see train/objective.py)."""
+        noise augmentation: `clean` is then a lightly noised history, see train/objective.py).
+        retrieval_target bool [B, F, F] (DecMem models): latent i should retrieve latent j; then returns (velocity,
+        {"retrieval_ce", "retrieval_top1"}), `memory.retrieval_loss` averaged over the memory layers."""
         if clean.shape != noisy.shape:
             raise ValueError(f"clean {clean.shape} and noisy {noisy.shape} latents must have one shape")
         b, f = clean.shape[:2]
@@ -358,13 +371,19 @@ class WanDiT(nnx.Module):
             raise ValueError("drop needs actions")
         plan = mem.teacher_forcing_plan(f, chunk_size)
         _, h, w = self._grid(clean)
-        mixer = self._sequence_mixer(h * w, chunk_size, plan)
+        if retrieval_target is not None and jnp.shape(retrieval_target) != (b, f, f):
+            raise ValueError(f"retrieval_target must be [B, F, F] = {(b, f, f)}, got {jnp.shape(retrieval_target)}")
+        mixer = self._sequence_mixer(h * w, chunk_size, plan, retrieval_target)
         seq = jnp.concatenate([clean, noisy], axis=1)
         t_clean = jnp.zeros_like(timesteps) if clean_timesteps is None else jnp.asarray(clean_timesteps,
                                                                                          timesteps.dtype)
         t = jnp.concatenate([t_clean, timesteps], axis=1)
-        out = self._forward(seq, t, context, cond, mixer, positions=plan.positions)[0]
-        return out[:, f:]
+        out, layer_out = self._forward(seq, t, context, cond, mixer, positions=plan.positions)
+        if retrieval_target is None:
+            return out[:, f:]
+        layers = max(sum(self.cfg.memory_layer_mask()), 1)
+        ce, top1 = (x.sum() / layers for x in layer_out)
+        return out[:, f:], {"retrieval_ce": ce, "retrieval_top1": top1}
 
     # ----- KV-cache inference -----
     def init_cache(self, batch: int, capacity: int, latent_hw: tuple[int, int]) -> KVCache | BlockKVCache:

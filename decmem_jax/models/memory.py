@@ -265,6 +265,43 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     return jax.lax.cond(use_memory, memory, dense)
 
 
+def retrieval_loss(q, k, layout: BlockLayout, cfg: MemoryConfig, plan: FramePlan, target, *, score=None):
+    """Auxiliary retrieval loss on SGM's block scores (NOT part of the DecMem method, which trains the scores only
+    through the fine attention; `train.retrieval_loss` > 0 turns it on; docs/memory.md, "Retrieval loss").
+
+    SGM's top-k is not differentiable, so nothing teaches q̄·k̄ to rank the blocks that matter; at small scale the
+    scores stayed at chance. This loss gives them a direct signal: for every query block whose frame has target key
+    frames among its SGM candidates, -log of the softmax mass (over the candidates) on those frames' blocks, per
+    head, averaged over such (batch, head, query block) rows. q, k [B, F*T, H, D] as for `decmem_attention` (score:
+    the tensors SGM pools instead, MemoryConfig.score_on); target bool [B, P, P] over RoPE positions (sequence frame
+    f has position plan.positions[f]): query position i should retrieve key position j. Returns (loss, top1): top1 =
+    the fraction of those rows whose best-scored candidate is a target (what the rollout's top-k would pick first).
+    """
+    b, s, h, d = q.shape
+    frames = s // layout.tokens_per_frame
+    qs, ks = (q, k) if score is None else score
+    lengths = layout.block_lengths(frames)
+    q_pool = pool_blocks(layout.to_blocks(qs), lengths, layout.slots)
+    k_pool = pool_blocks(layout.to_blocks(ks), lengths, layout.slots)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q_pool, k_pool, precision=jax.lax.Precision.HIGHEST) / math.sqrt(d)
+    cand = jnp.asarray(expand_frames(plan.candidates(cfg.window, cfg.candidates), layout.blocks))
+    pos = np.asarray(plan.positions)
+    want = jnp.asarray(target, bool)[:, pos][:, :, pos]  # [B, F, F] over sequence frames
+    want = jnp.repeat(jnp.repeat(want, layout.blocks, axis=1), layout.blocks, axis=2) & cand[None]
+    rows = want.any(-1)  # [B, N]: query blocks with something to retrieve
+    # Finite fill, not -inf: rows without targets are masked out below, and -inf there would turn their zero
+    # cotangent into NaN gradients.
+    fill = jnp.float32(-1e9)
+    all_lse = jax.nn.logsumexp(jnp.where(cand[None, None], logits, fill), axis=-1)
+    pos_lse = jax.nn.logsumexp(jnp.where(want[:, None], logits, fill), axis=-1)
+    weight = jnp.broadcast_to(rows[:, None], all_lse.shape).astype(jnp.float32)
+    count = jnp.maximum(weight.sum(), 1.0)
+    loss = ((all_lse - pos_lse) * weight).sum() / count
+    best = jnp.argmax(jnp.where(cand[None, None], logits, fill), axis=-1)  # [B, H, N]
+    hit = jnp.take_along_axis(jnp.broadcast_to(want[:, None], logits.shape), best[..., None], axis=-1)[..., 0]
+    return loss, jax.lax.stop_gradient((hit * weight).sum() / count)
+
+
 def _history_attention(qb, hk, hv, idx, cnt, hist_len, layout, cfg):
     """sgm over the cache with (out, lse). A cache of batch 1 shared by a batch of B queries (the CFG branches): the
     batch is folded into the query blocks, so the cache is read in place, never broadcast."""

@@ -94,11 +94,16 @@ def make_step(graphdef, tx, schedule, obj: Objective, grad_accum: int):
 
 
 def make_eval(graphdef, obj: Objective, seed: int):
-    """eval(params, batch, context) -> the loss of a held-out batch under fixed noise (comparable across steps)."""
+    """eval(params, batch, context) -> {"eval_loss": the flow loss of a held-out batch under fixed noise (comparable
+    across steps and with runs without the retrieval loss), + "eval_retrieval_top1"/"eval_retrieval_ce" when the
+    objective has a retrieval loss}."""
     key = jax.random.key(seed)
 
     def evaluate(params, batch, context):
-        return loss_fn(state_lib.merge(graphdef, params), batch, context, key, obj)[0]
+        loss, aux = loss_fn(state_lib.merge(graphdef, params), batch, context, key, obj)
+        out = {"eval_loss": aux.get("flow_loss", loss)}
+        out.update({f"eval_{k}": aux[k] for k in ("retrieval_top1", "retrieval_ce") if k in aux})
+        return out
 
     return jax.jit(evaluate)
 
@@ -311,9 +316,10 @@ def run(cfg, workdir: str | os.PathLike, *, resume: bool = False) -> int:
 
         def log_eval(at: int) -> None:
             if evaluate is not None:
-                value = float(shd.local_value(evaluate(state.params, held_out, setup.context)))
-                writer.scalars(at, {"eval_loss": value})
-                log.info("step %d: held-out loss %.5f", at, value)
+                values = {k: float(shd.local_value(v)) for k, v in
+                          evaluate(state.params, held_out, setup.context).items()}
+                writer.scalars(at, values)
+                log.info("step %d: held-out %s", at, ", ".join(f"{k[5:]} {v:.5f}" for k, v in values.items()))
 
         preempt = _Preemption()
         monitor = _Monitor(cfg, writer, flops, peak, ckpt, step)

@@ -13,6 +13,9 @@ Context noise augmentation (`context_noise` > 0, off by default; not part of the
 history copy is noised to its own level s_c ~ U(0, context_noise), z_c = (1 - s_c) z0 + s_c eps', and runs at
 timestep 1000 s_c. A model trained only on perfect history drifts when its history is its own imperfect samples; seeing
 slightly corrupted history in training is the usual remedy for autoregressive diffusion world models.
+Retrieval loss (`retrieval_loss` > 0, off by default; not part of the DecMem method): + retrieval_loss * the
+cross-entropy of SGM's block scores against the latents that show the same view (from the clip's camera poses,
+`format.view_match`), see `memory.retrieval_loss`.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
+from decmem_jax.format import view_match
 
 NUM_TRAIN_TIMESTEPS = 1000.0  # Wan's timestep = 1000 * sigma
 
@@ -33,6 +38,7 @@ class Objective:
     conditioned: bool = True  # the model takes actions (and poses)
     poses: bool = True  # the model takes poses (conditioning pose mode "added")
     context_noise: float = 0.0  # max noise level of the history copy (0 = clean history, the method's protocol)
+    retrieval_loss: float = 0.0  # weight of the pose-supervised SGM retrieval loss (0 = the method: none)
 
     def __post_init__(self):
         if self.chunk < 1 or self.sigma_shift <= 0 or not 0.0 <= self.dropout <= 1.0:
@@ -40,6 +46,20 @@ class Objective:
                              f"dropout={self.dropout} in [0, 1]")
         if not 0.0 <= self.context_noise < 1.0:
             raise ValueError(f"Objective: context_noise={self.context_noise} must be in [0, 1)")
+        if self.retrieval_loss < 0 or (self.retrieval_loss > 0 and not self.poses):
+            raise ValueError(f"Objective: retrieval_loss={self.retrieval_loss} must be >= 0, and > 0 needs poses "
+                             "(its targets come from the camera poses)")
+
+
+def latent_view_match(poses: jax.Array, num_latents: int) -> jax.Array:
+    """bool [B, F, F]: latents i and j show a common view (some frame of i matches some frame of j, see
+    `format.view_match`). poses [B, T, 5] with T = 1 + 4(F-1): latent 0 is frame 0, latent j >= 1 frames 4j-3..4j."""
+    t, expected = poses.shape[1], 1 + 4 * (num_latents - 1)
+    if t != expected:
+        raise ValueError(f"latent_view_match: {t} poses for {num_latents} latents (expected {expected})")
+    frames = view_match(poses.astype(jnp.float32), xp=jnp).astype(jnp.float32)  # [B, T, T]
+    owner = jax.nn.one_hot((jnp.arange(t) + 3) // 4, num_latents, dtype=jnp.float32)  # [T, F]
+    return jnp.einsum("tf,bts,sg->bfg", owner, frames, owner) > 0
 
 
 def shift_sigma(u: jax.Array, shift: float) -> jax.Array:
@@ -81,7 +101,14 @@ def loss_fn(model, batch: dict, context: jax.Array, key: jax.Array, obj: Objecti
         if obj.poses:
             kwargs["poses"] = batch["poses"]
     ctx = jnp.broadcast_to(context, (z0.shape[0],) + context.shape[1:])
-    v = model.teacher_forcing(n["clean"], n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
-                              clean_timesteps=n["clean_timesteps"], **kwargs)
-    loss = jnp.mean(jnp.square(v.astype(jnp.float32) - n["target"]))
-    return loss, {"sigma_mean": jnp.mean(n["sigma"])}
+    retrieve = obj.retrieval_loss > 0
+    if retrieve:
+        kwargs["retrieval_target"] = latent_view_match(batch["poses"], z0.shape[1])
+    out = model.teacher_forcing(n["clean"], n["noisy"], n["timesteps"], ctx, chunk_size=obj.chunk,
+                                clean_timesteps=n["clean_timesteps"], **kwargs)
+    v, retrieval = out if retrieve else (out, None)
+    flow = jnp.mean(jnp.square(v.astype(jnp.float32) - n["target"]))
+    metrics = {"sigma_mean": jnp.mean(n["sigma"])}
+    if not retrieve:
+        return flow, metrics
+    return flow + obj.retrieval_loss * retrieval["retrieval_ce"], {**metrics, "flow_loss": flow, **retrieval}

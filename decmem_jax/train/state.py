@@ -39,10 +39,14 @@ def objective(cfg) -> Objective:
     if cfg.train.grad_accum < 1 or cfg.train.batch % cfg.train.grad_accum:
         raise ConfigError(f"train.batch={cfg.train.batch} must be a multiple of train.grad_accum="
                           f"{cfg.train.grad_accum} >= 1")
+    if cfg.train.get("retrieval_loss", 0.0) and not cfg.model.memory.enabled:
+        raise ConfigError(f"train.retrieval_loss={cfg.train.retrieval_loss} trains SGM's block scores, but this "
+                          "model has no memory (model.memory.enabled is False): set it to 0 for dense stages")
     try:
         return Objective(chunk=cfg.train.chunk, sigma_shift=cfg.train.sigma_shift, dropout=cfg.train.action_dropout,
                          conditioned=bool(cond.enabled), poses=bool(cond.enabled and cond.pose == "added"),
-                         context_noise=float(cfg.train.get("context_noise", 0.0)))
+                         context_noise=float(cfg.train.get("context_noise", 0.0)),
+                         retrieval_loss=float(cfg.train.get("retrieval_loss", 0.0)))
     except ValueError as e:
         raise ConfigError(f"train config: {e}") from e
 
