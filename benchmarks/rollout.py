@@ -79,6 +79,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import guarded, jax_info, jax_peak_gb, write_record  # noqa: E402
 from benchmarks.dit_forward import make_jax_model  # noqa: E402
+from decmem_jax.format import FRAMES_PER_LATENT  # noqa: E402
 from decmem_jax.models import memory as mem  # noqa: E402
 from decmem_jax.models.conditioning import ConditioningConfig  # noqa: E402
 from decmem_jax.models.config import MemoryConfig, get_config  # noqa: E402
@@ -87,7 +88,6 @@ from decmem_jax.rollout import engine  # noqa: E402
 
 VARIANTS = ("decmem", "dense")
 SGM_BACKENDS = ("reference", "auto", "mosaic_gpu")
-FRAMES_PER_LATENT = 4
 PAPER = {"s_per_chunk": 4.14, "fps": 3.65}
 GEOMETRY = {
     # latent grid (latent pixels; patches are 2x2), chunk latents, text rows, memory settings, defaults

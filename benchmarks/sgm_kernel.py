@@ -235,7 +235,7 @@ def check_api():
     backend is for the GPU platform)."""
     c = make_case(60, b=1, h=2, d=128, nq=2, nk=3, bq=64, bkv=64, topk=2, dtype=BF16, random_counts=True)
     lst, g = (c["idx"], c["cnt"], c["lens"]), dict(block_q=c["bq"], block_kv=c["bkv"])
-    entry = api.resolve_backend("auto")
+    entry = api.resolve_sgm_backend("auto")
     loss = lambda q, k, v, name: jnp.sum(api.sgm_attention(q, k, v, *lst, **g, backend=name).astype(F32) ** 2)
     got = jax.jit(jax.grad(loss, argnums=(0, 1, 2)), static_argnums=3)(c["q"], c["k"], c["v"], "mosaic_gpu")
     f32 = [c[n].astype(F32) for n in ("q", "k", "v")]

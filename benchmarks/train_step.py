@@ -43,6 +43,7 @@ import jax  # noqa: E402
 
 from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
 from configs import common as configs_common  # noqa: E402
+from decmem_jax.format import latent_size  # noqa: E402
 from decmem_jax.parallel import mesh as mesh_lib  # noqa: E402
 from decmem_jax.run_config import dit_config  # noqa: E402
 from decmem_jax.train import data as data_lib  # noqa: E402
@@ -122,7 +123,7 @@ def run_case(args, frames: int, remat: str) -> dict:
     cfg = make_config(args, frames, remat)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh), jax.devices()[:1])
     setup = loop.build(cfg, mesh)
-    hw = (cfg.data.size[0] // data_lib.VAE_SPATIAL, cfg.data.size[1] // data_lib.VAE_SPATIAL)
+    hw = latent_size(cfg.data.size)
     host = next(data_lib.SyntheticBatches(args.batch, frames, hw, seed=0))
     setup.compile(loop.global_shapes(host, args.batch))
     batch = data_lib.to_global(host, setup.batch_shardings)

@@ -66,6 +66,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
 from decmem_jax.convert.vae_keymap import iter_export_vae  # noqa: E402
+from decmem_jax.format import frames_for_latents  # noqa: E402
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config  # noqa: E402
 
 # Pixel sizes (H, W); latents are H/8 x W/8. Stream: `first` latents are decoded before `latents` (memory check).
@@ -393,7 +394,7 @@ def rows(results):
                 jr = dict(j.get(key, {}), status=j.get("status"), rel_err=j.get("rel_err") if key == "first" else None)
                 tr = dict(t.get(key, {}), status=t.get("status")) if t else None
                 n = c["first_latents"] if key == "first" else c["latents"]
-                yield f"stream@{n}", f"{n} lat C={c['chunk']}", jr, tr, 1 + 4 * (n - 1)
+                yield f"stream@{n}", f"{n} lat C={c['chunk']}", jr, tr, frames_for_latents(n)
         else:
             n, h, w = c["shapes"]["input"][1:4]
             shape = f"{n} {'fr' if name.startswith('encode') else 'lat'} {h}x{w}"

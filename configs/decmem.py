@@ -5,14 +5,7 @@
         --context=clip.mp4 --actions=clip.npz --num_frames=600 --out=world.mp4
 """
 
-try:
-    from configs import common
-except ImportError:  # loaded from outside the repository root
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from configs import common  # importable wherever the tools load this file from (decmem_jax.cli.configs_importable)
 
 
 def get_config():

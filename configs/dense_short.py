@@ -1,13 +1,6 @@
 """Stage dense_short: see configs/common.py. `python -m decmem_jax.train --config=configs/dense_short.py --workdir DIR`."""
 
-try:
-    from configs import common
-except ImportError:  # loaded from outside the repository root
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from configs import common  # importable wherever the tools load this file from (decmem_jax.cli.configs_importable)
 
 
 def get_config():

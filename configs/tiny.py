@@ -7,14 +7,7 @@
 frame in 2 memory blocks, a 2-layer DiT, the tiny VAE, 17 context frames, chunks of 4 latents, 4 UniPC steps.
 """
 
-try:
-    from configs import common
-except ImportError:  # loaded from outside the repository root
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from configs import common  # importable wherever the tools load this file from (decmem_jax.cli.configs_importable)
 
 
 def get_config():

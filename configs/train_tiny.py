@@ -5,14 +5,7 @@ Tiny DiT (dim 256, 2 layers), 8 latents of 8x8 (16 tokens per frame, 2 chunks of
 frame, top-4, window 8), batch 2, float32, synthetic latents unless data.source/csv are overridden.
 """
 
-try:
-    from configs import common
-except ImportError:  # loaded from outside the repository root
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from configs import common  # importable wherever the tools load this file from (decmem_jax.cli.configs_importable)
 
 
 def get_config(stage: str = "decmem"):

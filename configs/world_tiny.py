@@ -21,14 +21,7 @@ camera poses; `train.retrieval_loss`, an addition to the method, see docs/memory
 The rollout fields (decmem_jax/rollout/settings.py) default to the shipped weights.
 """
 
-try:
-    from configs import common
-except ImportError:  # loaded from outside the repository root
-    import os
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from configs import common
+from configs import common  # importable wherever the tools load this file from (decmem_jax.cli.configs_importable)
 
 WEIGHTS = "weights/world_tiny"  # relative to the repository root (the CLIs run there)
 DATA = "runs/world_tiny"  # the recipe's working folder (data, latents, run directories)

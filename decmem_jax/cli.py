@@ -7,6 +7,9 @@ bugs.
   `positive_int`, `frame_size`), before any file is read.
 - `output_problem`: whether an output path can be written (a file in the way, a read-only file system, no
   permission), checked before any model is loaded or tensor read.
+- `define_config_flag` / `configs_importable`: how a run config file (configs/*.py) is loaded, by every config-file
+  CLI and by `rollout.session.load_config`: with the folder above its configs/ on sys.path, so the file's
+  `from configs import common` works from any working directory.
 - `parse_flags`: the absl flag parser for the tools configured by ml_collections files (`python -m decmem_jax.train`,
   `python -m decmem_jax.rollout`); an unknown `--config.x` field gets a "did you mean" instead of a traceback.
 - The console-script entry points of the absl tools (`decmem-rollout`, `decmem-train`, `decmem-train-vae`), which run
@@ -18,6 +21,7 @@ Only the standard library is imported at module level: every tool imports this b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import errno
 import os
@@ -121,6 +125,47 @@ def output_problem(path, *, inside: bool = True) -> str | None:
 
 
 # ----- absl tools configured by ml_collections files -----
+
+@contextlib.contextmanager
+def configs_importable(config_file):
+    """While a run config file loads, puts the folder that holds its configs/ folder first on sys.path, so that its
+    `from configs import common` finds the common.py next to it: configs/ is no installed package, and a tool may run
+    from any working directory. sys.path is restored afterwards (the loaded modules stay in sys.modules)."""
+    root = str(Path(config_file).expanduser().absolute().parent.parent)
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        yield
+    finally:
+        if added:
+            sys.path.remove(root)
+
+
+def define_config_flag(name: str, default: str | None, help_string: str, *, lock_config: bool = True):
+    """`ml_collections.config_flags.DEFINE_config_file` whose file (`path/to/config.py[:arg]`) is loaded under
+    `configs_importable`; returns the flag holder."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    class ConfigFileParser(flags.ArgumentParser):  # ml_collections' own parser (not exported), run inside the context
+        def __init__(self, inner):
+            self.inner = inner
+
+        def parse(self, argument):
+            with configs_importable(str(argument).split(":", 1)[0]):
+                return self.inner.parse(argument)
+
+        def flag_type(self):
+            return self.inner.flag_type()
+
+    # Defined without a default, given our parser, then the default: a default is loaded as soon as it is set.
+    holder = config_flags.DEFINE_config_file(name, None, help_string, lock_config=lock_config)
+    flags.FLAGS[name].parser = ConfigFileParser(flags.FLAGS[name].parser)
+    if default is not None:
+        flags.FLAGS.set_default(name, default)
+    return holder
+
 
 def _config_fields(node) -> list[str] | None:
     """The field names of a config node, or None where `--config.x` overrides are not checked (a leaf, a dataclass,

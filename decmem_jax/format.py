@@ -14,6 +14,10 @@ with T = the number of video frames (±1 tolerated, as the reference data has su
 A leaf module (numpy and the standard library only): the model's action conditioning, the data tools, the rollout and
 the play controls all read the action layout from here without importing one another.
 
+Frames and latents (`frames_for_latents`, `latents_for_frames`, `latent_of_frame`, ...): the Wan VAE compresses
+x4 in time and x8 in space, causally, which fixes how a video's frames line up with the model's latent frames for the
+data tools, training, the rollout and the evaluation alike.
+
 The CSV indexes come in two kinds (`check_index_csv` tells them apart before a tool reads one): a video CSV
 (`video_path,action_path[,num_frames]`, written by `decmem_jax.data.build_csv`) and a latents CSV (`latent_path,...`,
 written by `decmem_jax.data.encode_latents`).
@@ -54,6 +58,66 @@ POSE_DIM = 5  # x, y, z, pitch, yaw
 # camera-action bin; four walking steps of 0.25 blocks): with the generator's 70-degree field of view they then share
 # at least ~55/70 of their width. Used by the memory benchmark's revisit rule and the training retrieval target.
 VIEW_TOLERANCES = (1.0, 15.0, 15.0)  # position (blocks), yaw (degrees), pitch (degrees)
+
+
+# The Wan VAE's compression. Latent 0 holds frame 0 alone, latent j >= 1 holds frames 4j-3 .. 4j: a clip the VAE can
+# encode has T = 1 + 4k frames (k + 1 latents), a chunk of c latents that continues one has 4c frames, and an H x W
+# frame is an H/8 x W/8 latent.
+FRAMES_PER_LATENT = 4  # temporal factor
+PIXELS_PER_LATENT = 8  # spatial factor, per side
+
+
+def is_frame_count(t: int) -> bool:
+    """Whether the VAE can encode a clip of t frames (t = 1 + 4k, k >= 0)."""
+    return t >= 1 and (t - 1) % FRAMES_PER_LATENT == 0
+
+
+def frames_for_latents(n: int) -> int:
+    """Frames of a clip of n >= 1 latents: 1 + 4(n - 1)."""
+    return 1 + FRAMES_PER_LATENT * (n - 1)
+
+
+def whole_latents(t: int) -> int:
+    """Latents whose frames all lie within the first t >= 1 frames; `frames_for_latents` of it is the longest
+    encodable prefix of t frames."""
+    return (t - 1) // FRAMES_PER_LATENT + 1
+
+
+def latents_for_frames(t: int) -> int:
+    """Latents of a clip of t = 1 + 4k frames. Raises ValueError naming the nearest valid counts otherwise (e.g.
+    20 -> "17 or 21")."""
+    if is_frame_count(t):
+        return whole_latents(t)
+    below = frames_for_latents(max(1, whole_latents(t)))
+    above = below + FRAMES_PER_LATENT if t > 1 else 1
+    raise ValueError(f"got {t} frames; the VAE needs 1 + {FRAMES_PER_LATENT}k frames (k >= 0): nearest valid "
+                     f"counts are {f'{below} or {above}' if below < t else above} (pad_to_valid repeats the last "
+                     "frame)")
+
+
+def latent_of_frame(t):
+    """The latent that holds frame t (0 for frame 0, then ceil(t / 4)); elementwise for an array of frames."""
+    return (np.asarray(t) + FRAMES_PER_LATENT - 1) // FRAMES_PER_LATENT
+
+
+def last_frame_of_latent(j):
+    """The last frame latent j holds (frame 0 for latent 0, then 4j): the frame that stands for the latent."""
+    return FRAMES_PER_LATENT * j
+
+
+def latent_size(hw) -> tuple[int, int]:
+    """The latent (h, w) of frames of size (H, W), both multiples of PIXELS_PER_LATENT."""
+    return int(hw[0]) // PIXELS_PER_LATENT, int(hw[1]) // PIXELS_PER_LATENT
+
+
+def pad_to_valid(frames: np.ndarray) -> tuple[np.ndarray, int]:
+    """Pads a [T, ...] array up to the next 1 + 4k frames by repeating its last frame; returns (padded, n_added),
+    `padded is frames` when nothing was added. Explicit, so a caller drops the n_added trailing frames it decodes."""
+    t = len(frames)
+    if t == 0:
+        raise ValueError("pad_to_valid needs at least one frame")
+    n_added = (-(t - 1)) % FRAMES_PER_LATENT
+    return (np.concatenate([frames, np.repeat(frames[-1:], n_added, axis=0)]) if n_added else frames), n_added
 
 
 def noop(n: int = 1) -> np.ndarray:

@@ -16,7 +16,6 @@ Frames are numpy ``uint8`` arrays ``[T, H, W, 3]`` in RGB order unless stated ot
   can decode to different pixels. Where reproducibility matters (the world generator), use FFmpeg's own
   deterministic ``codec="mpeg4"`` with a constant quantizer (see ``decmem_jax.data.generate_world.video_options``).
 * Model range: :func:`to_model_range` / :func:`from_model_range` are the one place uint8 <-> [-1, 1] happens.
-* The Wan VAE's ``1 + 4k`` frame rule: :func:`check_frame_count`, :func:`pad_to_valid`.
 
 Every I/O problem raises :class:`VideoError` (a ``ValueError``) whose message starts with the file path.
 """
@@ -38,7 +37,7 @@ from PIL import Image
 from decmem_jax.errors import DecMemError
 
 __all__ = ["VideoError", "VideoInfo", "probe", "read_video", "iter_frames", "VideoWriter", "write_video",
-           "to_model_range", "from_model_range", "check_frame_count", "pad_to_valid"]
+           "to_model_range", "from_model_range"]
 
 RESAMPLE = Image.Resampling.BILINEAR  # Pillow filter used for every resize (antialiased when downscaling)
 _R = av.video.reformatter
@@ -373,29 +372,3 @@ def from_model_range(frames) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise ValueError("from_model_range got non-finite values (NaN/inf)")
     return np.clip(np.rint((x + np.float32(1.0)) * np.float32(127.5)), 0, 255).astype(np.uint8)
-
-
-def check_frame_count(t: int, *, factor: int = 4) -> int:
-    """Check the Wan VAE's ``1 + factor*k`` frame rule; returns the latent frame count ``1 + (t - 1) // factor``.
-
-    Raises ValueError naming the nearest valid counts otherwise (e.g. 20 -> "17 or 21").
-    """
-    if t >= 1 and (t - 1) % factor == 0:
-        return 1 + (t - 1) // factor
-    below = 1 + max(0, (t - 1) // factor) * factor
-    above = below + factor if t > 1 else 1
-    raise ValueError(f"got {t} frames; the VAE needs 1 + {factor}*k frames (k >= 0): nearest valid counts are "
-                     f"{f'{below} or {above}' if below < t else above} (pad_to_valid repeats the last frame)")
-
-
-def pad_to_valid(frames: np.ndarray, factor: int = 4) -> tuple[np.ndarray, int]:
-    """Pad a ``[T, ...]`` array up to the next ``1 + factor*k`` frames by repeating its last frame.
-
-    Explicit padding (callers should drop the ``n_added`` trailing frames after decoding).
-    Returns ``(padded, n_added)``; ``padded is frames`` when ``n_added == 0``.
-    """
-    t = len(frames)
-    if t == 0:
-        raise ValueError("pad_to_valid needs at least one frame")
-    n_added = (-(t - 1)) % factor
-    return (np.concatenate([frames, np.repeat(frames[-1:], n_added, axis=0)]) if n_added else frames), n_added

@@ -15,7 +15,7 @@ import dataclasses
 import posixpath
 import shlex
 
-STAGES = ("dense_short", "dense_long", "decmem")
+from configs.common import STAGES  # the stage chain is the configs' own: one definition for configs and launchers
 DEFAULT_CONFIG = "configs/{stage}.py"  # relative to the repository root (the container's working directory)
 COORDINATOR_PORT = 8476  # jax.distributed coordinator; the same default as decmem_jax.parallel.mesh for CLUSTER_SPEC
 

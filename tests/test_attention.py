@@ -54,11 +54,11 @@ def test_kv_length_masks_the_tail_per_batch_row():
 
 def test_backend_selection_is_explicit():
     if jax.default_backend() == "cpu":
-        assert attn.resolve_backend("auto") == "xla"
+        assert attn.resolve_attention_backend("auto") == "xla"
         with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
-            attn.resolve_backend("cudnn")
+            attn.resolve_attention_backend("cudnn")
     with pytest.raises(ValueError, match="unknown attention backend"):
-        attn.resolve_backend("flash")
+        attn.resolve_attention_backend("flash")
 
 
 @pytest.mark.parametrize("sq,sk", [(200, 300), (64, 100), (130, 128)])

@@ -132,7 +132,7 @@ def test_encode_binary_file_as_csv(capsys, tmp_path, data):
 
 @pytest.mark.parametrize("flag,value,phrase", [
     ("--skip-frames", "-5", "negative"), ("--clip-frames", "-3", "must be >= 1"),
-    ("--clip-frames", "10", "1 + 4*k"), ("--chunk", "6", "multiple of 4"), ("--batch", "0", "must be >= 1"),
+    ("--clip-frames", "10", "1 + 4k"), ("--chunk", "6", "multiple of 4"), ("--batch", "0", "must be >= 1"),
     ("--size", "0x64", ">= 1"), ("--size", "60x64", "multiples of 8"), ("--size", "64", "HxW")])
 def test_encode_impossible_numbers(capsys, tmp_path, data, flag, value, phrase):
     code, _, err = _encode(capsys, tmp_path, data / "train.csv", VAE, flag, value)

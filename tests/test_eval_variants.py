@@ -47,11 +47,11 @@ def _chunk_output(model, lat, ctx, cond, chunk, t=0.6):
 def test_sgm_switch_is_the_alm_window_alone():
     """sgm=False gives exactly what zero gates give (o = o_alm), on the full-sequence and the chunk path, records no
     retrieval, and differs from the gated model (so the switch does something)."""
-    from decmem_jax.eval.variants import _replace_memory
+    from decmem_jax.rollout.load import with_memory
 
     model = _tiny()
-    off = _replace_memory(model, dataclasses.replace(model.cfg.memory, sgm=False))
-    zero = _replace_memory(model, model.cfg.memory)
+    off = with_memory(model, dataclasses.replace(model.cfg.memory, sgm=False))
+    zero = with_memory(model, model.cfg.memory)
     zero.blocks.gate.kernel.set_value(jnp.zeros_like(zero.blocks.gate.kernel.get_value()))
     zero.blocks.gate.bias.set_value(jnp.zeros_like(zero.blocks.gate.bias.get_value()))
     frames, chunk = 8, 2

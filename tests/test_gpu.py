@@ -25,7 +25,7 @@ def qkv(seed, b=2, sq=256, sk=384, h=4, d=128, dtype=jnp.bfloat16):
 
 
 def test_auto_resolves_to_cudnn():
-    assert attn.resolve_backend("auto") == "cudnn"
+    assert attn.resolve_attention_backend("auto") == "cudnn"
 
 
 @pytest.mark.parametrize("backend", ["cudnn", "mosaic"])

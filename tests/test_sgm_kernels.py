@@ -475,7 +475,7 @@ def test_mgpu_compiled_on_hardware(dtype, geo):
     mosaic_gpu and a bitwise-reproducible backward."""
     c = make_case(50, dtype=dtype, **geo)
     run_kernel("mosaic_gpu_hw", c, seed=51)
-    assert api.resolve_backend("auto").name == "mosaic_gpu"
+    assert api.resolve_sgm_backend("auto").name == "mosaic_gpu"
     lst = lists_of(c)
     out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst)
     d_out = jnp.asarray(np.random.default_rng(52).normal(size=out.shape), dtype)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.sgm import (available_backends, dense_masked_reference, register_backend, resolve_backend,
+from pallas_kernels.sgm import (available_backends, dense_masked_reference, register_backend, resolve_sgm_backend,
                                 sgm_attention, sgm_reference, sgm_reference_bwd)
 from pallas_kernels.sgm import api
 
@@ -151,7 +151,7 @@ def test_validation_errors(change, match):
 def test_auto_resolves_to_reference_on_cpu(caplog, monkeypatch):
     if jax.default_backend() != "cpu":
         pytest.skip("CPU-only resolution test")
-    assert resolve_backend("auto").name == "reference"
+    assert resolve_sgm_backend("auto").name == "reference"
     assert available_backends() == ("reference",)
     monkeypatch.setattr(api, "_announced", set())
     q, k, v, idx, cnt, lens = make_inputs(7)
@@ -176,11 +176,11 @@ def test_auto_never_silently_falls_back(monkeypatch, platform, kernel, cc):
         monkeypatch.delitem(api._REGISTRY, name, raising=False)
         monkeypatch.delitem(api._import_errors, name, raising=False)
     with pytest.raises(RuntimeError, match=f"{kernel or 'compute capability 8.0'}.*backend='reference'"):
-        resolve_backend("auto")
-    assert resolve_backend("reference").name == "reference"
+        resolve_sgm_backend("auto")
+    assert resolve_sgm_backend("reference").name == "reference"
     if kernel:
         with pytest.raises(ValueError, match=f"'{kernel}'.*not registered.*ModuleNotFoundError"):
-            resolve_backend(kernel)
+            resolve_sgm_backend(kernel)
 
 
 def test_registry_routes_to_fake_backend(monkeypatch):
@@ -217,4 +217,4 @@ def test_registry_routes_to_fake_backend(monkeypatch):
         jax.grad(lambda q: sgm_attention(q, k, v, idx, cnt, lens, **GEO, backend="fake_fwd_only").sum())(q)
     register_backend("fake_tpu", fwd, bwd, platforms=("tpu",))
     with pytest.raises(ValueError, match="backend 'fake_tpu' runs on"):
-        resolve_backend("fake_tpu")
+        resolve_sgm_backend("fake_tpu")

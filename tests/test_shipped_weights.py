@@ -24,7 +24,7 @@ from decmem_jax.data.pipeline import clip_conditioning
 from decmem_jax.models import vae_stream
 from decmem_jax.models.conditioning import fixed_text_context
 from decmem_jax.rollout import engine
-from decmem_jax.rollout.__main__ import build_models, weights_sha256
+from decmem_jax.rollout.load import build_models, weights_sha256
 
 REFERENCE = Path(__file__).parent / "data" / "world_tiny_reference.npz"
 CONTEXT, CHUNKS, STEPS = 17, 2, 4  # 5 context latents, 2 generated chunks of 4 latents, 4 UniPC steps

@@ -133,22 +133,6 @@ def test_model_range(tmp_path, clips):
     assert np.abs(V.read_video(tmp_path / "g.mp4").astype(np.int16) - src[:5]).mean() < MAE_BOUND[hw]
 
 
-def test_frame_count_rule():
-    assert V.check_frame_count(1) == 1 and V.check_frame_count(21) == 6 and V.check_frame_count(81) == 21
-    with pytest.raises(ValueError, match="17 or 21"):
-        V.check_frame_count(20)
-    with pytest.raises(ValueError, match="1 or 5"):
-        V.check_frame_count(2)
-    with pytest.raises(ValueError, match="valid counts are 1"):
-        V.check_frame_count(0)
-    x = np.arange(18)[:, None] * np.ones((1, 2), int)
-    padded, n = V.pad_to_valid(x)
-    assert n == 3 and len(padded) == 21 and (padded[18:] == x[-1]).all()
-    np.testing.assert_array_equal(padded[:18], x)
-    same, n0 = V.pad_to_valid(x[:17])
-    assert n0 == 0 and len(same) == 17
-
-
 # ------------------------------------------------------------------------------------------------ error paths
 def _raises(fn, path, match=None):
     """fn() raises VideoError whose message names ``path``."""

@@ -147,7 +147,7 @@ def test_shipped_weights_are_the_world_tiny_architecture():
     """The files in weights/world_tiny hold the models configs/world_tiny.py describes."""
     from decmem_jax.convert.dit import read_config as read_dit_config
     from decmem_jax.convert.vae import read_vae_config
-    from decmem_jax.rollout.__main__ import architecture_differences
+    from decmem_jax.rollout.load import architecture_differences
     from decmem_jax.run_config import dit_config
 
     root = Path(__file__).resolve().parents[1] / world_tiny.WEIGHTS

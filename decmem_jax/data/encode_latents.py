@@ -45,11 +45,11 @@ import numpy as np
 
 from decmem_jax import cli
 from decmem_jax import video as video_io
-from decmem_jax.format import SKIP_FRAMES, check_index_csv, load_clip_arrays
+from decmem_jax.format import (FRAMES_PER_LATENT, PIXELS_PER_LATENT, SKIP_FRAMES, check_index_csv, frames_for_latents,
+                               latents_for_frames, load_clip_arrays, whole_latents)
 
 LATENTS_CSV = "latents.csv"
 LATENT_COLUMNS = ("latent_path", "video_path", "action_path", "num_latents", "frame_start")
-SPATIAL = 8  # the Wan VAE's spatial downsampling: frame sizes must be multiples of it
 
 
 @dataclasses.dataclass
@@ -87,7 +87,7 @@ def _plan(row, out, clip_frames, all_frames, skip_frames) -> _Job:
     actions, poses = load_clip_arrays(row["action_path"])
     total = min(video_io.probe(row["video_path"]).num_frames, len(actions))
     avail = total - skip_frames
-    count = (1 + 4 * ((avail - 1) // 4)) if all_frames else clip_frames
+    count = frames_for_latents(whole_latents(avail)) if all_frames else clip_frames
     if avail < (1 if all_frames else clip_frames):
         raise ValueError(f"{row['video_path']}: too short: {total} usable frames, need {skip_frames} skipped + "
                          f"{1 if all_frames else clip_frames}; lower --skip-frames"
@@ -133,17 +133,18 @@ def check_settings(*, clip_frames: int | None, all_frames: bool, skip_frames: in
         if clip_frames is None:
             raise ValueError("clip_frames: pass a clip length (1 + 4k frames) or all_frames=True")
         try:
-            video_io.check_frame_count(clip_frames)
+            latents_for_frames(clip_frames)
         except ValueError as e:
             raise ValueError(f"clip_frames={clip_frames}: {e}") from None
     if skip_frames < 0:
         raise ValueError(f"skip_frames={skip_frames}: must be >= 0 (frames skipped at the start of each video)")
     h, w = size
-    if h < SPATIAL or w < SPATIAL or h % SPATIAL or w % SPATIAL:
-        raise ValueError(f"size={h}x{w}: height and width must be positive multiples of {SPATIAL} (the VAE "
-                         f"downsamples by {SPATIAL})")
-    if chunk < 4 or chunk % 4:
-        raise ValueError(f"chunk={chunk}: must be a positive multiple of 4 (the VAE encodes 4 frames per latent)")
+    if h < PIXELS_PER_LATENT or w < PIXELS_PER_LATENT or h % PIXELS_PER_LATENT or w % PIXELS_PER_LATENT:
+        raise ValueError(f"size={h}x{w}: height and width must be positive multiples of {PIXELS_PER_LATENT} (the "
+                         f"VAE downsamples by {PIXELS_PER_LATENT})")
+    if chunk < FRAMES_PER_LATENT or chunk % FRAMES_PER_LATENT:
+        raise ValueError(f"chunk={chunk}: must be a positive multiple of {FRAMES_PER_LATENT} (the VAE encodes "
+                         f"{FRAMES_PER_LATENT} frames per latent)")
     if batch < 1:
         raise ValueError(f"batch={batch}: must be >= 1")
     if dtype not in ("float16", "float32"):
@@ -277,7 +278,7 @@ def _encode_all(source, vae, out_dir, *, clip_frames, all_frames, skip_frames, s
 def _vae_frames(text: str) -> int:
     value = cli.positive_int(text)
     try:
-        video_io.check_frame_count(value)
+        latents_for_frames(value)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
     return value
@@ -285,16 +286,17 @@ def _vae_frames(text: str) -> int:
 
 def _chunk(text: str) -> int:
     value = cli.positive_int(text)
-    if value % 4:
-        raise argparse.ArgumentTypeError(f"{value} is not a multiple of 4 (the VAE encodes 4 frames per latent)")
+    if value % FRAMES_PER_LATENT:
+        raise argparse.ArgumentTypeError(f"{value} is not a multiple of {FRAMES_PER_LATENT} (the VAE encodes "
+                                         f"{FRAMES_PER_LATENT} frames per latent)")
     return value
 
 
 def _size(text: str) -> tuple[int, int]:
     h, w = cli.frame_size(text)
-    if h % SPATIAL or w % SPATIAL:
-        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be multiples of {SPATIAL} (the VAE "
-                                         f"downsamples by {SPATIAL}), e.g. 64x64 or 352x640")
+    if h % PIXELS_PER_LATENT or w % PIXELS_PER_LATENT:
+        raise argparse.ArgumentTypeError(f"{text!r}: height and width must be multiples of {PIXELS_PER_LATENT} (the "
+                                         f"VAE downsamples by {PIXELS_PER_LATENT}), e.g. 64x64 or 352x640")
     return h, w
 
 

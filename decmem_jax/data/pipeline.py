@@ -58,7 +58,7 @@ import numpy as np
 
 from decmem_jax import video as video_io
 from decmem_jax.errors import DecMemError
-from decmem_jax.format import load_clip_arrays, noop
+from decmem_jax.format import last_frame_of_latent, latent_of_frame, latents_for_frames, load_clip_arrays, noop
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +101,10 @@ class DataConfig:
             object.__setattr__(self, "shard_count", jax.process_count() if self.shard_count is None
                                else self.shard_count)
         object.__setattr__(self, "size", tuple(int(s) for s in self.size))
-        if self.clip_frames < 1 or (self.clip_frames - 1) % 4:
-            raise ValueError(f"DataConfig.clip_frames={self.clip_frames}; the VAE needs 1 + 4k frames "
-                             f"(e.g. {1 + 4 * max(0, (self.clip_frames - 1) // 4)} or 237)")
+        try:
+            latents_for_frames(self.clip_frames)
+        except ValueError as e:
+            raise ValueError(f"DataConfig.clip_frames={self.clip_frames}: {e}") from None
         checks = [(self.source in SOURCES, f"source={self.source!r}; expected one of {SOURCES}"),
                   (self.video_dtype in ("uint8", "float32"), f"video_dtype={self.video_dtype!r}"),
                   (self.first_action in ("noop", "zeros"), f"first_action={self.first_action!r}"),
@@ -118,7 +119,7 @@ class DataConfig:
 
     @property
     def clip_latents(self) -> int:
-        return (self.clip_frames - 1) // 4 + 1
+        return latents_for_frames(self.clip_frames)
 
 
 class CsvSource:
@@ -149,7 +150,7 @@ class CsvSource:
 
 def latent_index(num_frames: int) -> np.ndarray:
     """int32 [T]: the latent of each frame (0 for frame 0, then ceil(t / 4))."""
-    return ((np.arange(num_frames) + 3) // 4).astype(np.int32)
+    return latent_of_frame(np.arange(num_frames)).astype(np.int32)
 
 
 def clip_conditioning(actions: np.ndarray, poses: np.ndarray, first_action: str = "noop"):
@@ -222,7 +223,7 @@ class ClipLoader:
             raise ClipError(f"{path}: too short: {len(z)} latents, a {cfg.clip_frames}-frame clip needs "
                             f"{num_latents}")
         j0 = int(rng.integers(0, len(z) - num_latents + 1))
-        f0 = 0 if j0 == 0 else 4 * j0
+        f0 = last_frame_of_latent(j0)
         if len(actions) < f0 + cfg.clip_frames or len(poses) < f0 + cfg.clip_frames:
             raise ClipError(f"{path}: {len(actions)} action / {len(poses)} pose rows do not cover frames "
                             f"[{f0}, {f0 + cfg.clip_frames}) of the encoded range")

@@ -26,12 +26,12 @@ import sys
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
 
+from decmem_jax.cli import define_config_flag
 from decmem_jax.eval.revisits import RevisitRule
 from decmem_jax.eval.variants import VARIANTS
 
-_CONFIG = config_flags.DEFINE_config_file(
+_CONFIG = define_config_flag(
     "config", "configs/world_tiny.py:decmem", "run config of the stage-3 DecMem model (checkpoint, vae_checkpoint, "
     "model.memory, rollout.*: context_frames, chunk, steps, guidance, segment_chunks, dtype)", lock_config=True)
 _CSV = flags.DEFINE_string("csv", None, "test CSV (video_path, action_path columns, paths relative to the CSV) of "

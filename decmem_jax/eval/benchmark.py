@@ -24,6 +24,7 @@ import numpy as np
 
 from decmem_jax.eval import retrieval, revisits, summary
 from decmem_jax.eval.variants import MODEL_VARIANTS, VARIANTS
+from decmem_jax.format import latent_size
 
 DIAGNOSTIC_FIELDS = ("ids", "counts", "blocks_per_frame", "context_latents", "chunk")  # as the rollout CLI writes
 
@@ -184,7 +185,7 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
     any_model = next(iter(models.values()))
     text = fixed_text_context(any_model.cfg.text_len, any_model.cfg.text_dim, c.rollout.text_context or None)
     roller = var.Roller(settings_lib.sampler_settings(c), timeline, int(c.rollout.segment_chunks),
-                        (c.rollout.height // 8, c.rollout.width // 8), text)
+                        latent_size((c.rollout.height, c.rollout.width)), text)
     needed = roller.frames_needed(s.num_frames)
     latents_of: dict[tuple, tuple] = {}  # per batch composition: encoded context, warm decoder (the VAE is shared)
     timing = {}
@@ -208,7 +209,7 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
                                          decoder=latents_of[key][1], with_selection=name == "decmem",
                                          progress=bar.update)
                 forced = None
-                whole = s.num_frames // (4 * timeline.chunk) * 4 * timeline.chunk  # frames of whole chunks
+                whole = s.num_frames - s.num_frames % timeline.frames_per_chunk  # frames of whole chunks
                 if name == "decmem" and whole:  # the same retrieval on the true continuation (`Roller.teacher_forced`)
                     truth = np.stack([video.read_video(cl.video, num_frames=timeline.context_frames + whole)
                                       for cl in group])

@@ -36,9 +36,8 @@ import dataclasses
 
 import numpy as np
 
-from decmem_jax.format import VIEW_TOLERANCES, view_match
-
-FRAMES_PER_LATENT = 4  # the Wan VAE's temporal factor
+from decmem_jax.format import (FRAMES_PER_LATENT, VIEW_TOLERANCES, is_frame_count, latent_of_frame,
+                                latents_for_frames, view_match)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,19 +49,24 @@ class Timeline:
     window: int  # ALM window in latents, counting the chunk
 
     def __post_init__(self):
-        if self.context_frames < 1 or (self.context_frames - 1) % FRAMES_PER_LATENT:
+        if not is_frame_count(self.context_frames):
             raise ValueError(f"context_frames={self.context_frames} must be 1 + 4k")
         if self.chunk < 1 or self.window < self.chunk:
             raise ValueError(f"need 1 <= chunk <= window, got chunk={self.chunk}, window={self.window}")
 
     @property
     def context_latents(self) -> int:
-        return (self.context_frames - 1) // FRAMES_PER_LATENT + 1
+        return latents_for_frames(self.context_frames)
+
+    @property
+    def frames_per_chunk(self) -> int:
+        """Frames of one generated chunk."""
+        return FRAMES_PER_LATENT * self.chunk
 
     @staticmethod
     def latent(frames) -> np.ndarray:
         """Latent index of each frame (0 for frame 0, then ceil(t / 4))."""
-        return (np.asarray(frames) + FRAMES_PER_LATENT - 1) // FRAMES_PER_LATENT
+        return latent_of_frame(frames)
 
     def chunk_of(self, latents) -> np.ndarray:
         """Generated chunk of each generated latent (>= context_latents)."""
@@ -80,7 +84,7 @@ class Timeline:
 
     def num_chunks(self, num_frames: int) -> int:
         """Chunks needed to generate `num_frames` frames (the last one may be truncated)."""
-        return -(-num_frames // (FRAMES_PER_LATENT * self.chunk))
+        return -(-num_frames // self.frames_per_chunk)
 
 
 @dataclasses.dataclass(frozen=True)

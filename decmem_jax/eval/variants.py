@@ -26,25 +26,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from decmem_jax.eval.revisits import FRAMES_PER_LATENT, Timeline
+from decmem_jax.eval.revisits import Timeline
+from decmem_jax.rollout.load import architecture_differences, with_memory
 
 VARIANTS = ("decmem", "alm_only", "dense_full", "dense_window", "copy_last")
 MODEL_VARIANTS = VARIANTS[:4]
-ARCHITECTURE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "in_channels", "out_channels",
-                       "text_dim", "text_len", "freq_dim")
 
 
 class VariantError(ValueError):
     """A checkpoint that cannot make the requested variant; the message names it."""
-
-
-def _replace_memory(model, memory):
-    """The same parameters under another MemoryConfig (an inference setting: no new parameters)."""
-    from decmem_jax.models.dit import WanDiT
-
-    new = nnx.eval_shape(lambda: WanDiT(model.cfg.replace(memory=memory), rngs=nnx.Rngs(0)))
-    nnx.update(new, nnx.state(model))
-    return new
 
 
 def dense_in_window(dense, memory):
@@ -60,17 +50,6 @@ def dense_in_window(dense, memory):
     if any(float(jnp.abs(g).max()) != 0.0 for g in jax.tree.leaves(gates)):
         raise VariantError("dense_window: the DecMem gates are not zero after loading the dense weights")
     return model
-
-
-def _differences(a, b) -> list[str]:
-    out = [f"{f}: {getattr(a, f)} vs {getattr(b, f)}" for f in ARCHITECTURE_FIELDS if getattr(a, f) != getattr(b, f)]
-
-    def shape(cond):
-        return None if cond is None else {k: v for k, v in dataclasses.asdict(cond).items() if "dtype" not in k}
-
-    if shape(a.conditioning) != shape(b.conditioning):
-        out.append("conditioning differs")
-    return out
 
 
 def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
@@ -91,18 +70,18 @@ def load_models(c, dense_checkpoint: str, names) -> tuple[dict, object]:
                                "DecMem checkpoint")
         memory = run_cfg.memory or decmem.cfg.memory
         if memory != decmem.cfg.memory:  # e.g. --config.model.memory.top_k=16: same parameters
-            decmem = _replace_memory(decmem, memory)
+            decmem = with_memory(decmem, memory)
         if "decmem" in names:
             models["decmem"] = decmem
         if "alm_only" in names:
-            models["alm_only"] = _replace_memory(decmem, dataclasses.replace(memory, sgm=False))
+            models["alm_only"] = with_memory(decmem, dataclasses.replace(memory, sgm=False))
     if {"dense_full", "dense_window"} & set(names):
         dense = load_model(dense_checkpoint, **overrides)
         if dense.cfg.memory is not None:
             raise VariantError(f"--dense_checkpoint {dense_checkpoint}: a DecMem model; dense_full and dense_window "
                                "need the stage-2 dense checkpoint")
         if decmem is not None:
-            differ = _differences(dense.cfg, decmem.cfg)
+            differ = architecture_differences(dense.cfg, decmem.cfg, names=("dense", "decmem"))
             if differ:
                 raise VariantError(f"--dense_checkpoint {dense_checkpoint}: its architecture differs from "
                                    f"config.checkpoint {c.checkpoint} ({'; '.join(differ)})")
@@ -171,7 +150,7 @@ class Roller:
 
     def frames_needed(self, num_frames: int) -> int:
         """Action rows a batch needs: context + every (padded) generated chunk."""
-        return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.chunk * FRAMES_PER_LATENT
+        return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.frames_per_chunk
 
     def warm_decoder(self, vae, latents: jax.Array):
         """The streaming decoder's state after the context latents (as the rollout CLI warms it), shared by the
@@ -199,7 +178,6 @@ class Roller:
         n_chunks, n_total = tl.num_chunks(num_frames), self.padded_chunks(num_frames)
         capacity = tl.context_latents + n_total * chunk
         text = jnp.asarray(np.repeat(self.text, b, axis=0))
-        frames_per_chunk = FRAMES_PER_LATENT * chunk
         ctx = tl.context_frames
 
         def cond(first: int, count: int, first_latent: bool):
@@ -211,7 +189,7 @@ class Roller:
 
         cache = model.init_cache(b, capacity, self.lat_hw)
         cache = engine.prefill(model, cache, latents, text, cond(0, ctx, True), chunk=chunk)
-        gen_cond = cond(ctx, n_total * frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
+        gen_cond = cond(ctx, n_total * tl.frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
         if gen_cond is not None:
             gen_cond = gen_cond.reshape(b, n_total, chunk, -1).transpose(1, 0, 2, 3)
         _, step_dec = vae_stream.decode_steps(vae)
@@ -261,7 +239,7 @@ class Roller:
         text = jnp.asarray(np.repeat(self.text, b, axis=0))
         conds = None
         if cfg.conditioning is not None:
-            frames = tl.context_frames + n * chunk * FRAMES_PER_LATENT
+            frames = tl.context_frames + n * tl.frames_per_chunk
             p = jnp.asarray(batch.poses[:, :frames]) if cfg.conditioning.pose == "added" else None
             conds = model.embed_conditioning(jnp.asarray(batch.actions[:, :frames]), p)
         ctx = tl.context_latents

@@ -34,7 +34,7 @@ _announced: set[str] = set()
 MASK_LIMIT = 1 << 26
 
 
-def resolve_backend(name: str, dtype=None) -> str:
+def resolve_attention_backend(name: str, dtype=None) -> str:
     """Maps `auto` to a concrete backend for the default device and dtype, and checks that the named one can run.
 
     auto = cudnn on an NVIDIA GPU for bfloat16/float16 inputs, xla otherwise (cuDNN has no float32 flash kernel).
@@ -64,7 +64,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, backend: str,
     allowed key). It is a materialised matrix: prefer `kv_length` where it fits. Like a `kv_length` mask, an explicit
     mask runs on cuDNN under the `mosaic` backend (the Mosaic kernel is unmasked).
     """
-    backend = resolve_backend(backend, q.dtype)
+    backend = resolve_attention_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if kv_length is not None:
         kv_length = jnp.broadcast_to(jnp.asarray(kv_length, jnp.int32), (q.shape[0],))
@@ -126,7 +126,7 @@ def attention_with_history(q: jax.Array, k: jax.Array, v: jax.Array, hist_k: jax
     are merged exactly through their log-sum-exps. This avoids copying the cache on every denoising step. A history of
     batch 1 serves queries of any batch (CFG branches sharing one cache): the query batch is folded into the rows.
     """
-    backend = resolve_backend(backend, q.dtype)
+    backend = resolve_attention_backend(backend, q.dtype)
     scale = 1.0 / math.sqrt(q.shape[-1])
     fn = _masked(backend)
     b, sq, h, d = q.shape

@@ -42,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from decmem_jax.format import FRAMES_PER_LATENT
 from decmem_jax.models.config import (  # the conditioning's config lives with the other model configs
     ACTION_FEATURES, DEFAULT_ACTION_FEATURES, DTYPES, POSE_FEATURE_DIM, ConditioningConfig)
 from decmem_jax.models.layers import linear
@@ -74,7 +75,7 @@ def pose_features(poses, pose_scale: float = 16.0) -> jax.Array:
                             jnp.cos(yaw)], axis=-1)
 
 
-def num_latents(num_frames: int, frames_per_latent: int = 4, *, first_latent: bool = True) -> int:
+def num_latents(num_frames: int, frames_per_latent: int = FRAMES_PER_LATENT, *, first_latent: bool = True) -> int:
     """Latent frames for T frames: (T - 1) / n + 1 (first_latent) or T / n; ValueError if T does not fit."""
     n = frames_per_latent
     if first_latent:
@@ -88,7 +89,7 @@ def num_latents(num_frames: int, frames_per_latent: int = 4, *, first_latent: bo
     return num_frames // n
 
 
-def group_by_latent(x, frames_per_latent: int = 4, *, first_latent: bool = True) -> jax.Array:
+def group_by_latent(x, frames_per_latent: int = FRAMES_PER_LATENT, *, first_latent: bool = True) -> jax.Array:
     """Per-frame [.., T, C] -> per-latent [.., F, frames_per_latent * C], frames concatenated in time order.
 
     first_latent=True: T = 1 + n(F - 1); latent 0 = [0, .., 0, frame 0] (zero padding first, frame 0 last).

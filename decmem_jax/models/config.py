@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from decmem_jax.format import (
-    CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
+    CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FRAMES_PER_LATENT, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
@@ -104,7 +104,7 @@ class ConditioningConfig:
 
     dim: int = 1536
     hidden: int = 256
-    frames_per_latent: int = 4
+    frames_per_latent: int = FRAMES_PER_LATENT
     pose: str = "off"  # "off" | "added"
     action_features: tuple[str, ...] = DEFAULT_ACTION_FEATURES
     pose_scale: float = 16.0  # blocks per unit of the position features

@@ -4,7 +4,8 @@ Pixels [B, T, H, W, 3] in [-1, 1] with T = 1 + 4k map to latents [B, 1 + k, H/8,
 (`docs/method.md` §3). The reference runs chunked with a per-conv frame cache (1 frame, then 4 at a
 time); here every causal conv runs over the whole sequence with zero frames in front and the first frame bypasses
 temporal resampling, which is the same function and one XLA program. Only the posterior mean is used, as in
-Wan. Blocks live in `vae_blocks.py`; the checkpoint key table in `convert/vae_keymap.py`.
+Wan. Blocks live in `vae_blocks.py`; the checkpoint key table in `convert/vae_keymap.py`. Given a `StreamStep`, the
+same modules run one step of streaming encode/decode (`vae_stream.py`, the production path for long videos).
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from decmem_jax.models.config import DTYPES, JsonConfig
-from decmem_jax.models.vae_blocks import CausalConv3d, MidBlock, ResidualBlock, Resample, RMSNorm
+from decmem_jax.models.vae_blocks import (CausalConv3d, L2ChannelNorm, MidBlock, ResidualBlock, Resample, StreamStep,
+                                          causal_conv, scope)
 
 # Published per-channel statistics of the Wan2.1 latent space (identical in Wan, diffusers, Self-Forcing, CausVid).
 LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -40,7 +42,7 @@ class VAEConfig(JsonConfig):
     out_channels: int = 3
     latents_mean: tuple[float, ...] = LATENTS_MEAN
     latents_std: tuple[float, ...] = LATENTS_STD
-    eps: float = 1e-12  # RMS_norm divides by max(||x||, eps) (F.normalize's clamp)
+    eps: float = 1e-12  # L2ChannelNorm divides by max(||x||, eps) (F.normalize's clamp)
 
     # --- runtime policy ---
     dtype: str = "float32"  # compute dtype of the convolutions/attention; norms and softmax always in float32
@@ -118,15 +120,15 @@ class Encoder3d(nnx.Module):
                 blocks.append(Resample(dout, mode, **kw))
         self.down_blocks = nnx.List(blocks)
         self.mid_block = MidBlock(dims[-1], eps=eps, **kw)
-        self.norm_out = RMSNorm(dims[-1], eps=eps, param_dtype=cfg.weight_dtype)
+        self.norm_out = L2ChannelNorm(dims[-1], eps=eps, param_dtype=cfg.weight_dtype)
         self.conv_out = CausalConv3d(dims[-1], 2 * cfg.z_dim, 3, padding=1, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv_in(x)
-        for block in self.down_blocks:
-            x = block(x)
-        x = self.mid_block(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+    def __call__(self, x: jax.Array, cache: StreamStep | None = None) -> jax.Array:
+        x = causal_conv(self.conv_in, x, cache, "conv_in")
+        for i, block in enumerate(self.down_blocks):
+            x = block(x, scope(cache, f"down_blocks.{i}"))
+        x = self.mid_block(x, scope(cache, "mid_block"))
+        return causal_conv(self.conv_out, jax.nn.silu(self.norm_out(x)), cache, "conv_out")
 
 
 class UpBlock(nnx.Module):
@@ -141,11 +143,11 @@ class UpBlock(nnx.Module):
         self.resnets = nnx.List(resnets)
         self.upsamplers = nnx.List([Resample(dout, mode, **kw)] if mode else [])
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        for resnet in self.resnets:
-            x = resnet(x)
-        for up in self.upsamplers:
-            x = up(x)
+    def __call__(self, x: jax.Array, cache: StreamStep | None = None) -> jax.Array:
+        for j, resnet in enumerate(self.resnets):
+            x = resnet(x, scope(cache, f"resnets.{j}"))
+        for j, up in enumerate(self.upsamplers):
+            x = up(x, scope(cache, f"upsamplers.{j}"))
         return x
 
 
@@ -168,19 +170,21 @@ class Decoder3d(nnx.Module):
                 mode = "upsample3d" if temporal_upsample[i] else "upsample2d"
             blocks.append(UpBlock(din, dout, mode, cfg, rngs=rngs))
         self.up_blocks = nnx.List(blocks)
-        self.norm_out = RMSNorm(dims[-1], eps=cfg.eps, param_dtype=cfg.weight_dtype)
+        self.norm_out = L2ChannelNorm(dims[-1], eps=cfg.eps, param_dtype=cfg.weight_dtype)
         self.conv_out = CausalConv3d(dims[-1], cfg.out_channels, 3, padding=1, **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.mid_block(self.conv_in(x))
-        for block in self.up_blocks:
-            x = block(x)
-        return self.conv_out(jax.nn.silu(self.norm_out(x)))
+    def __call__(self, x: jax.Array, cache: StreamStep | None = None) -> jax.Array:
+        x = self.mid_block(causal_conv(self.conv_in, x, cache, "conv_in"), scope(cache, "mid_block"))
+        for i, block in enumerate(self.up_blocks):
+            x = block(x, scope(cache, f"up_blocks.{i}"))
+        return causal_conv(self.conv_out, jax.nn.silu(self.norm_out(x)), cache, "conv_out")
 
 
 class WanVAE(nnx.Module):
     """The Wan2.1 VAE: `encode`/`decode` work on normalised latents, `encode_raw`/`decode_raw` on the raw posterior
-    mean (diffusers' `latent_dist.mean` / `decode(z).sample`)."""
+    mean (diffusers' `latent_dist.mean` / `decode(z).sample`). Each takes an optional `cache` (a `StreamStep`): then
+    it is one step of streaming encode/decode (`vae_stream.py`), on frame 0 or latent 0 alone (`cache.first`) or on
+    the next 4m frames or n latents."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
         kw = _kw(cfg, rngs)
@@ -215,25 +219,26 @@ class WanVAE(nnx.Module):
         return jnp.asarray(self.cfg.latents_mean, jnp.float32), jnp.asarray(self.cfg.latents_std, jnp.float32)
 
     # --- public API ---
-    def encode_raw(self, video: jax.Array) -> jax.Array:
+    def encode_raw(self, video: jax.Array, cache: StreamStep | None = None) -> jax.Array:
         """[B, 1+4k, H, W, 3] in [-1, 1] -> posterior mean [B, 1+k, H/8, W/8, z_dim] (float32, not normalised)."""
-        self._check_video(video)
-        h = self.quant_conv(self.encoder(video.astype(self.cfg.compute_dtype)))
+        if cache is None:  # a streaming step's 4m frames are checked by its driver
+            self._check_video(video)
+        h = self.quant_conv(self.encoder(video.astype(self.cfg.compute_dtype), scope(cache, "encoder")))
         return h[..., : self.cfg.z_dim].astype(jnp.float32)  # channels z_dim: are the log-variance, unused
 
-    def encode(self, video: jax.Array) -> jax.Array:
+    def encode(self, video: jax.Array, cache: StreamStep | None = None) -> jax.Array:
         """Normalised latents z = (mu - mean) / std with the published constants (what the DiT consumes)."""
         mean, std = self._stats()
-        return (self.encode_raw(video) - mean) * (1.0 / std)  # Wan and diffusers multiply by 1/std
+        return (self.encode_raw(video, cache) - mean) * (1.0 / std)  # Wan and diffusers multiply by 1/std
 
-    def decode_raw(self, z_raw: jax.Array) -> jax.Array:
+    def decode_raw(self, z_raw: jax.Array, cache: StreamStep | None = None) -> jax.Array:
         """Raw latents [B, F, h, w, z_dim] -> video [B, 1+4(F-1), 8h, 8w, 3], float32, clamped to [-1, 1]."""
         self._check_latents(z_raw)
-        x = self.decoder(self.post_quant_conv(z_raw.astype(self.cfg.compute_dtype)))
+        x = self.decoder(self.post_quant_conv(z_raw.astype(self.cfg.compute_dtype)), scope(cache, "decoder"))
         return jnp.clip(x.astype(jnp.float32), -1.0, 1.0)
 
-    def decode(self, latents: jax.Array) -> jax.Array:
+    def decode(self, latents: jax.Array, cache: StreamStep | None = None) -> jax.Array:
         """Normalised latents (as produced by `encode` / the DiT) -> video in [-1, 1]."""
         self._check_latents(latents)
         mean, std = self._stats()
-        return self.decode_raw(latents.astype(jnp.float32) * std + mean)
+        return self.decode_raw(latents.astype(jnp.float32) * std + mean, cache)

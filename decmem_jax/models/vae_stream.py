@@ -10,7 +10,7 @@ whole clip (same function, float rounding aside) while holding only the cache an
 Streaming
 ---------
 The whole-sequence formulation (`docs/method.md` §3) makes every part of the VAE causal in time:
-RMS norms, SiLU, 1x1 convolutions, the spatial resample convolutions and the attention blocks act on each frame alone,
+channel norms, SiLU, 1x1 convolutions, the spatial resample convolutions and the attention blocks act on each frame alone,
 and each kernel-3 `CausalConv3d` computes output frame t from input frames t-2, t-1, t (zeros before frame 0). So
 the cache (a dict `StreamCache`, key = the conv's module path, fixed shapes) holds:
 
@@ -27,7 +27,9 @@ the cache (a dict `StreamCache`, key = the conv's module path, fixed shapes) hol
   zeros. The warm-up passes frame 0 through and leaves the (zero) time_conv cache as it is; steady steps run every
   frame through time_conv with its 2-frame cache, each giving 2 interleaved frames.
 
-So the first frame is special only in the temporal resamplers: the warm-up step (`first=True`, exactly one frame:
+A step is the VAE's own forward: `WanVAE.encode` / `decode` given a `vae_blocks.StreamStep` (the old cache, the warm-up
+flag) hand it down the blocks, which read and write their entries. So the first frame is special only in the temporal
+resamplers: the warm-up step (`first=True`, exactly one frame:
 latent 0 -> pixel frame 0, or pixel frame 0 -> latent 0) is compiled once, and the steady step, whose cache pytree
 has the same shapes and dtypes at every call, is compiled once per chunk size. Steady steps take `chunk` latent
 frames (decode, -> 4*chunk pixel frames) or `chunk` pixel frames (encode, a multiple of 4, -> chunk/4 latents). A
@@ -57,9 +59,8 @@ import numpy as np
 from flax import nnx
 
 from decmem_jax.models.vae import WanVAE
-from decmem_jax.models.vae_blocks import CausalConv3d, Resample, ResidualBlock
+from decmem_jax.models.vae_blocks import StreamCache, StreamStep
 
-StreamCache = dict[str, jax.Array]  # conv module path -> preceding input frames [B, 1 or 2, h, w, C_in]
 Step = Callable[[StreamCache, jax.Array], tuple[StreamCache, jax.Array]]
 
 # Incremented when a step function is traced (= compiled, for a new shape); tests use it to check compile counts.
@@ -67,99 +68,19 @@ TRACE_COUNTS: collections.Counter = collections.Counter()
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Chunked forward passes (traced inside the jitted steps). They mirror the blocks' whole-sequence __call__ methods.
+# One step: the VAE's own modules, given a StreamStep (traced inside the jitted steps)
 # --------------------------------------------------------------------------------------------------------------------
 
-class _Caches:
-    """Hands each causal conv its cache by name and collects the updated caches. `old=None` means all zeros (used to
-    derive the cache layout with `jax.eval_shape`)."""
-
-    def __init__(self, old: StreamCache | None):
-        self.old, self.new = old, {}
-
-    def get(self, name: str, x: jax.Array, frames: int) -> jax.Array:
-        if self.old is None:
-            return jnp.zeros((x.shape[0], frames, *x.shape[2:]), x.dtype)
-        return self.old[name]
-
-    def conv(self, name: str, conv: CausalConv3d, x: jax.Array) -> jax.Array:
-        front = 2 * conv.padding[0]
-        if front == 0:  # 1x1x1 (or unpadded) conv: frame-local, no state
-            return conv(x)
-        cache = self.get(name, x, front)
-        self.new[name] = jnp.concatenate([cache.astype(x.dtype), x], axis=1)[:, -front:]
-        return conv(x, cache=cache)
-
-
-def _residual(block: ResidualBlock, x: jax.Array, cc: _Caches, name: str) -> jax.Array:
-    h = x if block.conv_shortcut is None else block.conv_shortcut(x)
-    x = cc.conv(f"{name}.conv1", block.conv1, jax.nn.silu(block.norm1(x)))
-    x = cc.conv(f"{name}.conv2", block.conv2, jax.nn.silu(block.norm2(x)))
-    return x + h
-
-
-def _mid(mid, x: jax.Array, cc: _Caches, name: str) -> jax.Array:
-    x = _residual(mid.resnets[0], x, cc, f"{name}.resnets.0")
-    for i, (attn, resnet) in enumerate(zip(mid.attentions, mid.resnets[1:])):
-        x = _residual(resnet, attn(x), cc, f"{name}.resnets.{i + 1}")
-    return x
-
-
-def _resample(mod: Resample, x: jax.Array, cc: _Caches, name: str, first: bool) -> jax.Array:
-    tname = f"{name}.time_conv"
-    if mod.mode == "upsample3d":
-        if first:  # frame 0 bypasses time_conv; its cache stays zero (frames 1.. are their own causal sequence)
-            cc.new[tname] = cc.get(tname, x, 2)
-        else:
-            rest = cc.conv(tname, mod.time_conv, x)
-            b, t, h, w, c2 = rest.shape
-            rest = rest.reshape(b, t, h, w, 2, c2 // 2)  # channel halves: a = [:C], b = [C:]
-            x = jnp.moveaxis(rest, 4, 2).reshape(b, 2 * t, h, w, c2 // 2).astype(x.dtype)  # a0 b0 a1 b1 ...
-    if mod.mode.startswith("up"):
-        x = jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
-    x = mod.resample(x)
-    if mod.mode == "downsample3d":
-        prev = None if first else cc.old[tname]
-        cc.new[tname] = x[:, -1:]  # the next stride-2 window starts at this chunk's last frame
-        if not first:  # first: frame 0 passes through
-            x = mod.time_conv(jnp.concatenate([prev.astype(x.dtype), x], axis=1))
-    return x
-
-
-def _encoder(enc, x: jax.Array, cc: _Caches, first: bool) -> jax.Array:
-    x = cc.conv("encoder.conv_in", enc.conv_in, x)
-    for i, block in enumerate(enc.down_blocks):
-        name = f"encoder.down_blocks.{i}"
-        x = _resample(block, x, cc, name, first) if isinstance(block, Resample) else _residual(block, x, cc, name)
-    x = _mid(enc.mid_block, x, cc, "encoder.mid_block")
-    return cc.conv("encoder.conv_out", enc.conv_out, jax.nn.silu(enc.norm_out(x)))
-
-
-def _decoder(dec, x: jax.Array, cc: _Caches, first: bool) -> jax.Array:
-    x = _mid(dec.mid_block, cc.conv("decoder.conv_in", dec.conv_in, x), cc, "decoder.mid_block")
-    for i, block in enumerate(dec.up_blocks):
-        for j, resnet in enumerate(block.resnets):
-            x = _residual(resnet, x, cc, f"decoder.up_blocks.{i}.resnets.{j}")
-        for j, up in enumerate(block.upsamplers):
-            x = _resample(up, x, cc, f"decoder.up_blocks.{i}.upsamplers.{j}", first)
-    return cc.conv("decoder.conv_out", dec.conv_out, jax.nn.silu(dec.norm_out(x)))
-
-
 def _encode_chunk(graphdef, params, state, frames, first):
-    vae = nnx.merge(graphdef, params)
-    cc = _Caches(state)
-    h = vae.quant_conv(_encoder(vae.encoder, frames.astype(vae.cfg.compute_dtype), cc, first))
-    mean, std = vae._stats()
-    return cc.new, (h[..., : vae.cfg.z_dim].astype(jnp.float32) - mean) * (1.0 / std)  # as WanVAE.encode
+    step = StreamStep(state, first)
+    latents = nnx.merge(graphdef, params).encode(frames, step)
+    return step.new, latents
 
 
 def _decode_chunk(graphdef, params, state, latents, first):
-    vae = nnx.merge(graphdef, params)
-    mean, std = vae._stats()
-    z = vae.post_quant_conv((latents.astype(jnp.float32) * std + mean).astype(vae.cfg.compute_dtype))
-    cc = _Caches(state)
-    x = _decoder(vae.decoder, z, cc, first)
-    return cc.new, jnp.clip(x.astype(jnp.float32), -1.0, 1.0)  # as WanVAE.decode
+    step = StreamStep(state, first)
+    frames = nnx.merge(graphdef, params).decode(latents, step)
+    return step.new, frames
 
 
 def _counted(fn, kind):

@@ -26,13 +26,14 @@ from pathlib import Path
 
 import numpy as np
 from absl import app, flags
-from ml_collections import config_flags
 
+from decmem_jax.cli import define_config_flag
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import FRAMES_PER_LATENT, latent_size, latents_for_frames
 from decmem_jax.rollout import settings as settings_lib
+from decmem_jax.rollout.load import RolloutError, build_models, weights_sha256
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py",
-                                          lock_config=True)
+_CONFIG = define_config_flag("config", None, "run config file, e.g. configs/decmem.py or configs/tiny.py")
 _CONTEXT = flags.DEFINE_string("context", None, "context clip (mp4); its first rollout.context_frames frames seed the "
                                "memory bank")
 _ACTIONS = flags.DEFINE_string("actions", None, "WorldMem npz with actions [T, 8] (and poses [T, 5]) from the "
@@ -47,12 +48,6 @@ _TRUTH = flags.DEFINE_string("ground_truth", None, "optional mp4 holding the tru
                              "clip itself, when it is longer than the context): the generated frames are scored "
                              "against it (PSNR/SSIM/LPIPS, and a copy-the-last-context-frame baseline) in the sidecar, "
                              "and OUT_vs_truth.mp4 (truth | generated) and OUT_strip.png (a contact sheet) are written")
-
-log = logging.getLogger("decmem_jax.rollout")
-
-
-class RolloutError(DecMemError, ValueError):
-    """A bad input or setting; the message names the file or field."""
 
 
 def _fail(msg: str) -> None:
@@ -100,90 +95,6 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
     return frames, acts, poses
 
 
-def build_models(c):
-    """(DiT, VAE, note) from the config: converted/trained checkpoints, or random weights (loudly)."""
-    import jax
-    from flax import nnx
-
-    from decmem_jax.models.dit import WanDiT
-    from decmem_jax.models.vae import WanVAE, get_vae_config
-    from decmem_jax.run_config import dit_config
-
-    dtype = c.rollout.dtype
-    run_cfg = dit_config(c, inference=True)
-    if c.random_weights:
-        print("=" * 78 + "\nWARNING: RANDOM WEIGHTS (config.random_weights=True). The video is noise: this run only "
-              "checks\nthat the pipeline works. Pass --config.checkpoint and --config.vae_checkpoint for real output.\n"
-              + "=" * 78, file=sys.stderr, flush=True)
-        dit = WanDiT(run_cfg, rngs=nnx.Rngs(0))
-        vae = WanVAE(get_vae_config(c.vae_preset, **({} if dtype == "auto" else {"dtype": dtype})),
-                     rngs=nnx.Rngs(1))
-        nnx.update(dit, jax.device_put(nnx.state(dit), jax.devices()[0]))
-        nnx.update(vae, jax.device_put(nnx.state(vae), jax.devices()[0]))
-        return dit, vae, "random weights"
-    from decmem_jax.convert.vae import load_vae
-    from decmem_jax.run_config import runtime_overrides
-    from decmem_jax.weights import load_model
-
-    dit = load_model(c.checkpoint, **runtime_overrides(run_cfg))
-    stored = dit.cfg
-    differ = architecture_differences(stored, run_cfg)
-    if differ:
-        _fail(f"config.checkpoint {c.checkpoint}: the stored model does not match the run config's model "
-              f"({'; '.join(differ)}); use the config the weights were trained with")
-    if (stored.memory is None) != (run_cfg.memory is None):
-        _fail(f"config.checkpoint {c.checkpoint}: the stored model has memory={stored.memory is not None} but "
-              f"model.memory.enabled={run_cfg.memory is not None}; a DecMem rollout needs a stage-3 checkpoint "
-              f"(or set --config.model.memory.enabled={stored.memory is not None})")
-    if run_cfg.memory is not None and run_cfg.memory != stored.memory:  # top-k, window, backend: no new parameters
-        changed = [f"{k}: checkpoint {getattr(stored.memory, k)!r} -> run {v!r}" for k, v in
-                   vars(run_cfg.memory).items() if getattr(stored.memory, k) != v]
-        log.warning("config.checkpoint %s was trained with other memory settings; this rollout uses the run "
-                    "config's (%s)", c.checkpoint, "; ".join(changed))
-        dit = _with_memory(dit, run_cfg.memory)
-    vae = load_vae(c.vae_checkpoint, **({} if dtype == "auto" else {"dtype": dtype}))
-    return dit, vae, f"checkpoint {c.checkpoint}"
-
-
-ARCHITECTURE_FIELDS = ("dim", "ffn_dim", "num_heads", "num_layers", "patch_size", "in_channels", "out_channels",
-                       "text_dim", "text_len", "freq_dim")
-
-
-def architecture_differences(stored, run_cfg) -> list[str]:
-    """'field: checkpoint X, config Y' for every architecture field (and the conditioning) that differs."""
-    out = [f"{f}: checkpoint {getattr(stored, f)}, config {getattr(run_cfg, f)}" for f in ARCHITECTURE_FIELDS
-           if getattr(stored, f) != getattr(run_cfg, f)]
-    def shape(cond):  # the conditioning's architecture (its dtype policy may differ)
-        import dataclasses
-
-        return None if cond is None else {k: v for k, v in dataclasses.asdict(cond).items() if "dtype" not in k}
-
-    if shape(stored.conditioning) != shape(run_cfg.conditioning):
-        out.append(f"conditioning: checkpoint {shape(stored.conditioning)}, config {shape(run_cfg.conditioning)}")
-    return out
-
-
-def weights_sha256(module) -> str:
-    """SHA-256 of a module's parameters as loaded (orbax_io.params_sha256: equals the exported record)."""
-    import jax
-    from flax import nnx
-
-    from decmem_jax.convert.orbax_io import flatten, params_sha256
-
-    return params_sha256(flatten(jax.device_get(nnx.to_pure_dict(nnx.state(module, nnx.Param)))))
-
-
-def _with_memory(dit, memory):
-    from flax import nnx
-
-    from decmem_jax.models.dit import WanDiT
-
-    cfg = dit.cfg.replace(memory=memory)
-    new = nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0)))
-    nnx.update(new, nnx.state(dit))
-    return new
-
-
 def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int = 0,
         diagnostics: str | None = None, ground_truth: str | None = None) -> dict:
     import jax
@@ -209,12 +120,13 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     cfg = dit.cfg
     settings = settings_lib.sampler_settings(c)
     chunk = int(r.chunk)
-    n_chunks = -(-num_frames // (4 * chunk))
-    ctx_latents = (r.context_frames - 1) // 4 + 1
+    frames_per_chunk = FRAMES_PER_LATENT * chunk
+    n_chunks = -(-num_frames // frames_per_chunk)
+    ctx_latents = latents_for_frames(r.context_frames)
     capacity = int(r.capacity) or ctx_latents + n_chunks * chunk
     if capacity < ctx_latents + n_chunks * chunk:
         _fail(f"rollout.capacity={capacity} < context latents {ctx_latents} + generated {n_chunks * chunk}")
-    lat_hw = (r.height // 8, r.width // 8)
+    lat_hw = latent_size((r.height, r.width))
     text = jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None))
     pose_on = cfg.conditioning is not None and cfg.conditioning.pose == "added"
 
@@ -258,7 +170,8 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
                                 range(s, s + n)])
             conds = None
             if cfg.conditioning is not None:
-                conds = jnp.stack([conditioning(gen_start + 4 * chunk * i, 4 * chunk, False) for i in range(s, s + n)])
+                conds = jnp.stack([conditioning(gen_start + frames_per_chunk * i, frames_per_chunk, False)
+                                   for i in range(s, s + n)])
             t_seg = time.perf_counter()
             result = segment(dit, cache, noises, text, conds)
             new_latents, cache = result[0], result[1]
@@ -292,7 +205,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
                     # The first segment includes compilation: with one segment there is no compile-free figure.
-                    fps_excluding_compile=((4 * chunk) / float(np.median(chunk_times[1:])) if len(chunk_times) > 1
+                    fps_excluding_compile=(frames_per_chunk / float(np.median(chunk_times[1:])) if len(chunk_times) > 1
                                            else None)),
         host_peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     )

@@ -29,8 +29,10 @@ from typing import Iterator
 
 import numpy as np
 
+from decmem_jax.cli import configs_importable
 from decmem_jax.data import agent as agent_lib
-from decmem_jax.format import ACTION_DIM, ACTION_NVEC, POSE_DIM
+from decmem_jax.format import (ACTION_DIM, ACTION_NVEC, FRAMES_PER_LATENT, POSE_DIM, is_frame_count,
+                               last_frame_of_latent, latent_size, latents_for_frames)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/, weights/)
 
@@ -54,8 +56,9 @@ def load_config(spec: str):
         raise SessionError(f"config {path}: file not found")
     module_spec = importlib.util.spec_from_file_location(f"_decmem_config_{file.stem}", file)
     module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    with configs_importable(file):  # as the CLIs load it (decmem_jax.cli.define_config_flag)
+        module_spec.loader.exec_module(module)
+        return module.get_config(arg) if arg else module.get_config()
 
 
 def resolve_weights(c) -> None:
@@ -130,8 +133,8 @@ class WorldModel:
     """The DiT and VAE of a run config, with the jitted pieces a session needs (compiled once, on first use)."""
 
     def __init__(self, c, *, steps: int | None = None, guidance: float | None = None, seed: int = 0):
-        from decmem_jax.rollout import __main__ as rollout_cli  # build_models: the CLI's model loading and checks
         from decmem_jax.rollout import settings as settings_lib
+        from decmem_jax.rollout.load import RolloutError, build_models
 
         c = c.copy_and_resolve_references()  # the caller's config stays as it was
         with c.unlocked():
@@ -146,14 +149,14 @@ class WorldModel:
         self.config, self.seed = c, int(seed)
         try:
             self.settings = settings_lib.sampler_settings(c)
-            self.dit, self.vae, self.weights = rollout_cli.build_models(c)
-        except (rollout_cli.RolloutError, OSError, ValueError) as e:
+            self.dit, self.vae, self.weights = build_models(c)
+        except (RolloutError, OSError, ValueError) as e:
             raise SessionError(str(e)) from e
         r = c.rollout
         self.chunk, self.fps = int(r.chunk), int(r.fps)
-        self.frames_per_chunk = 4 * self.chunk
+        self.frames_per_chunk = FRAMES_PER_LATENT * self.chunk
         self.size = (int(r.height), int(r.width))
-        self.latent_hw = (self.size[0] // 8, self.size[1] // 8)
+        self.latent_hw = latent_size(self.size)
         self.memory = self.dit.cfg.memory
         self._segment = None
         self._embed = None
@@ -211,7 +214,7 @@ class Session:
         if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[1:] != (*model.size, 3):
             raise SessionError(f"context frames: expected uint8 [T, {model.size[0]}, {model.size[1]}, 3] (the "
                                f"config's rollout.height/width), got {frames.dtype} {frames.shape}")
-        if t < 1 or (t - 1) % 4:
+        if not is_frame_count(t):
             raise SessionError(f"context frames: {t} frames; the VAE needs T = 1 + 4k")
         actions = check_actions(actions, t, "context actions")
         poses = np.asarray(poses, np.float32)
@@ -221,7 +224,7 @@ class Session:
             raise SessionError(f"max_chunks={max_chunks} must be >= 1")
         self.model, self.world = model, world
         self.context_frames = t
-        self.context_latents = (t - 1) // 4 + 1
+        self.context_latents = latents_for_frames(t)
         self.capacity = self.context_latents + max_chunks * model.chunk
         self.max_chunks = int(max_chunks)
         self._raw_actions, self._raw_poses = actions, poses  # whole trajectory so far, context first
@@ -361,7 +364,7 @@ class Session:
 
     def frame_of_latent(self, latent: int) -> np.ndarray:
         """The uint8 frame a latent ends at (latent 0 = frame 0, latent j = frame 4j): a thumbnail for retrieval."""
-        return self.video[min(4 * int(latent), sum(len(f) for f in self.frames) - 1)]
+        return self.video[min(last_frame_of_latent(int(latent)), sum(len(f) for f in self.frames) - 1)]
 
 
 class _ChunkStream:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from decmem_jax.format import is_frame_count
 from decmem_jax.rollout.engine import SamplerSettings
 
 
@@ -46,7 +47,7 @@ def sampler_settings(c) -> SamplerSettings:
 def check(c) -> list[str]:
     """Problems with the rollout fields, each naming the field."""
     r, problems = c.rollout, []
-    if r.context_frames < 1 or (r.context_frames - 1) % 4:
+    if not is_frame_count(r.context_frames):
         problems.append(f"rollout.context_frames={r.context_frames} must be 1 + 4k (the VAE's frame rule)")
     for name in ("height", "width"):
         if r[name] <= 0 or r[name] % 16:

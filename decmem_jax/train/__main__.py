@@ -10,11 +10,10 @@ import logging
 import sys
 
 from absl import app, flags
-from ml_collections import config_flags
 
-from decmem_jax.cli import check_data_csvs, fail, parse_flags
+from decmem_jax.cli import check_data_csvs, define_config_flag, fail, parse_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "run config file (configs/*.py[:arg])", lock_config=True)
+_CONFIG = define_config_flag("config", None, "run config file (configs/*.py[:arg])")
 _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, config dump")
 _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest complete checkpoint in --workdir")
 flags.mark_flags_as_required(["config", "workdir"])

@@ -13,18 +13,13 @@ import logging
 import jax
 import numpy as np
 
-from decmem_jax.format import noop
+from decmem_jax.format import frames_for_latents, latent_size, noop
 from decmem_jax.run_config import ConfigError
 
 log = logging.getLogger(__name__)
 
 SOURCES = ("latents", "synthetic")
 LATENT_CHANNELS = 16
-VAE_SPATIAL = 8  # pixels per latent pixel
-
-
-def clip_frames(num_latents: int) -> int:
-    return 1 + 4 * (num_latents - 1)
 
 
 def trained_latents(num_latents: int, chunk: int) -> int:
@@ -55,7 +50,7 @@ class SyntheticBatches:
     def __next__(self) -> dict:
         rng = np.random.default_rng([self.seed, self.position, jax.process_index()])
         self.position += 1
-        b, f, t = self.batch, self.latents, clip_frames(self.latents)
+        b, f, t = self.batch, self.latents, frames_for_latents(self.latents)
         actions = np.broadcast_to(noop(1)[0], (b, t, 8)).copy()
         actions[:, 1:, 0] = rng.integers(0, 3, (b, t - 1))  # forward / back / none
         actions[:, 1:, 4] = rng.integers(11, 14, (b, t - 1))  # yaw bins -1 / 0 / +1
@@ -85,8 +80,7 @@ class Batches:
                      self.latents, cfg.train.chunk)
         batch = host_batch_size(int(cfg.train.batch))
         if d.source == "synthetic":
-            hw = (d.size[0] // VAE_SPATIAL, d.size[1] // VAE_SPATIAL)
-            self.it = SyntheticBatches(batch, int(d.clip_latents), hw, int(d.seed))
+            self.it = SyntheticBatches(batch, int(d.clip_latents), latent_size(d.size), int(d.seed))
         else:
             from decmem_jax.data.pipeline import DataConfig, make_iterator
 
@@ -94,7 +88,7 @@ class Batches:
                 raise ConfigError("data.csv is empty: set --config.data.csv=PATH/latents.csv "
                                  "(written by decmem_jax.data.encode_latents)")
             self.it = make_iterator(DataConfig(
-                csv=d.csv, clip_frames=clip_frames(int(d.clip_latents)), batch_size=batch, seed=int(d.seed),
+                csv=d.csv, clip_frames=frames_for_latents(int(d.clip_latents)), batch_size=batch, seed=int(d.seed),
                 num_epochs=None, source="latents", skip_corrupt=bool(d.skip_corrupt), first_action=d.first_action,
                 num_threads=int(d.num_threads), prefetch=int(d.prefetch), size=tuple(d.size),
                 cache_latents=bool(d.get("cache_latents", False))))
@@ -107,7 +101,7 @@ class Batches:
     def __next__(self) -> tuple[dict, bytes]:
         raw = next(self.it)
         state = json.dumps(self.it.get_state()).encode()
-        f, t = self.latents, clip_frames(self.latents)
+        f, t = self.latents, frames_for_latents(self.latents)
         batch = dict(latents=np.asarray(raw["latents"][:, :f], np.float32),
                      actions=np.asarray(raw["actions"][:, :t], np.int32),
                      poses=np.asarray(raw["poses"][:, :t], np.float32))

@@ -24,8 +24,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from decmem_jax.format import view_match
+from decmem_jax.format import frames_for_latents, latent_of_frame, view_match
 
 NUM_TRAIN_TIMESTEPS = 1000.0  # Wan's timestep = 1000 * sigma
 
@@ -53,12 +54,13 @@ class Objective:
 
 def latent_view_match(poses: jax.Array, num_latents: int) -> jax.Array:
     """bool [B, F, F]: latents i and j show a common view (some frame of i matches some frame of j, see
-    `format.view_match`). poses [B, T, 5] with T = 1 + 4(F-1): latent 0 is frame 0, latent j >= 1 frames 4j-3..4j."""
-    t, expected = poses.shape[1], 1 + 4 * (num_latents - 1)
+    `format.view_match`). poses [B, T, 5] with T = 1 + 4(F-1) (`format.frames_for_latents`): latent 0 is frame 0,
+    latent j >= 1 frames 4j-3..4j (`format.latent_of_frame`)."""
+    t, expected = poses.shape[1], frames_for_latents(num_latents)
     if t != expected:
         raise ValueError(f"latent_view_match: {t} poses for {num_latents} latents (expected {expected})")
     frames = view_match(poses.astype(jnp.float32), xp=jnp).astype(jnp.float32)  # [B, T, T]
-    owner = jax.nn.one_hot((jnp.arange(t) + 3) // 4, num_latents, dtype=jnp.float32)  # [T, F]
+    owner = jax.nn.one_hot(latent_of_frame(np.arange(t)), num_latents, dtype=jnp.float32)  # [T, F]
     return jnp.einsum("tf,bts,sg->bfg", owner, frames, owner) > 0
 
 

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from decmem_jax import video as video_io
 from decmem_jax.data.clips import load_clips, read_clip_paths
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import PIXELS_PER_LATENT, is_frame_count
 from decmem_jax.models.vae import VAEConfig, WanVAE, get_vae_config
 from decmem_jax.run_config import ConfigError
 from decmem_jax.train import checkpoint as ckpt_lib
@@ -167,10 +168,10 @@ def _fresh_state(cfg, vcfg: VAEConfig, tx):
 
 def check_config(cfg) -> None:
     d = cfg.data
-    if d.clip_frames < 1 or (d.clip_frames - 1) % 4:
+    if not is_frame_count(d.clip_frames):
         raise ConfigError(f"data.clip_frames={d.clip_frames} must be 1 + 4k (the VAE's frame rule)")
-    if any(s % 8 for s in d.size):
-        raise ConfigError(f"data.size={tuple(d.size)} must be divisible by 8")
+    if any(s % PIXELS_PER_LATENT for s in d.size):
+        raise ConfigError(f"data.size={tuple(d.size)} must be divisible by {PIXELS_PER_LATENT}")
     for name in ("l1", "lpips", "kl"):
         if cfg.loss[name] < 0:
             raise ConfigError(f"loss.{name}={cfg.loss[name]} must be >= 0")
@@ -282,13 +283,11 @@ def main(argv, config, workdir: str, resume: bool) -> int:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "run config file, e.g. configs/world_tiny.py:vae",
-                                              lock_config=True)
+    from decmem_jax.cli import define_config_flag, parse_flags
+
+    _CONFIG = define_config_flag("config", None, "run config file, e.g. configs/world_tiny.py:vae")
     _WORKDIR = flags.DEFINE_string("workdir", None, "run directory: checkpoints, TensorBoard, config dump")
     _RESUME = flags.DEFINE_bool("resume", False, "continue from the latest complete checkpoint in --workdir")
     flags.mark_flags_as_required(["config", "workdir"])
-    from decmem_jax.cli import parse_flags
-
     app.run(lambda argv: main(argv, _CONFIG.value, _WORKDIR.value, _RESUME.value), flags_parser=parse_flags)

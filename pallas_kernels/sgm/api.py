@@ -104,7 +104,7 @@ def _gpu_is_sm90() -> tuple[bool, str]:
     return cc.startswith("9."), cc
 
 
-def resolve_backend(name: str) -> Backend:
+def resolve_sgm_backend(name: str) -> Backend:
     """Maps `auto` to the kernel for the default JAX platform and checks that a named backend can run here."""
     platform = jax.default_backend()
     if name == "auto":
@@ -149,7 +149,7 @@ def available_backends() -> tuple[str, ...]:
     names = []
     for name in list(_BUILTIN) + [n for n in _REGISTRY if n not in _BUILTIN]:
         try:
-            resolve_backend(name)
+            resolve_sgm_backend(name)
             names.append(name)
         except (ValueError, RuntimeError):
             pass
@@ -233,7 +233,7 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     Index values are checked when concrete. Traced indices are not checked: ids are clamped into [0, Nk), counts
     clipped to [0, K] and lengths to [0, block_kv], so bad values give wrong results rather than errors.
     """
-    entry = resolve_backend(backend)
+    entry = resolve_sgm_backend(backend)
     for nm, x in (("q", q), ("k", k), ("v", v), ("kv_block_idx", kv_block_idx), ("kv_block_cnt", kv_block_cnt),
                   ("kv_block_len", kv_block_len)):
         if not hasattr(x, "shape") or not hasattr(x, "dtype"):
