@@ -164,6 +164,10 @@ def define_config_flag(name: str, default: str | None, help_string: str, *, lock
     flags.FLAGS[name].parser = ConfigFileParser(flags.FLAGS[name].parser)
     if default is not None:
         flags.FLAGS.set_default(name, default)
+    # absl's --help lists the flags of the module that defined them, which is this one: make it a key flag of the
+    # calling CLI too (absl names a __main__ module by sys.argv[0]), or `--help` would not show --config at all.
+    caller = sys._getframe(1).f_globals.get("__name__", "")
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0] if caller == "__main__" else caller, flags.FLAGS[name])
     return holder
 
 
