@@ -144,4 +144,13 @@ def test_fvd_interval_brackets_the_set_value():
     shifted = summary.fvd_ci(gen, truth, draws=200)
     assert shifted[1] < shifted[0] < shifted[2] and 25 < shifted[0] < 45
     assert summary.fvd_ci([truth[0][:1]], [truth[0][:1]]) == [None, None, None]
+    # Few segments in many dimensions: every resample (duplicated clips) has a larger FVD than the set, so a plain
+    # percentile interval would lie wholly above the value; the bias-shifted one brackets it.
+    small = [rng.standard_normal((2, 16)) for _ in range(8)]
+    other = [rng.standard_normal((2, 16)) + 0.3 for _ in range(8)]
+    value, lo, hi = summary.fvd_ci(other, small, draws=200)
+    plain = [summary.fvd_ci([other[i] for i in pick], [small[i] for i in pick], draws=0)[0]
+             for pick in np.random.default_rng(0).integers(0, 8, (200, 8))]
+    assert np.percentile(plain, 2.5) > value  # the bias the shift removes
+    assert lo <= value <= hi
     assert summary.segments(np.zeros((40, 2, 2, 3))).shape == (2, 16, 2, 2, 3)
