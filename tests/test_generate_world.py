@@ -238,3 +238,16 @@ def test_patrol_walks_the_path_back_and_forth():
     assert agent.patrol_trajectory(w, 100, np.random.default_rng(3))[2] == 24 + 38
     with pytest.raises(ValueError, match="26 steps"):
         agent.patrol_trajectory(w, 20, np.random.default_rng(3))
+
+
+def test_way_back_any_draws_each_clip_one_of_the_three():
+    """--way-back any: each clip is exactly the clip of the way back drawn for it (same world, same agent draws), and
+    over a few clips more than one way back occurs."""
+    drawn = []
+    for index in range(6):
+        _, _, poses, _ = generate_world.make_clip(index, 81, (16, 16), 4, True, way_back="any")
+        same = [way for way in (*agent.WAYS_BACK, "patrol")
+                if np.array_equal(generate_world.make_clip(index, 81, (16, 16), 4, True, way_back=way)[2], poses)]
+        assert len(same) >= 1
+        drawn.append(same[0])
+    assert len(set(drawn)) > 1

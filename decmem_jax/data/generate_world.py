@@ -64,7 +64,7 @@ def assign_splits(clips: int, seed: int, split: str) -> list[str]:
     return names.tolist()
 
 
-WAY_BACK_CHOICES = (*agent_lib.WAYS_BACK, "patrol")
+WAY_BACK_CHOICES = (*agent_lib.WAYS_BACK, "patrol", "any")
 
 
 def is_revisit_clip(index: int, seed: int, revisit: float) -> bool:
@@ -80,8 +80,12 @@ def make_clip(index: int, frames: int, size, seed: int, revisit: bool | float, f
     """Clip ``index`` of a run: (frames uint8 [T, H, W, 3], actions int32 [T, 8], poses float32 [T, 5],
     revisit_pairs int32 [P, 2]). ``revisit``: True/False, or the fraction of clips that follow a revisit script
     (the others explore at random); ``way_back``: how revisit scripts return (`agent.WAYS_BACK`; None = drawn per
-    clip), or "patrol" (`agent.patrol_trajectory`: walk out, then back and forth along the path)."""
+    clip), "patrol" (`agent.patrol_trajectory`: walk out, then back and forth along the path), or "any" (one of
+    those three drawn per clip from (seed, index), even odds)."""
     world_seed, agent_seed = np.random.SeedSequence([seed, index]).generate_state(2)
+    if way_back == "any":  # its own stream: the world and the agent's draws are the same as with a fixed way back
+        options = (*agent_lib.WAYS_BACK, "patrol")
+        way_back = options[int(np.random.default_rng([seed, index, 0xBAC]).integers(len(options)))]
     world = world_lib.build_world(int(world_seed))
     rng = np.random.default_rng(int(agent_seed))
     if not is_revisit_clip(index, seed, float(revisit)):
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
                         help="how revisit scripts return: 'turn' (turn round, walk back facing the other way), "
                              "'retrace' (step back facing as on the way out, so every outbound view is seen again) "
                              "or 'patrol' (look round, walk out, then back and forth along the path until the clip "
-                             "ends: the memory benchmark's clips); default: turn or retrace, drawn per clip")
+                             "ends: the memory benchmark's clips) or 'any' (one of those three, drawn per clip: the "
+                             "world model's stage-3 clips); default: turn or retrace, drawn per clip")
     parser.add_argument("--split", default="training", choices=(*SPLITS, "all"),
                         help="split folder for every clip, or 'all' for a seeded 80/10/10 "
                              "training/validation/test assignment; default training")
