@@ -97,11 +97,18 @@ def test_cli_scores_five_variants_on_two_revisit_clips(clips, tmp_path, monkeypa
     c.rollout.update(steps=1, segment_chunks=2)
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "clips").iterdir()}
     out = benchmark.run(benchmark.Settings(**{**a, "out": str(tmp_path / "again.json")}, num_frames=FRAMES,
-                                           batch_clips=2, plot_clips=0, progress=False, fvd_bootstrap=20), c)
+                                           batch_clips=2, plot_clips=0, progress=False), c)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "work" / "clips").iterdir()} == before
     again = out["result"]
     assert again["variants"]["decmem"]["psnr"] == result["variants"]["decmem"]["psnr"]
     assert all(again["variants"][v]["fvd"][0] is not None for v in VARIANTS)
+    # Scored clips are kept in the workdir too: a run stopped after scoring resumes without scoring them again.
+    from decmem_jax.eval import summary
+
+    monkeypatch.setattr(summary, "frame_scores", lambda *_: pytest.fail("a scored clip was scored again"))
+    third = benchmark.run(benchmark.Settings(**{**a, "out": str(tmp_path / "third.json")}, num_frames=FRAMES,
+                                             batch_clips=2, plot_clips=0, progress=False), c)
+    assert third["result"]["variants"] == again["variants"]
     c.rollout.steps = 2  # other settings: the stored rollouts are refused, not mixed in
     with pytest.raises(benchmark.BenchmarkError, match="holds rollouts of other settings \\(rollout differ"):
         benchmark.run(benchmark.Settings(**a, num_frames=FRAMES, batch_clips=2, progress=False), c)

@@ -4,7 +4,7 @@ retrieval precision and heatmap, and the intervals over clips."""
 import numpy as np
 import pytest
 
-from decmem_jax.eval import retrieval, summary
+from decmem_jax.eval import fvd, retrieval, summary
 from decmem_jax.eval.revisits import RevisitRule, Timeline, find_revisits
 
 TL = Timeline(context_frames=33, chunk=4, window=8)  # the shipped model's rollout: 9 context latents
@@ -135,22 +135,19 @@ def test_mean_ci_is_students_t_over_clips():
     assert summary.mean_ci([]) == [None, None, None]
 
 
-def test_fvd_interval_brackets_the_set_value():
+def test_fvd_interval_is_a_jackknife_over_clips():
     rng = np.random.default_rng(0)
     truth = [rng.standard_normal((3, 8)) for _ in range(6)]
-    same = summary.fvd_ci(truth, truth, draws=50)
+    same = summary.fvd_ci(truth, truth)
     assert same[0] == pytest.approx(0, abs=1e-9) and same[2] == pytest.approx(0, abs=1e-9)
     gen = [t + 2.0 + 0.5 * rng.standard_normal(t.shape) for t in truth]  # mean shift 2 in 8 dims: FVD ~ 32
-    shifted = summary.fvd_ci(gen, truth, draws=200)
-    assert shifted[1] < shifted[0] < shifted[2] and 25 < shifted[0] < 45
+    value, lo, hi = summary.fvd_ci(gen, truth)
+    assert lo < value < hi and 25 < value < 45
+    # the interval by hand: value +- 1.96 * the jackknife standard error of the leave-one-clip-out distances
+    held = np.array([fvd.frechet_distance(np.concatenate(gen[:i] + gen[i + 1:]),
+                                          np.concatenate(truth[:i] + truth[i + 1:])) for i in range(6)])
+    se = np.sqrt(5 / 6 * np.sum((held - held.mean()) ** 2))
+    assert hi - value == pytest.approx(1.96 * se, rel=1e-5) and value - lo == pytest.approx(1.96 * se, rel=1e-5)
     assert summary.fvd_ci([truth[0][:1]], [truth[0][:1]]) == [None, None, None]
-    # Few segments in many dimensions: every resample (duplicated clips) has a larger FVD than the set, so a plain
-    # percentile interval would lie wholly above the value; the bias-shifted one brackets it.
-    small = [rng.standard_normal((2, 16)) for _ in range(8)]
-    other = [rng.standard_normal((2, 16)) + 0.3 for _ in range(8)]
-    value, lo, hi = summary.fvd_ci(other, small, draws=200)
-    plain = [summary.fvd_ci([other[i] for i in pick], [small[i] for i in pick], draws=0)[0]
-             for pick in np.random.default_rng(0).integers(0, 8, (200, 8))]
-    assert np.percentile(plain, 2.5) > value  # the bias the shift removes
-    assert lo <= value <= hi
+    assert summary.fvd_ci([truth[0]], [truth[0]])[1:] == [None, None]  # one clip: no interval
     assert summary.segments(np.zeros((40, 2, 2, 3))).shape == (2, 16, 2, 2, 3)

@@ -60,7 +60,6 @@ _SOURCES = flags.DEFINE_enum("revisit_sources", RevisitRule.sources, ["context",
                               "whose truth the memory holds) or 'any' (generated frames too: then the truth shows "
                               "a view the model never saw; see docs/memory.md)")
 _FVD = flags.DEFINE_bool("fvd", True, "compute FVD (I3D on 16-frame segments; slow on a CPU)")
-_BOOT = flags.DEFINE_integer("fvd_bootstrap", 1000, "bootstrap draws over clips for FVD's interval")
 _PLOT_CLIPS = flags.DEFINE_integer("plot_clips", 4, "clips (from the first) that get PSNR and retrieval plots and a "
                                    "grid video")
 _COMMIT = flags.DEFINE_string("commit", "", "commit to record (default: git rev-parse HEAD of this checkout)")
@@ -77,7 +76,7 @@ def settings_from_flags():
                     dense_checkpoint=_DENSE.value,
                     rule=RevisitRule(_POS.value, _YAW.value, _PITCH.value, _EXCLUDE.value, _SOURCES.value),
                     fvd=_FVD.value,
-                    fvd_bootstrap=_BOOT.value, plot_clips=_PLOT_CLIPS.value, commit=_COMMIT.value,
+                    plot_clips=_PLOT_CLIPS.value, commit=_COMMIT.value,
                     progress=_PROGRESS.value)
 
 

@@ -49,7 +49,6 @@ class Settings:
     dense_checkpoint: str = "weights/world_tiny/dense"
     rule: revisits.RevisitRule = revisits.RevisitRule()
     fvd: bool = True
-    fvd_bootstrap: int = summary.FVD_BOOTSTRAP
     plot_clips: int = 4
     commit: str = ""
     progress: bool = True
@@ -58,8 +57,8 @@ class Settings:
         out = []
         if self.num_frames < 1:
             out.append(f"--num_frames={self.num_frames} must be >= 1")
-        if self.clips < 0 or self.batch_clips < 1 or self.plot_clips < 0 or self.fvd_bootstrap < 0:
-            out.append("--clips, --plot_clips and --fvd_bootstrap must be >= 0, --batch_clips >= 1")
+        if self.clips < 0 or self.batch_clips < 1 or self.plot_clips < 0:
+            out.append("--clips and --plot_clips must be >= 0, --batch_clips >= 1")
         bad = [v for v in self.variants if v not in VARIANTS]
         if bad or not self.variants or len(set(self.variants)) != len(self.variants):
             out.append(f"--variants={','.join(self.variants)}: expected distinct names among {','.join(VARIANTS)}")
@@ -255,6 +254,12 @@ def score(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, work: 
     ctx, n = timeline.context_frames, s.num_frames
     x = np.arange(ctx, ctx + n)
     for k, clip in enumerate(tqdm(clips, desc="scoring", unit="clip", disable=not s.progress)):
+        cached = _cached_score(work, clip, s, plots_dir if k < s.plot_clips else None)
+        if cached is not None:  # scored by an earlier run that was stopped before the end
+            per_clip.append(cached[0])
+            for v, f in cached[1].items():
+                feats[v].append(f)
+            continue
         truth = video.read_video(clip.video, start=ctx, num_frames=n)
         last = video.read_video(clip.video, start=ctx - 1, num_frames=1)[0]
         rows = clip.revisits.frames - ctx
@@ -301,6 +306,7 @@ def score(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, work: 
                             title=f"clip {clip.index}: PSNR per generated frame ({len(rows)} revisit frames)")
             plots.grid_video(plots_dir / f"clip{clip.index:04d}_grid.mp4", truth, generated, rows,
                              fps=c.rollout.fps)
+        _save_score(work, clip, record, {v: f[-1] for v, f in feats.items()} if s.fvd else None)
     if clips:
         mean = {v: np.mean([r["psnr_per_frame"][v] for r in per_clip], axis=0) for v in s.variants}
         marks = sorted({int(f) for cl in clips for f in cl.revisits.frames})
@@ -308,6 +314,40 @@ def score(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, work: 
                         title=f"PSNR per generated frame, mean over {len(clips)} clips (marks: a revisit frame in "
                               "any clip)")
     return {"per_clip": per_clip, "features": feats}
+
+
+def _score_paths(work: Path, clip: Clip) -> tuple[Path, Path]:
+    stem = work / "scores" / f"clip{clip.index:04d}"
+    return stem.with_suffix(".json"), stem.with_suffix(".npz")
+
+
+def _save_score(work: Path, clip: Clip, record: dict, features: dict | None) -> None:
+    """A scored clip into the workdir (its record; its I3D features with FVD), so that a run stopped after scoring
+    part of the clips (a job's time limit) resumes after them: scoring 24 clips takes minutes on a GPU."""
+    rec, npz = _score_paths(work, clip)
+    rec.parent.mkdir(exist_ok=True)
+    if features is not None:
+        _atomic_npz(npz, **features)
+    _atomic_json(rec, record)  # last: a record without its features is never taken for a complete score
+
+
+def _cached_score(work: Path, clip: Clip, s: Settings, plots_dir: Path | None):
+    """(record, features) of a clip scored by an earlier run, or None when it must be scored (again): no record,
+    FVD asked for but no features, or one of its plots missing."""
+    rec, npz = _score_paths(work, clip)
+    if not rec.exists() or (s.fvd and not npz.exists()):
+        return None
+    if plots_dir is not None and not all((plots_dir / f"clip{clip.index:04d}_{kind}").exists()
+                                         for kind in ("psnr.png", "grid.mp4")):
+        return None
+    record = json.loads(rec.read_text())
+    if set(record["variants"]) != set(s.variants):
+        return None
+    features = {}
+    if s.fvd:
+        with np.load(npz) as z:
+            features = {v: z[v] for v in ("truth", *s.variants)}
+    return record, features
 
 
 def aggregate(s: Settings, clips: list[Clip], scored: dict, device: str) -> tuple[dict, dict]:
@@ -319,7 +359,7 @@ def aggregate(s: Settings, clips: list[Clip], scored: dict, device: str) -> tupl
         entry = {m: summary.mean_ci([r["variants"][v][m] if r["variants"][v][m] is not None else float("nan")
                                      for r in per_clip]) for m in ("psnr", "ssim", "lpips", "revisit_psnr",
                                                                   "revisit_ssim", "revisit_lpips")}
-        entry["fvd"] = (summary.fvd_ci(feats[v], feats["truth"], draws=s.fvd_bootstrap) if s.fvd
+        entry["fvd"] = (summary.fvd_ci(feats[v], feats["truth"]) if s.fvd
                         else [None, None, None])
         result["variants"][v] = entry
     scored_clips = [r["retrieval"] for r in per_clip if r.get("retrieval") and r["retrieval"]["queries"]]
@@ -377,7 +417,7 @@ def run(s: Settings, c) -> dict:
     details = {"result": result, "retrieval": extra, "settings": {
         **json.loads(json.dumps(fingerprint(s, c), default=str)), "variants": list(s.variants),
         "revisit_rule": dataclasses.asdict(s.rule), "timeline": dataclasses.asdict(timeline),
-        "psnr_cap_db": summary.PSNR_CAP, "fvd_frames": summary.FVD_FRAMES, "fvd_bootstrap": s.fvd_bootstrap},
+        "psnr_cap_db": summary.PSNR_CAP, "fvd_frames": summary.FVD_FRAMES, "fvd_interval": "jackknife over clips"},
         "rollout_seconds": timing, "total_seconds": round(time.perf_counter() - t0, 1),
         "date": time.strftime("%Y-%m-%d"), "per_clip": scored["per_clip"]}
     _atomic_json(plots_dir / "details.json", details)
