@@ -12,8 +12,8 @@
   without clip i, for every i, gives the standard error sqrt((n-1)/n * sum_i (FVD_-i - mean)^2), and the interval is
   FVD +- 1.96 se, floored at 0. Not a bootstrap: a resample drawn with replacement repeats clips, and a Fréchet
   distance estimated from fewer distinct samples is larger, so the percentile interval lay above the value (measured:
-  copy_last 765.0 with [777.8, 950.1]); and 1,000 draws x 5 variants of a 400-dimensional matrix square root took
-  longer than the rollouts on an H200 host. The jackknife needs n distances per variant and never duplicates a clip.
+  copy_last 765.0 with [777.8, 950.1]); and its 1,000 draws x 5 variants of 400-dimensional matrix square roots
+  ran past a job's time limit on an H200 host. The jackknife needs n distances per variant and repeats no clip.
 """
 
 from __future__ import annotations
