@@ -7,11 +7,12 @@
 # Steps (each at most ~10 minutes on one H200, each resumable: a killed step continues from its checkpoints when
 # run again, and a finished step is skipped, so the recipe also runs as a chain of short scheduler jobs):
 #   data     generate_world: TRAIN_CLIPS training clips (seed 1, 70% revisit scripts) and TEST_CLIPS held-out test
-#            clips (seed 2, all revisits) of 237 frames at 64x64 for the VAE and stages 1-2; LONG_CLIPS training
-#            clips (seed 4) and LONG_TEST_CLIPS held-out clips (seed 5) of 493 frames for stage 3, every one a
-#            revisit script with its way back drawn per clip (turn, retrace or patrol), so that most revisits lie
-#            far outside the ALM window; then build_csv
-#   vae      train the world-tiny VAE (configs/world_tiny.py:vae), export it with its latent statistics
+#            clips (seed 2, all revisits) of 237 frames at 64x64 for the VAE and stages 1-2, then build_csv
+#   vae      train the world-tiny VAE (configs/world_tiny.py:vae), export it with its latent statistics; meanwhile,
+#            on the CPU (the VAE trains from clips held in memory), generate stage 3's clips: LONG_CLIPS training
+#            clips (seed 4) and LONG_TEST_CLIPS held-out clips (seed 5) of 493 frames, every one a revisit script
+#            with its way back drawn per clip (turn, retrace or patrol), so that most revisits lie far outside the
+#            ALM window
 #   latents  encode every clip with that VAE (60 latents per short clip, 124 per long one)
 #   s1 s2 s3 the DiT stages dense_short -> dense_long -> decmem (configs/world_tiny.py:STAGE), each from the last
 #   export   stage 2 -> $WEIGHTS/dense, stage 3 -> $WEIGHTS/decmem (bf16, with their SHA-256)
@@ -68,6 +69,14 @@ train_stage() {  # step, config stage, init_from, latents folder (training; its 
         --config.data.eval_csv="$WORK/${latents}_test/latents.csv" "${SMOKE_DIT[@]}" $(extra "$step")
 }
 
+long_clips() {  # stage 3's clips (see the vae step)
+    "$PYTHON" -m decmem_jax.data.generate_world --out "$WORK/data_long" --clips "$LONG_CLIPS" --frames 493 \
+        --size 64x64 --seed 4 --revisit --way-back any --split training --jobs "$JOBS" --skip-existing --quiet
+    "$PYTHON" -m decmem_jax.data.generate_world --out "$WORK/data_long" --clips "$LONG_TEST_CLIPS" --frames 493 \
+        --size 64x64 --seed 5 --revisit --way-back any --split test --jobs "$JOBS" --skip-existing --quiet
+    "$PYTHON" -m decmem_jax.data.build_csv --root "$WORK/data_long" --splits training,test --check probe
+}
+
 run_step() {
     case "$1" in
     data)
@@ -75,16 +84,16 @@ run_step() {
             --size 64x64 --seed 1 --revisit-fraction 0.7 --split training --jobs "$JOBS" --skip-existing --quiet
         "$PYTHON" -m decmem_jax.data.generate_world --out "$WORK/data" --clips "$TEST_CLIPS" --frames 237 \
             --size 64x64 --seed 2 --revisit --split test --jobs "$JOBS" --skip-existing --quiet
-        "$PYTHON" -m decmem_jax.data.build_csv --root "$WORK/data" --splits training,test --check probe
-        "$PYTHON" -m decmem_jax.data.generate_world --out "$WORK/data_long" --clips "$LONG_CLIPS" --frames 493 \
-            --size 64x64 --seed 4 --revisit --way-back any --split training --jobs "$JOBS" --skip-existing --quiet
-        "$PYTHON" -m decmem_jax.data.generate_world --out "$WORK/data_long" --clips "$LONG_TEST_CLIPS" --frames 493 \
-            --size 64x64 --seed 5 --revisit --way-back any --split test --jobs "$JOBS" --skip-existing --quiet
-        "$PYTHON" -m decmem_jax.data.build_csv --root "$WORK/data_long" --splits training,test --check probe ;;
+        "$PYTHON" -m decmem_jax.data.build_csv --root "$WORK/data" --splits training,test --check probe ;;
     vae)
+        # Stage 3's clips are made on the CPU while the GPU trains the VAE (they do not depend on it): ~2 minutes
+        # of the recipe's wall time (docs/world_model.md). A killed step regenerates only the missing clips.
+        long_clips > "$WORK/data_long.log" 2>&1 &
+        local gen=$!
         # shellcheck disable=SC2046
         "$PYTHON" -m decmem_jax.train.vae --config=configs/world_tiny.py:vae --workdir "$WORK/vae" --resume \
             --config.data.csv="$WORK/data/train.csv" "${SMOKE_VAE[@]}" $(extra vae)
+        wait "$gen" || { cat "$WORK/data_long.log" >&2; echo "error: generating stage 3's clips failed" >&2; exit 1; }
         "$PYTHON" -m decmem_jax.train.export --workdir "$WORK/vae" --out "$WEIGHTS/vae" \
             --stats-csv "$WORK/data/train.csv" --overwrite ;;
     latents)
