@@ -361,7 +361,8 @@ class WanDiT(nnx.Module):
 
     def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                  chunk_size: int | None = None, cond: jax.Array | None = None) -> jax.Array:
-        """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context [B, L, text_dim].
+        """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context
+        [B, L, text_dim].
 
         chunk_size=None: bidirectional over all frames (Wan2.1). chunk_size=c: block-causal over chunks of c latent
         frames (bidirectional inside a chunk, causal across chunks); DecMem models need it. cond: per-latent
