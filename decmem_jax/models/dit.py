@@ -7,8 +7,16 @@ patchify (+ conditioning) -> time embedding (per frame) -> text MLP -> N x [modu
 cross-attention, modulated FFN] under `nnx.scan` -> modulated head -> unpatchify. Latents are channels-last:
 [B, F, H, W, C].
 
-Self-attention is the only part that differs between modes; each mode is a "mixer" function
-(q, k, v, gate, per-layer input) -> (o, per-layer output) chosen by `WanDiT` and applied inside every block.
+Self-attention is the only part that differs between modes. Each mode is a "mixer", a function with one signature
+for all of them, chosen by `WanDiT` (the `_*_mixer` methods) and applied inside every block:
+
+    mixer(q, k, v, memory, layer_in, use_memory) -> (o, layer_out)
+
+q, k, v [B, S, N, K] after RoPE; memory: None for a dense model, else (gate [B, S, N, K], score) with score the
+pre-RoPE (q, k) that SGM pools (MemoryConfig.score_on="content") or None; layer_in: this layer's slice of the
+KV cache (None outside cached inference); use_memory: this layer's DecMem switch (a Python bool, or a traced one when
+only some layers are DecMem layers; False in dense models). layer_out is what the layer hands back: new cache
+entries, retrieval-loss terms or SGM selections, or None.
 
 Shape letters: B batch, F latent frames, T tokens per frame, S tokens, D model width, N heads, K head dim,
 L text rows.
@@ -57,8 +65,9 @@ class PatchEmbed(nnx.Module):
         return y + self.bias.get_value().astype(self.dtype)
 
 
-class Attention(nnx.Module):
-    """q/k/v/o projections with RMSNorm on q and k over all heads (before the head split), as in Wan."""
+class AttentionProjections(nnx.Module):
+    """The q/k/v/o projections of an attention layer, with RMSNorm on q and k over all heads (before the head split),
+    as in Wan. The attention itself is the block's mixer (self-attention) or `attention.attention` (cross)."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
@@ -111,9 +120,9 @@ class WanBlock(nnx.Module):
         self.cfg = cfg
         self.modulation = nnx.Param(jax.random.normal(rngs.params(), (6, cfg.dim), cfg.weight_dtype) / cfg.dim**0.5)
         self.norm1 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = AttentionProjections(cfg, rngs=rngs)
         self.norm3 = LayerNorm(cfg.dim, eps=cfg.eps, affine=True, param_dtype=cfg.weight_dtype)
-        self.cross_attn = Attention(cfg, rngs=rngs)
+        self.cross_attn = AttentionProjections(cfg, rngs=rngs)
         self.norm2 = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
         self.ffn = FeedForward(cfg, rngs=rngs)
         # DecMem gate G = Linear(h) on the hidden state that feeds q/k/v, zero-initialised: o = o_alm + G * o_sgm
@@ -125,7 +134,7 @@ class WanBlock(nnx.Module):
             gate.bias.set_value(jnp.zeros_like(gate.bias.get_value()))
         self.gate = gate
 
-    def __call__(self, x, e0, ctx, cos, sin, mixer, layer_in=None):
+    def __call__(self, x, e0, ctx, cos, sin, mixer, layer_in=None, use_memory=False):
         cfg = self.cfg
         b, f, t, d = x.shape
         m = self.modulation.get_value().astype(jnp.float32)[None, None] + e0  # [B, F, 6, D]
@@ -139,7 +148,7 @@ class WanBlock(nnx.Module):
         g = None
         if self.gate is not None:  # memory: the gate, and the q/k that SGM scores (MemoryConfig.score_on)
             g = (self.self_attn._heads(self.gate(h)), (q_raw, k_raw) if cfg.memory.score_on == "content" else None)
-        o, new_kv = mixer(q, k, v, g, layer_in)
+        o, new_kv = mixer(q, k, v, g, layer_in, use_memory)
         x = (x + self.self_attn.out(o).reshape(b, f, t, d) * gate1).astype(cfg.residual)
 
         # Cross-attention to the (padded) text context: no modulation, no gate, no mask.
@@ -249,18 +258,25 @@ class WanDiT(nnx.Module):
 
     def _layer_flags(self):
         """Per-layer DecMem switch, scanned with the blocks; None when every layer is the same (no lax.cond)."""
+        if self.cfg.memory is None:
+            return None
         mask = self.cfg.memory_layer_mask()
         return None if all(mask) or not any(mask) else jnp.asarray(mask)
 
     def _run_blocks(self, x, e0, ctx, cos, sin, mixer, layer_in):
-        def step(block: WanBlock, x, layer_in):
-            return block(x, e0, ctx, cos, sin, mixer, layer_in)
+        """The blocks under nnx.scan; layer_in (per-layer cache slices or None) and the per-layer DecMem switches
+        (`_layer_flags`) are scanned with them."""
+        flags = self._layer_flags()
+        use = self.cfg.memory is not None and any(self.cfg.memory_layer_mask())  # when every layer is the same
+
+        def step(block: WanBlock, x, scanned):
+            layer_in, flag = scanned
+            return block(x, e0, ctx, cos, sin, mixer, layer_in, use if flag is None else flag)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
-        in_axes = None if layer_in is None else 0
-        scan = nnx.scan(step, in_axes=(0, nnx.Carry, in_axes), out_axes=(nnx.Carry, 0))
-        return scan(self.blocks, x, layer_in)
+        scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+        return scan(self.blocks, x, (layer_in, flags))
 
     def _forward(self, latents, timesteps, context, cond, mixer, *, layer_in=None, frame_offset=0, positions=None):
         """positions: optional static per-frame RoPE positions (teacher forcing); else frames start at frame_offset."""
@@ -283,50 +299,70 @@ class WanDiT(nnx.Module):
             cos, sin = rope_cos_sin((int(max(positions)) + 1, h, w), cfg.rope_split, **rope)
             rows = (np.asarray(positions)[:, None] * h * w + np.arange(h * w)).reshape(-1)
             cos, sin = cos[rows], sin[rows]
-        if cfg.memory is not None:
-            flags = self._layer_flags()
-            use = bool(any(cfg.memory_layer_mask()))
-            inner = mixer
-            mixer = lambda q, k, v, g, li: inner(q, k, v, g, li[0], use if flags is None else li[1])  # noqa: E731
-            layer_in = (layer_in, flags)
         x, layer_out = self._run_blocks(x, e0, ctx, cos, sin, mixer, layer_in)
         return self._unpatchify(self.head(x, e), grid), layer_out
 
     # ----- full-sequence modes -----
     def _sequence_mixer(self, tokens_per_frame: int, chunk_size: int | None, plan: mem.FramePlan | None,
                         retrieval_target=None):
+        """The self-attention mode of a full-sequence forward: DecMem, bidirectional, or block-causal dense."""
         cfg = self.cfg
         if cfg.memory is not None:
             if plan is None:
                 raise ValueError("a DecMem model (DiTConfig.memory set) is causal: pass chunk_size")
-            layout = self._layout(tokens_per_frame)
-
-            def mixer(q, k, v, g, _, use):
-                o = mem.decmem_attention(q, k, v, g[0], layout, cfg.memory, plan=plan, use_memory=use, score=g[1])
-                if retrieval_target is None:
-                    return o, None
-                loss, top1 = mem.retrieval_loss(q, k, layout, cfg.memory, plan, retrieval_target, score=g[1])
-                return o, (jnp.where(use, loss, 0.0), jnp.where(use, top1, 0.0))  # dense layers retrieve nothing
-
-            return mixer
+            return self._decmem_mixer(self._layout(tokens_per_frame), plan, retrieval_target)
         if retrieval_target is not None:
             raise ValueError("retrieval_target needs a DecMem model (DiTConfig.memory set)")
         if chunk_size is None:
-            return lambda q, k, v, g, _: (attn_lib.attention(q, k, v, backend=cfg.attention), None)
-        chunk_tokens = chunk_size * tokens_per_frame
+            return self._bidirectional_mixer()
+        return self._block_causal_mixer(tokens_per_frame, chunk_size * tokens_per_frame, plan)
+
+    def _bidirectional_mixer(self):
+        """Wan2.1's full attention over every token."""
+        backend = self.cfg.attention
+
+        def bidirectional(q, k, v, memory, layer_in, use_memory):
+            return attn_lib.attention(q, k, v, backend=backend), None
+
+        return bidirectional
+
+    def _block_causal_mixer(self, tokens_per_frame: int, chunk_tokens: int, plan: mem.FramePlan):
+        """Dense block-causal attention (a chunk sees itself and earlier chunks) or its teacher-forcing form."""
+        backend = self.cfg.attention
         seq = plan.frames * tokens_per_frame
-        if attn_lib.fits_mask(seq, seq):  # small models: one masked call instead of a loop of tiny ones
-            return lambda q, k, v, g, _: (attn_lib.frame_masked_attention(
-                q, k, v, plan.visible, tokens_per_frame=tokens_per_frame, backend=cfg.attention), None)
-        if plan.teacher_forcing:
-            return lambda q, k, v, g, _: (attn_lib.teacher_forcing_attention(
-                q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention), None)
-        return lambda q, k, v, g, _: (attn_lib.block_causal_attention(
-            q, k, v, chunk_tokens=chunk_tokens, backend=cfg.attention), None)
+
+        def block_causal(q, k, v, memory, layer_in, use_memory):
+            if attn_lib.fits_mask(seq, seq):  # small models: one masked call instead of a loop of tiny ones
+                o = attn_lib.frame_masked_attention(q, k, v, plan.visible, tokens_per_frame=tokens_per_frame,
+                                                    backend=backend)
+            elif plan.teacher_forcing:
+                o = attn_lib.teacher_forcing_attention(q, k, v, chunk_tokens=chunk_tokens, backend=backend)
+            else:
+                o = attn_lib.block_causal_attention(q, k, v, chunk_tokens=chunk_tokens, backend=backend)
+            return o, None
+
+        return block_causal
+
+    def _decmem_mixer(self, layout: mem.BlockLayout, plan: mem.FramePlan, retrieval_target=None):
+        """SGM + ALM + gate over the whole sequence (dense block-causal in layers with the switch off); with a
+        retrieval target, layer_out is that layer's (retrieval loss, top-1) (zeros in dense layers)."""
+        cfg = self.cfg
+
+        def decmem(q, k, v, memory, layer_in, use_memory):
+            gate, score = memory
+            o = mem.decmem_attention(q, k, v, gate, layout, cfg.memory, plan=plan, use_memory=use_memory,
+                                     score=score)
+            if retrieval_target is None:
+                return o, None
+            loss, top1 = mem.retrieval_loss(q, k, layout, cfg.memory, plan, retrieval_target, score=score)
+            return o, (jnp.where(use_memory, loss, 0.0), jnp.where(use_memory, top1, 0.0))
+
+        return decmem
 
     def __call__(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, *,
                  chunk_size: int | None = None, cond: jax.Array | None = None) -> jax.Array:
-        """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context [B, L, text_dim].
+        """Flow velocity for latents [B, F, H, W, C] at timesteps [B] or per frame [B, F], text context
+        [B, L, text_dim].
 
         chunk_size=None: bidirectional over all frames (Wan2.1). chunk_size=c: block-causal over chunks of c latent
         frames (bidirectional inside a chunk, causal across chunks); DecMem models need it. cond: per-latent
@@ -416,25 +452,41 @@ class WanDiT(nnx.Module):
         fits = cache.check_room(f)
         length = cache.length
         if cfg.memory is None:
-            offset = length * cache.tokens_per_frame
-
-            def mixer(q, k, v, g, hist):
-                o = attn_lib.attention_with_history(q, k, v, hist[0].astype(q.dtype), hist[1].astype(q.dtype),
-                                                    offset, backend=cfg.attention)
-                return o, ((k, v), None)
+            mixer = self._cached_dense_mixer(length * cache.tokens_per_frame)
         else:
-            layout = self._layout(h * w)
-
-            def mixer(q, k, v, g, hist, use):
-                hk, hv, hp = hist
-                o, new, selection = mem.chunk_decmem_attention(q, k, v, g[0], layout, cfg.memory,
-                                                               (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
-                                                               use_memory=use, score=g[1])
-                return o, (new, selection)
+            mixer = self._cached_decmem_mixer(self._layout(h * w), length)
         out, new = self._forward(latents, timesteps, context, cond, mixer, layer_in=cache.layers(),
                                  frame_offset=length)
         # Inside jit an overflowing chunk cannot raise; poison its output instead of silently clamping the write.
         return jnp.where(fits, out, jnp.nan), new, fits
+
+    def _cached_dense_mixer(self, offset):
+        """A chunk against a token-major cache slice (k, v) of which the first `offset` tokens are committed; the
+        layer hands back its own (k, v) for `commit`."""
+        backend = self.cfg.attention
+
+        def cached_dense(q, k, v, memory, layer_in, use_memory):
+            hk, hv = layer_in
+            o = attn_lib.attention_with_history(q, k, v, hk.astype(q.dtype), hv.astype(q.dtype), offset,
+                                                backend=backend)
+            return o, ((k, v), None)
+
+        return cached_dense
+
+    def _cached_decmem_mixer(self, layout: mem.BlockLayout, length):
+        """A chunk against a block-major cache slice (keys, values, pooled keys) of `length` committed frames; the
+        layer hands back its new cache entries and its SGM selection (diagnostics)."""
+        cfg = self.cfg
+
+        def cached_decmem(q, k, v, memory, layer_in, use_memory):
+            gate, score = memory
+            hk, hv, hp = layer_in
+            o, new, selection = mem.chunk_decmem_attention(q, k, v, gate, layout, cfg.memory,
+                                                           (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
+                                                           use_memory=use_memory, score=score)
+            return o, (new, selection)
+
+        return cached_decmem
 
     def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
                       cond: jax.Array | None = None) -> jax.Array:
