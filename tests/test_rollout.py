@@ -195,3 +195,51 @@ def test_cli_rolls_out_3000_frames_with_memory_growing_like_the_cache(clip, tmp_
     growth = long["host_peak_rss_mb"] - short["host_peak_rss_mb"]
     assert growth <= 1.1 * cache_mb, f"peak RSS grew by {growth:.0f} MB from 1,000 to 3,000 frames; the cache by " \
                                      f"{cache_mb:.0f} MB"
+
+
+def test_generate_yields_the_frames_the_cli_writes(clip, tmp_path, monkeypatch):
+    """`rollout.generate`, called as a library, gives exactly the frames and SGM selections the CLI writes (context
+    included), and the memory benchmark's way of calling it (padded segments of another length, the conditioning
+    embedded at once, a warm decoder passed in) the same rollout to float rounding."""
+    import jax.numpy as jnp
+
+    from decmem_jax import video
+    from decmem_jax.models.conditioning import fixed_text_context
+    from decmem_jax.rollout import settings as settings_lib
+    from decmem_jax.rollout.__main__ import load_inputs, run
+    from decmem_jax.rollout.generate import encode, generate, warm_decoder
+    from decmem_jax.rollout.load import build_models
+
+    written = []
+
+    class Recording(video.VideoWriter):
+        def write(self, frames):
+            written.append(np.array(frames))
+            return super().write(frames)
+
+    monkeypatch.setattr(video, "VideoWriter", Recording)
+    c = tiny_config(segment_chunks=2, steps=2, include_context=True)
+    run(c, context=str(clip[0]), actions=str(clip[1]), num_frames=40, out=str(tmp_path / "w.mp4"), seed=3,
+        diagnostics=str(tmp_path / "sel.npz"))
+    cli = np.concatenate(written)
+    assert cli.shape == (17 + 40, 64, 64, 3)
+
+    frames, acts, poses = load_inputs(c, str(clip[0]), str(clip[1]), 40)
+    dit, vae, _ = build_models(c)  # random weights: the same seeds as the CLI's
+    text = jnp.asarray(fixed_text_context(dit.cfg.text_len, dit.cfg.text_dim, None))
+    common = dict(actions=acts[None], poses=poses[None], text=text, seeds=[3], num_frames=40, chunk=4,
+                  settings=settings_lib.sampler_settings(c))
+    segments = list(generate(dit, vae, frames=frames[None], segment_chunks=2, with_selection=True,
+                             include_context=True, **common))
+    assert [s.chunks for s in segments] == [range(0), range(0, 2), range(2, 3)]
+    np.testing.assert_array_equal(np.concatenate([s.frames[0] for s in segments]), cli)
+    sel = np.load(tmp_path / "sel.npz")
+    np.testing.assert_array_equal(np.concatenate([s.selection[0] for s in segments[1:]])[:, :, 0], sel["ids"])
+
+    latents = encode(vae, frames[None])
+    padded = generate(dit, vae, latents=latents, segment_chunks=4, pad_segments=True, embed_all=True,
+                      decoder=warm_decoder(vae, latents)[0], **common)
+    assert next(padded).frames is None  # the context: prefilled, not decoded again
+    again = np.concatenate([s.frames[0] for s in padded])
+    diff = np.abs(again.astype(int) - cli[17:].astype(int))
+    assert again.shape == (40, 64, 64, 3) and diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())

@@ -174,6 +174,7 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
     from decmem_jax.models.conditioning import fixed_text_context
     from decmem_jax.rollout import settings as settings_lib
     from decmem_jax.eval import variants as var
+    from decmem_jax.rollout.generate import encode, warm_decoder
 
     todo = {v: [cl for cl in clips if not clip_file(work, cl, v).exists()] for v in s.variants
             if v in MODEL_VARIANTS}
@@ -202,8 +203,8 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
                                        size, needed)
                 key = tuple(cl.index for cl in group)
                 if key not in latents_of:
-                    lat = var.encode_context(vae, batch.context)
-                    latents_of[key] = (lat, roller.warm_decoder(vae, lat))
+                    lat = encode(vae, batch.context)
+                    latents_of[key] = (lat, warm_decoder(vae, lat)[0])
                 frames, sel = roller.run(models[name], vae, batch, latents_of[key][0], s.num_frames,
                                          decoder=latents_of[key][1], with_selection=name == "decmem",
                                          progress=bar.update)
@@ -213,7 +214,7 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
                     truth = np.stack([video.read_video(cl.video, num_frames=timeline.context_frames + whole)
                                       for cl in group])
                     truth = np.concatenate([truth, np.repeat(truth[-1:], size - len(group), 0)])  # padding rows
-                    forced = roller.teacher_forced(models[name], batch, var.encode_context(vae, truth))
+                    forced = roller.teacher_forced(models[name], batch, encode(vae, truth))
                 for j, cl in enumerate(group):
                     extra = {}
                     if sel is not None:

@@ -124,15 +124,6 @@ def make_batch(clips: list[dict], batch: int, frames_needed: int) -> ClipBatch:
                      [int(r["seed"]) for r in rows], len(clips))
 
 
-def encode_context(vae, context: np.ndarray) -> jax.Array:
-    """VAE latents [B, context_latents, h, w, z] of uint8 context frames [B, T, H, W, 3] (streaming encoder)."""
-    from decmem_jax import video
-    from decmem_jax.models import vae_stream
-
-    pixels = jnp.asarray(video.to_model_range(context))
-    return jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
-
-
 class Roller:
     """Rolls out clip batches for any model variant with one settings: segment functions are made once and reused
     (nnx.jit compiles once per model graph and batch size)."""
@@ -152,77 +143,35 @@ class Roller:
         """Action rows a batch needs: context + every (padded) generated chunk."""
         return self.timeline.context_frames + self.padded_chunks(num_frames) * self.timeline.frames_per_chunk
 
-    def warm_decoder(self, vae, latents: jax.Array):
-        """The streaming decoder's state after the context latents (as the rollout CLI warms it), shared by the
-        variants of a batch: `run` decodes from a copy."""
-        from decmem_jax.models import vae_stream
-
-        first_dec, step_dec = vae_stream.decode_steps(vae)
-        state, _ = first_dec(vae_stream.init_decode_state(vae, latents.shape[0], self.lat_hw), latents[:, :1])
-        if latents.shape[1] > 1:
-            state, _ = step_dec(state, latents[:, 1:])
-        return state
-
     def run(self, model, vae, batch: ClipBatch, latents: jax.Array, num_frames: int, *, decoder=None,
             with_selection=False, progress=None):
         """(frames uint8 [real, num_frames, H, W, 3], selections (ids [chunks, L, real, H, C*M, K], counts) or None).
-        latents: the batch's encoded context; decoder: `warm_decoder(vae, latents)` (made here when None).
-        progress(n): called with the frames done after each segment."""
-        from decmem_jax import video
-        from decmem_jax.models import vae_stream
-        from decmem_jax.rollout import engine
+        latents: the batch's encoded context (`rollout.generate.encode`); decoder: its warm decoder state
+        (`rollout.generate.warm_decoder`, shared by the variants of a batch; made here when None). progress(n):
+        called with the frames done after each segment."""
+        from decmem_jax.rollout.generate import generate
 
-        tl, cfg = self.timeline, model.cfg
         b = batch.context.shape[0]
-        chunk, seg = tl.chunk, self.segment_chunks
-        n_chunks, n_total = tl.num_chunks(num_frames), self.padded_chunks(num_frames)
-        capacity = tl.context_latents + n_total * chunk
-        text = jnp.asarray(np.repeat(self.text, b, axis=0))
-        ctx = tl.context_frames
-
-        def cond(first: int, count: int, first_latent: bool):
-            if cfg.conditioning is None:
-                return None
-            a = jnp.asarray(batch.actions[:, first:first + count])
-            p = jnp.asarray(batch.poses[:, first:first + count]) if cfg.conditioning.pose == "added" else None
-            return model.embed_conditioning(a, p, first_latent=first_latent)
-
-        cache = model.init_cache(b, capacity, self.lat_hw)
-        cache = engine.prefill(model, cache, latents, text, cond(0, ctx, True), chunk=chunk)
-        gen_cond = cond(ctx, n_total * tl.frames_per_chunk, False)  # [B, n_total * chunk, dim]: per-latent, local
-        if gen_cond is not None:
-            gen_cond = gen_cond.reshape(b, n_total, chunk, -1).transpose(1, 0, 2, 3)
-        _, step_dec = vae_stream.decode_steps(vae)
-        decoder = self.warm_decoder(vae, latents) if decoder is None else decoder
-        dec_state = jax.tree.map(jnp.copy, decoder)  # the steps donate their state
-        segment = self._segments[bool(with_selection)]
-        shape = (1, chunk, *self.lat_hw, cfg.in_channels)
-        out, ids, counts, done = [], [], [], 0
-        for s in range(0, n_total, seg):
-            if s >= n_chunks:
-                break  # whole padding segments are never run
-            noises = jnp.stack([jnp.concatenate([engine.chunk_noise(sd, i, shape) for sd in batch.seeds])
-                                for i in range(s, s + seg)])
-            conds = None if gen_cond is None else gen_cond[s:s + seg]
-            result = segment(model, cache, noises, text, conds)
-            new, cache = result[0], result[1]
+        segments = generate(
+            model, vae, latents=latents, actions=batch.actions, poses=batch.poses,
+            text=np.repeat(self.text, b, axis=0), seeds=batch.seeds, num_frames=num_frames, chunk=self.timeline.chunk,
+            segment_chunks=self.segment_chunks, segment_fn=self._segments[bool(with_selection)],
+            # Padded segments: one compilation per model whatever num_frames; the whole span's conditioning embedded
+            # at once: one dispatch for the batch.
+            pad_segments=True, embed_all=True, decoder=decoder)
+        next(segments)  # the memory bank
+        out, ids, counts = [], [], []
+        for segment in segments:
+            out.append(segment.frames[:batch.real])
             if with_selection:
-                ids.append(np.asarray(result[2][0]))
-                counts.append(np.asarray(result[2][1]))
-            gen = new.transpose(1, 0, 2, 3, 4, 5).reshape(b, seg * chunk, *self.lat_hw, cfg.in_channels)
-            dec_state, pixels = step_dec(dec_state, gen)
-            pixels = np.asarray(pixels)
-            if not np.isfinite(pixels).all():
-                raise FloatingPointError(f"non-finite frames in chunks {s}..{s + seg - 1} (cache capacity "
-                                         f"{capacity} latents)")
-            take = min(pixels.shape[1], num_frames - done)
-            out.append(video.from_model_range(pixels[:batch.real, :take]))
-            done += take
+                ids.append(segment.selection[0])
+                counts.append(segment.selection[1])
             if progress is not None:
-                progress(take * batch.real)
+                progress(segment.frames.shape[1] * batch.real)
         frames = np.concatenate(out, axis=1)
         if not with_selection:
             return frames, None
+        n_chunks = self.timeline.num_chunks(num_frames)
         ids = np.concatenate(ids)[:n_chunks, :, :batch.real]
         counts = np.concatenate(counts)[:n_chunks, :, :batch.real]
         return frames, (ids, counts)

@@ -12,6 +12,9 @@
 
 --actions is a WorldMem-format npz (actions int [T, 8], poses [T, 5]) covering at least context + num_frames frames
 from the clip's first frame. Generation runs whole chunks and truncates the last one (docs/method.md §12).
+
+Steps 1-2 are the library generator `decmem_jax.rollout.generate.generate`; this module checks the inputs before any
+model work and writes what the generator yields.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from absl import app, flags
 
 from decmem_jax.cli import define_config_flag
 from decmem_jax.errors import DecMemError
-from decmem_jax.format import FRAMES_PER_LATENT, latent_size, latents_for_frames
+from decmem_jax.format import FRAMES_PER_LATENT, latents_for_frames
 from decmem_jax.rollout import settings as settings_lib
 from decmem_jax.rollout.load import RolloutError, build_models, weights_sha256
 
@@ -97,14 +100,15 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
 
 def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int = 0,
         diagnostics: str | None = None, ground_truth: str | None = None) -> dict:
+    """Validates the inputs, rolls out (`rollout.generate`) into --out, and writes the sidecar (returned as a dict),
+    the diagnostics npz and the ground-truth comparison."""
     import jax
     import jax.numpy as jnp
     from tqdm.auto import tqdm
 
     from decmem_jax import video
-    from decmem_jax.models import vae_stream
     from decmem_jax.models.conditioning import fixed_text_context
-    from decmem_jax.rollout import engine
+    from decmem_jax.rollout.generate import generate
 
     problems = settings_lib.check(c)
     if problems:
@@ -118,7 +122,6 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     frames, acts, poses = load_inputs(c, context, actions, num_frames, ground_truth)
     dit, vae, weights = build_models(c)
     cfg = dit.cfg
-    settings = settings_lib.sampler_settings(c)
     chunk = int(r.chunk)
     frames_per_chunk = FRAMES_PER_LATENT * chunk
     n_chunks = -(-num_frames // frames_per_chunk)
@@ -126,70 +129,34 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     capacity = int(r.capacity) or ctx_latents + n_chunks * chunk
     if capacity < ctx_latents + n_chunks * chunk:
         _fail(f"rollout.capacity={capacity} < context latents {ctx_latents} + generated {n_chunks * chunk}")
-    lat_hw = latent_size((r.height, r.width))
-    text = jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None))
-    pose_on = cfg.conditioning is not None and cfg.conditioning.pose == "added"
 
-    def conditioning(first: int, count: int, first_latent: bool):
-        if cfg.conditioning is None:
-            return None
-        a = jnp.asarray(acts[None, first: first + count])
-        p = jnp.asarray(poses[None, first: first + count]) if pose_on else None
-        return dit.embed_conditioning(a, p, first_latent=first_latent)
+    # 1. Memory bank: the first item `generate` yields, once the context is encoded and teacher-forced.
+    with tqdm(total=ctx_latents, desc="memory bank", unit="latent") as bar:
+        segments = generate(
+            dit, vae, frames=frames[None], actions=acts[None], poses=poses[None], seeds=[seed],
+            text=jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None)),
+            settings=settings_lib.sampler_settings(c), num_frames=num_frames, chunk=chunk,
+            segment_chunks=int(r.segment_chunks), capacity=capacity, with_selection=bool(diagnostics),
+            include_context=bool(r.include_context), progress=bar.update)
+        ctx = next(segments)
 
-    # 1. Memory bank: encode the context, teacher-force it into the cache.
-    t0 = time.perf_counter()
-    pixels = jnp.asarray(video.to_model_range(frames))[None]
-    latents = jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
-    cache = dit.init_cache(1, capacity, lat_hw)
-    with tqdm(total=latents.shape[1], desc="memory bank", unit="latent") as bar:
-        cache = engine.prefill(dit, cache, latents, text, conditioning(0, r.context_frames, True), chunk=chunk,
-                               progress=bar.update)
-        jax.block_until_ready(cache.length)
-    t_prefill = time.perf_counter() - t0
-
-    # 2. Generate segment by segment; decode and append to the mp4 as each segment lands.
-    first_dec, step_dec = vae_stream.decode_steps(vae)
-    dec_state, ctx_video = first_dec(vae_stream.init_decode_state(vae, 1, lat_hw), latents[:, :1])
-    ctx_pieces = [ctx_video]
-    if latents.shape[1] > 1:
-        dec_state, rest = step_dec(dec_state, latents[:, 1:])
-        ctx_pieces.append(rest)
-    segment = engine.make_segment_fn(settings, with_selection=bool(diagnostics))
-    selections, written, gen_start = [], 0, r.context_frames
+    # 2. Generate segment by segment; append each to the mp4 as it lands.
+    selections, written = [], 0
     kept = []  # generated uint8 frames, kept only for the comparison with the ground truth
     t_gen = time.perf_counter()
     chunk_times = []
     with video.VideoWriter(out, fps=r.fps) as writer, tqdm(total=num_frames, desc="rollout", unit="frame") as bar:
-        if r.include_context:
-            for piece in ctx_pieces:
-                writer.write(video.from_model_range(np.asarray(piece[0])))
-        for s in range(0, n_chunks, int(r.segment_chunks)):
-            n = min(int(r.segment_chunks), n_chunks - s)
-            noises = jnp.stack([engine.chunk_noise(seed, i, (1, chunk, *lat_hw, cfg.in_channels)) for i in
-                                range(s, s + n)])
-            conds = None
-            if cfg.conditioning is not None:
-                conds = jnp.stack([conditioning(gen_start + frames_per_chunk * i, frames_per_chunk, False)
-                                   for i in range(s, s + n)])
-            t_seg = time.perf_counter()
-            result = segment(dit, cache, noises, text, conds)
-            new_latents, cache = result[0], result[1]
+        if ctx.frames is not None:
+            writer.write(ctx.frames[0])
+        for segment in segments:
             if diagnostics:
-                selections.append(jax.tree.map(np.asarray, result[2]))
-            gen = new_latents.transpose(1, 0, 2, 3, 4, 5).reshape(1, n * chunk, *lat_hw, cfg.in_channels)
-            dec_state, pixels = step_dec(dec_state, gen)
-            pixels = np.asarray(pixels[0])
-            chunk_times.append((time.perf_counter() - t_seg) / n)
-            if not np.isfinite(pixels).all():
-                _fail(f"non-finite frames generated in chunks {s}..{s + n - 1} (check the checkpoint and settings)")
-            take = min(pixels.shape[0], num_frames - written)
-            out_frames = video.from_model_range(pixels[:take])
-            writer.write(out_frames)
+                selections.append(segment.selection)
+            chunk_times.append(segment.seconds_per_chunk)
+            writer.write(segment.frames[0])
             if ground_truth:
-                kept.append(out_frames)
-            written += take
-            bar.update(take)
+                kept.append(segment.frames[0])
+            written += segment.frames.shape[1]
+            bar.update(segment.frames.shape[1])
     t_total = time.perf_counter() - t_start
     if diagnostics:
         ids = np.concatenate([s_[0] for s_ in selections])[:, :, 0]  # [chunks, L, H, C*M, K] (batch 1)
@@ -202,7 +169,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         weights_sha256={"dit": weights_sha256(dit), "vae": weights_sha256(vae)},
         model=json.loads(cfg.to_json()), rollout=r.to_dict(),
         devices=[str(d) for d in jax.devices()][:1], jax=jax.__version__,
-        timing=dict(total_s=t_total, prefill_s=t_prefill, generate_s=time.perf_counter() - t_gen,
+        timing=dict(total_s=t_total, prefill_s=ctx.seconds, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
                     # The first segment includes compilation: with one segment there is no compile-free figure.
                     fps_excluding_compile=(frames_per_chunk / float(np.median(chunk_times[1:])) if len(chunk_times) > 1

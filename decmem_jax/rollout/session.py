@@ -7,8 +7,9 @@ actions chosen as you go (the notebook's buttons, `python -m decmem_jax.play`'s 
     for piece in session.stream(next_actions): ...   # the same, 4 frames at a time as the VAE decodes them
 
 `WorldModel` holds what is expensive and shared (weights, the jitted chunk step), so a new `Session` (a page reload
-in play) costs one prefill, not a recompilation. A session reuses `engine.prefill` and `engine.make_segment_fn`
-(a one-chunk `lax.scan`) exactly as `python -m decmem_jax.rollout` does; what differs is only that the next
+in play) costs one prefill, not a recompilation. A session takes the steps of `rollout.generate` (the procedure
+`python -m decmem_jax.rollout` runs) one chunk at a time: the same encoder, prefill, conditioning slices, chunk noise
+and segment call (a `generate.Rollout` driven with one-chunk `lax.scan`s); what differs is only that the next
 chunk's actions are not known in advance, and that the VAE decodes one latent at a time so frames can be shown
 while the rest of the chunk is still decoding.
 
@@ -203,11 +204,10 @@ class Session:
         import jax
         import jax.numpy as jnp
 
-        from decmem_jax import video
         from decmem_jax.data.pipeline import clip_conditioning
-        from decmem_jax.models import vae_stream
         from decmem_jax.models.conditioning import fixed_text_context
         from decmem_jax.rollout import engine
+        from decmem_jax.rollout import generate as generate_lib
 
         frames = np.asarray(frames)
         t = frames.shape[0] if frames.ndim == 4 else 0
@@ -235,24 +235,22 @@ class Session:
         dit, cfg = model.dit, model.dit.cfg
         self.text = jnp.asarray(text if text is not None else
                                 fixed_text_context(cfg.text_len, cfg.text_dim, model.config.rollout.text_context or None))
+        # The steps of `rollout.generate`, taken here one chunk at a time because the next chunk's actions are not
+        # known in advance.
         t0 = time.perf_counter()
-        pixels = jnp.asarray(video.to_model_range(frames))[None]
-        latents = jnp.concatenate(list(vae_stream.stream_encode(model.vae, pixels, chunk=4)), axis=1)
+        latents = generate_lib.encode(model.vae, frames[None])
         try:
             cache = dit.init_cache(1, self.capacity, model.latent_hw)
         except ValueError as e:
             raise SessionError(f"max_chunks={max_chunks}: {e}") from e
-        self._cache = engine.prefill(dit, cache, latents, self.text, self._conditioning(0, t, True),
-                                     chunk=model.chunk)
+        cache = engine.prefill(dit, cache, latents, self.text, self._conditioning(0, t, True), chunk=model.chunk)
         # The decoder's causal cache must have seen the context latents for the first generated frames to follow on;
         # one latent per call, the same compiled step that decodes generated latents.
-        first, self._decode = vae_stream.decode_steps(model.vae)
-        state, _ = first(vae_stream.init_decode_state(model.vae, 1, model.latent_hw), latents[:, :1])
-        for i in range(1, latents.shape[1]):
-            state, _ = self._decode(state, latents[:, i: i + 1])
-        self._dec_state = jax.block_until_ready(state)
+        decoder, _ = generate_lib.warm_decoder(model.vae, latents, per_latent=True)
+        self._rollout = generate_lib.Rollout(dit, model.vae, cache, jax.block_until_ready(decoder), text=self.text,
+                                             seeds=[model.seed], chunk=model.chunk, grid=model.latent_hw,
+                                             segment_fn=model.segment_fn())
         self.prefill_seconds = time.perf_counter() - t0
-        self._engine = engine
 
     # ---------------------------------------------------------------------------------------------------------------
 
@@ -279,15 +277,14 @@ class Session:
     def _conditioning(self, first: int, count: int, first_latent: bool):
         """Per-latent conditioning of frames [first, first + count) of the trajectory, normalised as in training
         (positions relative to the clip's first frame, yaw sign and mod 360: `pipeline.clip_conditioning`)."""
-        import jax.numpy as jnp
+        from decmem_jax.rollout.generate import embed_frames
 
         model = self.model
         if not model.conditioned:
             return None
         acts, poses = self._clip_conditioning(self._raw_actions, self._raw_poses)
-        a = jnp.asarray(acts[None, first: first + count])
-        p = jnp.asarray(poses[None, first: first + count]) if model.pose_conditioned else None
-        return model.embed_fn()(model.dit, a, p, first_latent)
+        return embed_frames(model.dit, acts[None], poses[None], first, count, first_latent,
+                                  embed=model.embed_fn())
 
     def step(self, actions, poses=None) -> ChunkResult:
         """Generates the next chunk under `actions` (int32 [4 * chunk, 8]); `poses` (float [4 * chunk, 5]) default
@@ -319,7 +316,7 @@ class Session:
     def _generate(self, actions, poses) -> Iterator[np.ndarray]:
         from decmem_jax import video
 
-        model, dit = self.model, self.model.dit
+        model = self.model
         t0 = time.perf_counter()
         start = self.context_frames + self.chunks * model.frames_per_chunk
         old_actions, old_poses = self._raw_actions, self._raw_poses
@@ -327,20 +324,16 @@ class Session:
         self._raw_poses = np.concatenate([old_poses, poses])
         try:
             cond = self._conditioning(start, model.frames_per_chunk, False)
-            noise = self._engine.chunk_noise(model.seed, self.chunks, (1, model.chunk, *model.latent_hw,
-                                                                        dit.cfg.in_channels))
-            history = int(self._cache.length)
+            history = int(self._rollout.cache.length)
             self._broken = True  # until the chunk is decoded: the cache is donated to the call below
-            out = model.segment_fn()(dit, self._cache, noise[None], self.text, None if cond is None else cond[None])
+            latents, selection = self._rollout.step(None if cond is None else cond[None], 1)
         except BaseException:
             self._raw_actions, self._raw_poses = old_actions, old_poses
             raise
-        latents, self._cache = out[0], out[1]
-        retrieval = self._retrieval(out[2], history) if len(out) > 2 else None
+        retrieval = self._retrieval(selection, history) if selection is not None else None
         pieces = []
         for i in range(model.chunk):
-            self._dec_state, pixels = self._decode(self._dec_state, latents[0, :, i: i + 1])
-            piece = np.asarray(pixels[0])
+            piece = self._rollout.decode(latents[:, i: i + 1])[0]
             if not np.isfinite(piece).all():
                 raise SessionError(f"chunk {self.chunks}: non-finite frames generated (check the checkpoint)")
             piece = video.from_model_range(piece)
