@@ -206,3 +206,21 @@ def test_checker_finds_module_level_cycle_but_not_lazy_one(tmp_path):
     assert cycle is not None and set(cycle) == {"decmem_jax.a", "decmem_jax.b", "decmem_jax.c"}, cycle
     without_c = [i for i in found if i.source != "decmem_jax.c"]
     assert find_cycle(module_graph(modules, without_c)) is None
+
+
+def test_every_project_error_derives_from_the_one_base_class():
+    """Each CLI catches DecMemError once; an exception class that does not derive from it would escape as a
+    traceback. Found with ast (every `class ...Error(...)` under decmem_jax/), checked on the imported class."""
+    import importlib
+
+    from decmem_jax.errors import DecMemError
+
+    found = []
+    for path in sorted((ROOT / "decmem_jax").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef) and node.name.endswith("Error") and node.name != "DecMemError":
+                module = ".".join(path.relative_to(ROOT).with_suffix("").parts)
+                found.append((module, node.name))
+    assert len(found) >= 10, found
+    escaping = [f"{m}.{n}" for m, n in found if not issubclass(getattr(importlib.import_module(m), n), DecMemError)]
+    assert not escaping, f"not derived from decmem_jax.errors.DecMemError: {escaping}"

@@ -193,8 +193,10 @@ def test_cli_rolls_out_3000_frames_with_memory_growing_like_the_cache(clip, tmp_
     latents = (long["chunks"] - short["chunks"]) * long["rollout"]["chunk"]
     cache_mb = latents * _cache_bytes_per_latent(long["model"]) / 2**20
     growth = long["host_peak_rss_mb"] - short["host_peak_rss_mb"]
-    assert growth <= 1.1 * cache_mb, f"peak RSS grew by {growth:.0f} MB from 1,000 to 3,000 frames; the cache by " \
-                                     f"{cache_mb:.0f} MB"
+    # + 48 MB: two processes' peaks differ by +-25 MB from run to run (allocator, compilation) and both creep by
+    # ~70 MB over the segments; keeping the 2,000 extra frames as float32 would add 98 MB and still fail here.
+    assert growth <= 1.1 * cache_mb + 48, f"peak RSS grew by {growth:.0f} MB from 1,000 to 3,000 frames; the " \
+                                          f"cache by {cache_mb:.0f} MB"
 
 
 def test_generate_yields_the_frames_the_cli_writes(clip, tmp_path, monkeypatch):

@@ -99,12 +99,13 @@ def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from decmem_jax.eval.benchmark import BenchmarkError, run
+    from decmem_jax.errors import DecMemError
+    from decmem_jax.eval.benchmark import run
 
     try:
         s = settings_from_flags()
         out = run(s, _CONFIG.value)
-    except (BenchmarkError, ValueError, FileNotFoundError) as e:
+    except (DecMemError, ValueError, FileNotFoundError) as e:  # plain ValueError: a config the dataclasses reject
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(_table(out["result"], out["details"]["retrieval"]))

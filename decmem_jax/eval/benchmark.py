@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.eval import retrieval, revisits, summary
 from decmem_jax.eval.variants import MODEL_VARIANTS, VARIANTS
 from decmem_jax.format import latent_size
@@ -29,7 +30,7 @@ from decmem_jax.format import latent_size
 DIAGNOSTIC_FIELDS = ("ids", "counts", "blocks_per_frame", "context_latents", "chunk")  # as the rollout CLI writes
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(DecMemError, ValueError):
     """A bad input or setting; the message names the file or field."""
 
 

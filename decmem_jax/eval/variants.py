@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from decmem_jax.errors import DecMemError
 from decmem_jax.eval.revisits import Timeline
 from decmem_jax.rollout.load import architecture_differences, with_memory
 
@@ -33,7 +34,7 @@ VARIANTS = ("decmem", "alm_only", "dense_full", "dense_window", "copy_last")
 MODEL_VARIANTS = VARIANTS[:4]
 
 
-class VariantError(ValueError):
+class VariantError(DecMemError, ValueError):
     """A checkpoint that cannot make the requested variant; the message names it."""
 
 

@@ -32,13 +32,14 @@ import numpy as np
 
 from decmem_jax.cli import configs_importable
 from decmem_jax.data import agent as agent_lib
+from decmem_jax.errors import DecMemError
 from decmem_jax.format import (ACTION_DIM, ACTION_NVEC, FRAMES_PER_LATENT, POSE_DIM, is_frame_count,
                                last_frame_of_latent, latent_size, latents_for_frames)
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository root (configs/, weights/)
 
 
-class SessionError(ValueError):
+class SessionError(DecMemError, ValueError):
     """A bad config, input or call; the message names the file or field."""
 
 
