@@ -115,8 +115,8 @@ def test_dense_weights_in_the_alm_window_equal_dense_attention_under_a_sliding_w
     tpf = (GRID[0] // 2) * (GRID[1] // 2)
 
     def mixer(mask):
-        return lambda q, k, v, g, _: (attn_lib.frame_masked_attention(q, k, v, mask, tokens_per_frame=tpf,
-                                                                      backend="xla"), None)
+        return lambda q, k, v, memory, layer_in, use_memory: (attn_lib.frame_masked_attention(
+            q, k, v, mask, tokens_per_frame=tpf, backend="xla"), None)
 
     steps = jnp.concatenate([jnp.zeros((1, frames - chunk)), jnp.full((1, chunk), t)], axis=1)
     ref = {name: np.asarray(dense._forward(lat, steps, ctx, cond, mixer(mask))[0][:, frames - chunk:])
