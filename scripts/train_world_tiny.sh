@@ -20,7 +20,8 @@
 #
 # Environment: WORK (runs/world_tiny), WEIGHTS (weights/world_tiny), PYTHON (.venv/bin/python when it exists, else
 # python3), JOBS (CPU processes for data generation; default nproc), TRAIN_CLIPS (800), TEST_CLIPS (40),
-# LONG_CLIPS (240), LONG_TEST_CLIPS (16), EVAL_CLIPS (4), SMOKE=1 (a few steps of everything on small data, to check the pipeline on a CPU).
+# LONG_CLIPS (240), LONG_TEST_CLIPS (16), EVAL_CLIPS (4), SMOKE=1 (a few steps of everything on small data, to
+# check the pipeline on a CPU).
 # Extra settings go to every training step as --config.x overrides in STEP_ARGS_<STEP> (e.g.
 # STEP_ARGS_S1="--config.train.steps=100"). Wall time per step is appended to $WORK/recipe_times.jsonl.
 set -euo pipefail

@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("module", ["decmem_jax.train", "decmem_jax.train.vae", "decmem_jax.rollout", "decmem_jax.eval"])
+@pytest.mark.parametrize("module", ["decmem_jax.train", "decmem_jax.train.vae", "decmem_jax.rollout",
+                                    "decmem_jax.eval"])
 def test_help_lists_the_config_flag(module):
     proc = subprocess.run([sys.executable, "-m", module, "--help"], cwd=ROOT, capture_output=True, text=True,
                           timeout=300, env={**os.environ, "JAX_PLATFORMS": "cpu"})

@@ -109,6 +109,13 @@ def test_cli_scores_five_variants_on_two_revisit_clips(clips, tmp_path, monkeypa
     third = benchmark.run(benchmark.Settings(**{**a, "out": str(tmp_path / "third.json")}, num_frames=FRAMES,
                                              batch_clips=2, plot_clips=0, progress=False), c)
     assert third["result"]["variants"] == again["variants"]
+    # ... but not under another revisit rule, which changes which frames are revisits
+    from decmem_jax.eval.revisits import RevisitRule
+
+    other_rule = benchmark.Settings(**{**a, "out": str(tmp_path / "fourth.json")}, num_frames=FRAMES, batch_clips=2,
+                                    plot_clips=0, progress=False, rule=RevisitRule(pos_tol=0.5))
+    with pytest.raises(pytest.fail.Exception, match="scored again"):
+        benchmark.run(other_rule, c)
     c.rollout.steps = 2  # other settings: the stored rollouts are refused, not mixed in
     with pytest.raises(benchmark.BenchmarkError, match="holds rollouts of other settings \\(rollout differ"):
         benchmark.run(benchmark.Settings(**a, num_frames=FRAMES, batch_clips=2, progress=False), c)

@@ -308,7 +308,7 @@ def score(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, work: 
                             title=f"clip {clip.index}: PSNR per generated frame ({len(rows)} revisit frames)")
             plots.grid_video(plots_dir / f"clip{clip.index:04d}_grid.mp4", truth, generated, rows,
                              fps=c.rollout.fps)
-        _save_score(work, clip, record, {v: f[-1] for v, f in feats.items()} if s.fvd else None)
+        _save_score(work, clip, s, record, {v: f[-1] for v, f in feats.items()} if s.fvd else None)
     if clips:
         mean = {v: np.mean([r["psnr_per_frame"][v] for r in per_clip], axis=0) for v in s.variants}
         marks = sorted({int(f) for cl in clips for f in cl.revisits.frames})
@@ -323,28 +323,38 @@ def _score_paths(work: Path, clip: Clip) -> tuple[Path, Path]:
     return stem.with_suffix(".json"), stem.with_suffix(".npz")
 
 
-def _save_score(work: Path, clip: Clip, record: dict, features: dict | None) -> None:
+def _scoring(s: Settings) -> dict:
+    """What a clip's scores depend on beyond its rollouts (which `fingerprint` pins): the revisit rule, the PSNR cap,
+    the FVD segment length and the variants scored."""
+    return {"rule": dataclasses.asdict(s.rule), "psnr_cap_db": summary.PSNR_CAP, "fvd_frames": summary.FVD_FRAMES,
+            "variants": sorted(s.variants)}
+
+
+def _save_score(work: Path, clip: Clip, s: Settings, record: dict, features: dict | None) -> None:
     """A scored clip into the workdir (its record; its I3D features with FVD), so that a run stopped after scoring
     part of the clips (a job's time limit) resumes after them: scoring 24 clips takes minutes on a GPU."""
     rec, npz = _score_paths(work, clip)
     rec.parent.mkdir(exist_ok=True)
     if features is not None:
         _atomic_npz(npz, **features)
-    _atomic_json(rec, record)  # last: a record without its features is never taken for a complete score
+    # last: a record without its features is never taken for a complete score
+    _atomic_json(rec, {"scoring": json.loads(json.dumps(_scoring(s))), "record": record})
 
 
 def _cached_score(work: Path, clip: Clip, s: Settings, plots_dir: Path | None):
     """(record, features) of a clip scored by an earlier run, or None when it must be scored (again): no record,
-    FVD asked for but no features, or one of its plots missing."""
+    scored under other settings (`_scoring`: e.g. another --pos_tol), FVD asked for but no features, or one of its
+    plots missing."""
     rec, npz = _score_paths(work, clip)
     if not rec.exists() or (s.fvd and not npz.exists()):
         return None
     if plots_dir is not None and not all((plots_dir / f"clip{clip.index:04d}_{kind}").exists()
                                          for kind in ("psnr.png", "grid.mp4")):
         return None
-    record = json.loads(rec.read_text())
-    if set(record["variants"]) != set(s.variants):
+    stored = json.loads(rec.read_text())
+    if stored.get("scoring") != json.loads(json.dumps(_scoring(s))):
         return None
+    record = stored["record"]
     features = {}
     if s.fvd:
         with np.load(npz) as z:

@@ -146,8 +146,9 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     pad_segments: every segment runs `segment_chunks` chunks, the frames past num_frames dropped (one compilation
     for any length; the cache holds the padding; actions must cover it). embed_all: the conditioning of every chunk
     run is embedded in one call before the first segment rather than per segment (one dispatch for a batch; a
-    matmul over other row counts may round differently, so the two ways can differ in the last bits). decoder: a warm decoder state (`warm_decoder`) to start from,
-    e.g. shared by several models rolling out one context; copied, since the decoder steps donate it.
+    matmul over other row counts may round differently, so the two ways can differ in the last bits). decoder: a
+    warm decoder state (`warm_decoder`) to start from, e.g. shared by several models rolling out one context;
+    copied, since the decoder steps donate it.
     include_context: the first Segment carries the VAE-reconstructed context. raw: float frames, not uint8.
     progress(n): called with the latents committed after each prefill chunk.
 

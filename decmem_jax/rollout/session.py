@@ -234,8 +234,9 @@ class Session:
         self.chunks = 0
         self._broken = False
         dit, cfg = model.dit, model.dit.cfg
-        self.text = jnp.asarray(text if text is not None else
-                                fixed_text_context(cfg.text_len, cfg.text_dim, model.config.rollout.text_context or None))
+        if text is None:
+            text = fixed_text_context(cfg.text_len, cfg.text_dim, model.config.rollout.text_context or None)
+        self.text = jnp.asarray(text)
         # The steps of `rollout.generate`, taken here one chunk at a time because the next chunk's actions are not
         # known in advance.
         t0 = time.perf_counter()
