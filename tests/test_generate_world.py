@@ -206,8 +206,8 @@ def test_retrace_revisits_every_outbound_view_facing_the_same_way():
 
 
 def test_way_back_flag_fixes_the_return(tmp_path, capsys):
-    """--way-back retrace: the main job's clip layout (look round 0-24, out 24-92, back 92-160), every way-back frame
-    the pose of an outbound frame; --way-back turn differs; a bad value is one argparse error."""
+    """--way-back retrace: the earlier main job's clip layout (look round 0-24, out 24-92, back 92-160), every
+    way-back frame the pose of an outbound frame; --way-back turn differs; a bad value is one argparse error."""
     poses = {}
     for way in agent.WAYS_BACK:
         assert generate_world.main(["--out", str(tmp_path / way), "--clips", "1", "--frames", "161", "--size",
