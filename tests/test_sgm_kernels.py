@@ -27,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import time
 
 import jax
 import jax.numpy as jnp
@@ -453,7 +452,6 @@ def test_mgpu_benchmark_small_interpret(tmp_path):
     from benchmarks import sgm_kernel
 
     path = tmp_path / "sgm_kernel.json"
-    t0 = time.perf_counter()
     argv = ["--small", "--interpret", "--cases", "decmem", "--repeats", "1", "--warmup", "1", "--json", str(path)]
     assert sgm_kernel.main(argv) == 0
     rec = json.loads(path.read_text())
@@ -461,7 +459,6 @@ def test_mgpu_benchmark_small_interpret(tmp_path):
     assert set(rec["cases"]) == {"decmem"}
     for case in rec["cases"].values():
         assert case["flops"]["fwd"] > 0 and case["mosaic_gpu"]["fwd"]["status"] == "ok"
-    assert time.perf_counter() - t0 < 120
 
 
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200); the interpreter tests above cover CPU")
