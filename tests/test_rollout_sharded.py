@@ -2,7 +2,7 @@
 fp32, reference SGM) prefilled and rolled out by the `lax.scan` segment function on meshes tensor:2, data:2 and
 data:2 x tensor:2 gives the one-device latents and cache (<= 1e-5 relative); the cache's per-device bytes halve with
 the head split; the compiled segment function has no all-gather as large as a layer's history; and bad meshes fail
-with one error naming the option, before any model work.
+with one error naming rollout.mesh, before any input or model is loaded.
 
 The multi-device part runs in ONE subprocess (`python tests/test_rollout_sharded.py OUT.npz`): XLA_FLAGS must be set
 before jax is imported, and pytest's process has imported it already.
@@ -133,6 +133,35 @@ def test_no_all_gather_of_the_history(results, name):
     # One layer's history (keys of every head, [1, slots, heads, head_dim]) is never gathered onto a device.
     limit = int(results["layer_history_elems"])
     assert int(results[f"{name}/all_gathers"].max()) < limit, (name, results[f"{name}/all_gathers"], limit)
+
+
+BAD_MESHES = {  # rollout.mesh -> what the one error says (every message names rollout.mesh)
+    "fsdp:2": "axis 'fsdp' is not used by the rollout",
+    "heads:2": "axis 'heads' is unknown",
+    "tensor": "must be AXIS:SIZE",
+    "tensor:3": "attention heads (2) are not divisible by tensor=3",
+    "data:2 guidance=1": "CFG is off",
+    "data:2": "devices do not divide the 1 available",  # the pytest process has one device
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MESHES))
+def test_bad_mesh_is_one_clear_error_before_any_work(tmp_path, case):
+    import jax
+
+    from decmem_jax.errors import DecMemError
+    from decmem_jax.rollout.__main__ import run
+    from tests.test_rollout import tiny_config
+
+    if case == "data:2" and jax.device_count() > 1:
+        pytest.skip("needs a single-device process (CPU); the other cases run everywhere")
+    spec, _, guidance = case.partition(" guidance=")
+    c = tiny_config(mesh=spec, guidance=float(guidance or 3.0))
+    # The inputs do not exist: the mesh is checked first, before any input or model is loaded.
+    with pytest.raises(DecMemError, match="rollout.mesh") as err:
+        run(c, context=str(tmp_path / "missing.mp4"), actions=str(tmp_path / "missing.npz"), num_frames=16,
+            out=str(tmp_path / "world.mp4"))
+    assert BAD_MESHES[case] in str(err.value)
 
 
 if __name__ == "__main__":

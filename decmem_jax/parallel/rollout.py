@@ -117,10 +117,6 @@ class RolloutMesh:
         sizes = parse_mesh(spec, option=option) if isinstance(spec, str) else dict(spec)
         if not sizes:
             return None
-        devices = list(jax.devices() if devices is None else devices)
-        total = math.prod(sizes.values())
-        if total > len(devices) or len(devices) % total:
-            raise MeshSpecError(f"{option}={sizes}: {total} devices do not divide the {len(devices)} available")
         tensor, data = sizes.get("tensor", 1), sizes.get("data", 1)
         for what, n in (("attention heads", dit_cfg.num_heads), ("FFN hidden", dit_cfg.ffn_dim)):
             if n % tensor:
@@ -131,6 +127,10 @@ class RolloutMesh:
                                 f"{guidance}, conditioning {'on' if dit_cfg.conditioning else 'off'}); use data:1")
         if data > 2:
             raise MeshSpecError(f"{option}: data={data}; there are two CFG branches to split (data:1 or data:2)")
+        devices = list(jax.devices() if devices is None else devices)
+        total = math.prod(sizes.values())
+        if total > len(devices) or len(devices) % total:
+            raise MeshSpecError(f"{option}={sizes}: {total} devices do not divide the {len(devices)} available")
         check_backends(dit_cfg, total, option=option)
         return cls(mesh_lib.make_mesh({a: sizes.get(a, 1) for a in mesh_lib.AXES}, devices[:total]))
 
