@@ -50,6 +50,12 @@ Usage:
   python benchmarks/rollout.py --variants dense --history 56,200  # a subset (one device command is limited to 10 min)
   python benchmarks/rollout.py --sgm-backend mosaic_gpu          # DecMem with the SGM kernel
   python benchmarks/rollout.py --small                            # CPU smoke run: tiny config, fp32, seconds
+  python benchmarks/rollout.py --mesh data:2,tensor:2             # sharded (docs/parallel.md): 4 devices, xla
+                                                                 # attention + reference SGM (what partitions)
+
+--mesh places the model, the cache and the CFG branches as the rollout CLI's rollout.mesh does
+(decmem_jax.parallel.rollout.RolloutMesh); rows then carry the mesh, the cache's bytes on each device
+("cache GB/dev" = the largest) and each mesh device's allocator peak. The default attention becomes xla with --mesh.
 """
 
 from __future__ import annotations
@@ -84,6 +90,7 @@ from decmem_jax.models import memory as mem  # noqa: E402
 from decmem_jax.models.conditioning import ConditioningConfig  # noqa: E402
 from decmem_jax.models.config import MemoryConfig, get_config  # noqa: E402
 from decmem_jax.models.dit import WanDiT  # noqa: E402
+from decmem_jax.parallel.rollout import MeshSpecError, RolloutMesh, parse_mesh  # noqa: E402
 from decmem_jax.rollout import engine  # noqa: E402
 
 VARIANTS = ("decmem", "dense")
@@ -110,7 +117,9 @@ def parse_args(argv):
     p.add_argument("--guidance", type=float, default=5.0, help="CFG scale (1.0: no CFG, batch-1 forwards)")
     p.add_argument("--sgm-backend", default="reference", choices=SGM_BACKENDS, help="MemoryConfig.backend")
     p.add_argument("--attention", default=None, choices=("cudnn", "xla", "mosaic"),
-                   help="dense attention backend (default cudnn on GPU, xla otherwise)")
+                   help="dense attention backend (default cudnn on GPU, xla otherwise or with --mesh)")
+    p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
+                   "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed chunk steps first (after compilation)")
     p.add_argument("--seed", type=int, default=0)
@@ -128,6 +137,10 @@ def parse_args(argv):
     if not args.history or min(args.history) < 0:
         p.error("--history needs non-negative latent counts")
     args.steps = args.steps or geo["steps"]
+    try:  # the syntax here; devices, heads and backends in the case (the parent of isolated runs has no devices)
+        parse_mesh(args.mesh, option="--mesh")
+    except MeshSpecError as e:
+        p.error(str(e))
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.isolate is None:
@@ -141,7 +154,7 @@ def parse_args(argv):
 # ---------------------------------------------------------------- model and cache
 def model_config(variant: str, args):
     geo = GEOMETRY["small" if args.small else "full"]
-    attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" and not args.mesh else "xla")
     base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention)
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
@@ -203,6 +216,14 @@ def keys_per_query(cfg, history: int, chunk: int, tpf: int) -> int:
     return int(alm + round(k * layout.lengths.mean()))
 
 
+def device_peaks_gb(devices):
+    """Allocator peak of each device in GB (GPU statistics; None where unavailable, e.g. on the CPU)."""
+    try:
+        return {str(d): round(d.memory_stats()["peak_bytes_in_use"] / 2**30, 2) for d in devices}
+    except Exception:  # noqa: BLE001
+        return None
+
+
 def memory_analysis_gb(compiled):
     try:
         ma = compiled.memory_analysis()
@@ -224,6 +245,8 @@ def run_case(variant: str, history: int, args, model_cache: dict):
            "attention": cfg.attention, "sgm_backend": cfg.memory.backend if cfg.memory else None}
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     cfg_on = settings.uses_cfg(True)
+    shard = RolloutMesh.from_spec(args.mesh, cfg, guidance=args.guidance, option="--mesh")  # raises before work
+    row["mesh"] = dict(shard.mesh.shape) if shard else None
     row["forwards_per_chunk"] = f"{args.steps} x batch {2 if cfg_on else 1} + commit x batch 1"
 
     def bench():
@@ -234,10 +257,17 @@ def run_case(variant: str, history: int, args, model_cache: dict):
             model_cache[variant] = build_model(cfg, args.seed)
         graphdef, state = model_cache[variant]
         model = nnx.merge(graphdef, state)
+        if shard is not None:  # parameters by PARAM_RULES (the model cache keeps the one-device copy)
+            shard.shard_model(model)
+            state = nnx.state(model)
         row["model_s"] = round(time.perf_counter() - t0, 2)
 
         t0 = time.perf_counter()
         cache = random_cache(model, cfg, capacity, hw, history, args.seed + 1 + history)
+        if shard is not None:
+            cache = jax.block_until_ready(shard.place_cache(cache))
+            per_device = shard.cache_bytes_per_device(cache)
+            row["cache_gb_per_device"] = {d: round(b / 2**30, 3) for d, b in per_device.items()}
         row["cache_gb"] = round(sum(x.nbytes for x in jax.tree.leaves(cache)) / 2**30, 3)
         row["cache_s"] = round(time.perf_counter() - t0, 2)
         del model
@@ -246,9 +276,14 @@ def run_case(variant: str, history: int, args, model_cache: dict):
         noise = engine.chunk_noise(args.seed, 0, (1, chunk, *hw, cfg.in_channels))
         context = jnp.asarray(rng.standard_normal((1, geo["text_rows"], cfg.text_dim)), jnp.float32)
         cond = jnp.asarray(0.5 * rng.standard_normal((1, chunk, cfg.dim)), jnp.float32)
+        if shard is not None:
+            noise, context, cond = shard.replicate((noise, context, cond))
+
+        def put_length(n):
+            return shard.replicate(jnp.int32(n)) if shard else jax.device_put(jnp.int32(n), jax.devices()[0])
 
         def step(state, cache, noise, context, cond):
-            return engine.chunk_step(nnx.merge(graphdef, state), cache, noise, context, cond, settings)
+            return engine.chunk_step(nnx.merge(graphdef, state), cache, noise, context, cond, settings, shard=shard)
 
         t0 = time.perf_counter()
         compiled = jax.jit(step, donate_argnums=(1,)).lower(state, cache, noise, context, cond).compile()
@@ -262,7 +297,7 @@ def run_case(variant: str, history: int, args, model_cache: dict):
             x0, new = compiled(state, holder.pop("cache"), noise, context, cond)
             # Back to `history` committed latents: the next call recomputes the same chunk from the same history
             # (the commit just rewrote slots [history, history + chunk)).
-            holder["cache"] = new.replace(length=jax.device_put(jnp.int32(history), jax.devices()[0]))
+            holder["cache"] = new.replace(length=put_length(history))
             return jax.block_until_ready((x0, new.length))
 
         runs = []
@@ -286,6 +321,8 @@ def run_case(variant: str, history: int, args, model_cache: dict):
 
     row.update(guarded(bench))
     row["peak_gb"] = jax_peak_gb()
+    if shard is not None:
+        row["peak_gb_per_device"] = device_peaks_gb(shard.mesh.devices.flat)
     gc.collect()
     return row
 
@@ -320,17 +357,19 @@ def fmt(x, spec):
 
 def print_table(rows, args):
     hdr = (f"{'variant':8} {'history':>7} {'keys/query':>10} {'s/chunk':>9} {'FPS':>7} {'peak GB':>8} "
-           f"{'cache GB':>9} {'XLA temp GB':>11} {'compile s':>9} {'DecMem/dense':>12}")
+           f"{'cache GB':>9} {'cache GB/dev':>12} {'XLA temp GB':>11} {'compile s':>9} {'DecMem/dense':>12}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in sorted(rows, key=lambda r: (r["history"], r["variant"])):
         ok = r.get("status") == "ok"
         temp = (r.get("xla_memory_gb") or {}).get("temp")
+        per_dev = max((r.get("cache_gb_per_device") or {}).values(), default=r.get("cache_gb"))
         s = fmt(r["s_per_chunk"], ".3f") if ok else r.get("status", "?")
         if ok and r.get("nan"):
             s += " NaN!"
         print(f"{r['variant']:8} {r['history']:>7} {fmt(r.get('keys_per_query'), 'd'):>10} {s:>9} "
               f"{fmt(r.get('fps') if ok else None, '.2f'):>7} {fmt(r.get('peak_gb'), '.2f'):>8} "
-              f"{fmt(r.get('cache_gb'), '.2f'):>9} {fmt(temp, '.2f'):>11} {fmt(r.get('compile_s'), '.1f'):>9} "
+              f"{fmt(r.get('cache_gb'), '.2f'):>9} {fmt(per_dev, '.2f'):>12} {fmt(temp, '.2f'):>11} "
+              f"{fmt(r.get('compile_s'), '.1f'):>9} "
               f"{fmt(ratio_of(rows, r), '.3f'):>12}")
     print(f"# paper (DecMem, as reported): {PAPER['s_per_chunk']} s/chunk, {PAPER['fps']} FPS "
           f"(16 frames / {PAPER['s_per_chunk']} s = {16 / PAPER['s_per_chunk']:.2f} FPS)")
@@ -366,6 +405,8 @@ def main(argv=None):
               "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
     if args.attention:
         common += ["--attention", args.attention]
+    if args.mesh:
+        common += ["--mesh", args.mesh]
     if args.small:
         common.append("--small")
 

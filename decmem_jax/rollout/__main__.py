@@ -113,6 +113,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     problems = settings_lib.check(c)
     if problems:
         _fail("bad config: " + "; ".join(problems))
+    shard = settings_lib.placement(c)  # a bad rollout.mesh fails here, before inputs and models are loaded
     if not out:
         _fail("--out is required")
     r = c.rollout
@@ -122,6 +123,8 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
     frames, acts, poses = load_inputs(c, context, actions, num_frames, ground_truth)
     dit, vae, weights = build_models(c)
     cfg = dit.cfg
+    if shard is not None:
+        shard.shard_model(dit)
     chunk = int(r.chunk)
     frames_per_chunk = FRAMES_PER_LATENT * chunk
     n_chunks = -(-num_frames // frames_per_chunk)
@@ -137,7 +140,7 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
             text=jnp.asarray(fixed_text_context(cfg.text_len, cfg.text_dim, r.text_context or None)),
             settings=settings_lib.sampler_settings(c), num_frames=num_frames, chunk=chunk,
             segment_chunks=int(r.segment_chunks), capacity=capacity, with_selection=bool(diagnostics),
-            include_context=bool(r.include_context), progress=bar.update)
+            include_context=bool(r.include_context), progress=bar.update, shard=shard)
         ctx = next(segments)
 
     # 2. Generate segment by segment; append each to the mp4 as it lands.
@@ -168,7 +171,8 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
         chunks=n_chunks, seed=seed, weights=weights, random_weights=bool(c.random_weights),
         weights_sha256={"dit": weights_sha256(dit), "vae": weights_sha256(vae)},
         model=json.loads(cfg.to_json()), rollout=r.to_dict(),
-        devices=[str(d) for d in jax.devices()][:1], jax=jax.__version__,
+        devices=[str(d) for d in (shard.mesh.devices.flat if shard else jax.devices()[:1])], jax=jax.__version__,
+        mesh=dict(shard.mesh.shape) if shard else None,
         timing=dict(total_s=t_total, prefill_s=ctx.seconds, generate_s=time.perf_counter() - t_gen,
                     per_chunk_s_first_segment=chunk_times[0], per_chunk_s_median=float(np.median(chunk_times)),
                     # The first segment includes compilation: with one segment there is no compile-free figure.

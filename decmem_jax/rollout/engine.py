@@ -7,7 +7,9 @@ commit pass at t = 0 on the clean chunk writes its keys/values (and pooled keys)
 2·steps + 1 with CFG. Shapes never change (fixed-capacity cache, traced length), so the scan compiles once.
 
 Everything here is pure (model state in, cache out) and device-agnostic; `decmem_jax.rollout.__main__` drives it
-segment by segment and streams decoded frames into an mp4.
+segment by segment and streams decoded frames into an mp4. On a device mesh, a `shard` placement
+(`decmem_jax.parallel.rollout.RolloutMesh`) pins the CFG batch and the cache from outside the model: `shard.branches`
+constrains the batch-2 forward's inputs, `shard.constrain_cache` the committed cache (the scan carry keeps one layout).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _merge_here(graphdef, state):
     return nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
 
 
-def _velocity_fn(model, cache, context, cond, settings: SamplerSettings):
+def _velocity_fn(model, cache, context, cond, settings: SamplerSettings, shard=None):
     """v(x, t) for one chunk; with CFG a single batch-2 forward whose two rows share the batch-1 history cache.
 
     A cache with one row per sample (batch B > 1: several independent rollouts at once, e.g. the memory benchmark's
@@ -76,31 +78,42 @@ def _velocity_fn(model, cache, context, cond, settings: SamplerSettings):
 
             return sampler_lib.guided_velocity(branches, x, tt, cond, null, settings.guidance)
         ctx2 = jnp.concatenate([context, context], axis=0)
-        return sampler_lib.guided_velocity(
-            lambda x2, t2, c2: model.forward_chunk(x2, t2, ctx2, cache, cond=c2), x, tt, cond, null,
-            settings.guidance)
+
+        def branches(x2, t2, c2):
+            if shard is not None:  # one CFG branch per `data` device
+                x2, t2, c2, ctx = shard.branches((x2, t2, c2, ctx2))
+            else:
+                ctx = ctx2
+            return model.forward_chunk(x2, t2, ctx, cache, cond=c2)
+
+        return sampler_lib.guided_velocity(branches, x, tt, cond, null, settings.guidance)
 
     return velocity
 
 
-def chunk_step(model, cache, noise, context, cond, settings: SamplerSettings, *, with_selection: bool = False):
+def chunk_step(model, cache, noise, context, cond, settings: SamplerSettings, *, with_selection: bool = False,
+               shard=None):
     """Generates one chunk and commits it. noise [B, C, H, W, z]; context [B, L, text_dim]; cond [B, C, dim] or None.
 
     Returns (x0 [B, C, H, W, z] float32, new cache[, selection]). `selection` (DecMem models, with_selection=True)
-    is the SGM retrieval of the commit pass: (ids [L, B, H, C*M, K] global block ids, counts [L, B, H, C*M])."""
+    is the SGM retrieval of the commit pass: (ids [L, B, H, C*M, K] global block ids, counts [L, B, H, C*M]).
+    shard: a mesh placement (module docstring) or None."""
     sigmas, timesteps = sampler_lib.flow_sigmas(settings.steps, settings.shift, kind=settings.schedule)
-    x0 = sampler_lib.sample(_velocity_fn(model, cache, context, cond, settings), noise, sigmas,
+    x0 = sampler_lib.sample(_velocity_fn(model, cache, context, cond, settings, shard), noise, sigmas,
                             timesteps=timesteps.astype("float32"), solver=settings.solver)
     t0 = jnp.zeros(noise.shape[:2], jnp.float32)
     committed = model.commit(x0, t0, context, cache, cond=cond, with_selection=with_selection)
-    return (x0, *committed[1:])
+    if shard is None:
+        return (x0, *committed[1:])
+    return (x0, shard.constrain_cache(committed[1]), *committed[2:])
 
 
-def prefill(model, cache, latents, context, cond, *, chunk: int, progress=None):
+def prefill(model, cache, latents, context, cond, *, chunk: int, progress=None, shard=None):
     """Teacher-forces context latents [B, N, H, W, z] into the cache at t = 0, chunk by chunk (the memory bank).
     A last partial chunk is committed as is (one extra compilation). cond: [B, N, dim] or None. progress: optional
-    callable, called with the number of latents committed after each chunk (e.g. a progress bar's update)."""
-    commit = _jitted_commit()
+    callable, called with the number of latents committed after each chunk (e.g. a progress bar's update). shard: a
+    mesh placement; the cache and inputs must already be on its mesh."""
+    commit = _jitted_commit(shard)
     n = latents.shape[1]
     for s in range(0, n, chunk):
         rows = slice(s, min(s + chunk, n))
@@ -113,15 +126,17 @@ def prefill(model, cache, latents, context, cond, *, chunk: int, progress=None):
 
 
 @functools.cache
-def _jitted_commit():
+def _jitted_commit(shard=None):
     @functools.partial(nnx.jit, donate_argnums=(4,))
     def commit(model, x, t, context, cache, cond):
-        return model.commit(x, t, context, cache, cond=cond)[1]
+        cache = model.commit(x, t, context, cache, cond=cond)[1]
+        return cache if shard is None else shard.constrain_cache(cache)
 
     return commit
 
 
-def rollout_scan(model, cache, noises, context, conds, settings: SamplerSettings, *, with_selection: bool = False):
+def rollout_scan(model, cache, noises, context, conds, settings: SamplerSettings, *, with_selection: bool = False,
+                 shard=None):
     """`lax.scan` of `chunk_step` over chunks: noises [n, B, C, H, W, z], conds [n, B, C, dim] or None.
 
     Returns (latents [n, B, C, H, W, z], final cache[, selections stacked over chunks]). Jit this (donating the
@@ -131,7 +146,7 @@ def rollout_scan(model, cache, noises, context, conds, settings: SamplerSettings
     def body(cache, xs):
         noise, cond = xs
         out = chunk_step(_merge_here(graphdef, state), cache, noise, context, cond, settings,
-                         with_selection=with_selection)
+                         with_selection=with_selection, shard=shard)
         x0, cache = out[0], out[1]
         return cache, (x0, out[2] if with_selection else None)
 
@@ -139,12 +154,14 @@ def rollout_scan(model, cache, noises, context, conds, settings: SamplerSettings
     return (latents, cache, selection) if with_selection else (latents, cache)
 
 
-def make_segment_fn(settings: SamplerSettings, *, with_selection: bool = False):
-    """A jitted `rollout_scan(model, cache, noises, context, conds)` with the cache donated (updated in place)."""
+def make_segment_fn(settings: SamplerSettings, *, with_selection: bool = False, shard=None):
+    """A jitted `rollout_scan(model, cache, noises, context, conds)` with the cache donated (updated in place).
+    shard: a mesh placement (the model and cache already on its mesh) or None."""
 
     @functools.partial(nnx.jit, donate_argnums=(1,))
     def segment(model, cache, noises, context, conds):
-        return rollout_scan(model, cache, noises, context, conds, settings, with_selection=with_selection)
+        return rollout_scan(model, cache, noises, context, conds, settings, with_selection=with_selection,
+                            shard=shard)
 
     return segment
 

@@ -90,10 +90,11 @@ class Rollout:
     index). One row per seed."""
 
     def __init__(self, dit, vae, cache, decoder, *, text, seeds: Sequence[int], chunk: int, grid: tuple[int, int],
-                 segment_fn):
+                 segment_fn, shard=None):
         from decmem_jax.models import vae_stream
 
         self.dit, self.cache, self.decoder, self.text, self.segment_fn = dit, cache, decoder, text, segment_fn
+        self.shard = shard  # a mesh placement (dit and cache on its mesh; the VAE on the default device) or None
         self.seeds, self.chunk, self.grid = [int(s) for s in seeds], int(chunk), tuple(grid)
         self.chunks = 0
         self._decode = vae_stream.decode_steps(vae)[1]
@@ -103,8 +104,12 @@ class Rollout:
         without conditioning). Returns (latents [B, n * C, h, w, z] in video order, the segment's SGM selection
         (ids [n, L, B, H, C*M, K], counts) as device arrays, or None when segment_fn was made without it)."""
         noises = segment_noise(self.seeds, self.chunks, n, (1, self.chunk, *self.grid, self.dit.cfg.in_channels))
+        if self.shard is not None:
+            noises, conds = self.shard.replicate((noises, conds))
         result = self.segment_fn(self.dit, self.cache, noises, self.text, conds)
         new, self.cache = result[0], result[1]
+        if self.shard is not None:  # the VAE decodes on the default device
+            new = self.shard.to_host_device(new)
         self.chunks += n
         latents = new.transpose(1, 0, 2, 3, 4, 5).reshape(new.shape[1], n * self.chunk, *new.shape[3:])
         return latents, (result[2] if len(result) > 2 else None)
@@ -134,7 +139,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
              num_frames: int, chunk: int, segment_chunks: int, settings: engine.SamplerSettings | None = None,
              segment_fn=None, capacity: int = 0, pad_segments: bool = False, embed_all: bool = False,
              decoder=None, with_selection: bool = False, include_context: bool = False, raw: bool = False,
-             progress: Callable[[int], None] | None = None) -> Iterator[Segment]:
+             progress: Callable[[int], None] | None = None, shard=None) -> Iterator[Segment]:
     """Rolls out B = len(seeds) rows for `num_frames` frames after their context (module docstring).
 
     frames uint8 [B, T, H, W, 3] or latents [B, L, h, w, z]: the context. actions int [B, T', 8] / poses float
@@ -150,7 +155,9 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     warm decoder state (`warm_decoder`) to start from, e.g. shared by several models rolling out one context;
     copied, since the decoder steps donate it.
     include_context: the first Segment carries the VAE-reconstructed context. raw: float frames, not uint8.
-    progress(n): called with the latents committed after each prefill chunk.
+    progress(n): called with the latents committed after each prefill chunk. shard: a mesh placement
+    (`decmem_jax.parallel.rollout.RolloutMesh`, dit already sharded by it; a given segment_fn must be made with it):
+    the cache is created on its mesh and the inputs are replicated there; the VAE stays on the default device.
 
     Not a generator function itself: bad arguments raise here, before any work. Non-finite frames raise
     RolloutError naming the segment's chunks."""
@@ -175,8 +182,8 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     if capacity and capacity < needed:
         raise RolloutError(f"capacity {capacity} < context latents {ctx_latents} + generated {n_run * chunk}")
     if segment_fn is None:
-        segment_fn = engine.make_segment_fn(settings, with_selection=with_selection)
-    text = jnp.asarray(text)
+        segment_fn = engine.make_segment_fn(settings, with_selection=with_selection, shard=shard)
+    text = jnp.asarray(text) if shard is None else shard.replicate(jnp.asarray(text))
 
     def out(pixels):
         return pixels if raw else video.from_model_range(pixels)
@@ -186,8 +193,12 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
         t0 = time.perf_counter()
         context = encode(vae, frames) if latents is None else latents
         cache = dit.init_cache(context.shape[0], capacity or needed, tuple(context.shape[2:4]))
-        cache = engine.prefill(dit, cache, context, text, embed_frames(dit, actions, poses, 0, ctx_frames, True),
-                               chunk=chunk, progress=progress)
+        bank = context
+        if shard is not None:
+            cache, bank = shard.place_cache(cache), shard.replicate(context)
+        cache = engine.prefill(dit, cache, bank, text, embed_frames(dit, actions, poses, 0, ctx_frames, True),
+                               chunk=chunk, progress=progress, shard=shard)
+        del bank
         jax.block_until_ready(cache.length)
         prefill_seconds = time.perf_counter() - t0
         if decoder is None:
@@ -195,7 +206,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
         else:
             state, pieces = jax.tree.map(jnp.copy, decoder), None
         rollout = Rollout(dit, vae, cache, state, text=text, seeds=seeds, chunk=chunk, grid=context.shape[2:4],
-                          segment_fn=segment_fn)
+                          segment_fn=segment_fn, shard=shard)
         shown = out(np.concatenate([np.asarray(p) for p in pieces], axis=1)) if include_context else None
         del pieces  # the context's pixels leave the device before the first segment needs the room
         yield Segment(shown, range(0), prefill_seconds)

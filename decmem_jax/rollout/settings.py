@@ -34,6 +34,9 @@ def add_rollout_fields(c: ml_collections.ConfigDict, *, random_weights: bool = F
         include_context=False,  # also write the (VAE-reconstructed) context frames to the mp4
         text_context="",  # .npy/.npz text embedding; "" = zeros (models/conditioning.fixed_text_context)
         dtype="auto",  # compute dtype of the DiT and VAE (auto: bf16 on GPU/TPU, fp32 on CPU)
+        # Device mesh of the DiT, e.g. "data:2,tensor:2" (data: the two CFG branches, tensor: attention heads and
+        # their KV cache; docs/parallel.md); "" = one device, the unsharded path. The VAE stays on one device.
+        mesh="",
     ))
     return c
 
@@ -42,6 +45,19 @@ def sampler_settings(c) -> SamplerSettings:
     r = c.rollout
     return SamplerSettings(steps=int(r.steps), solver=r.solver, shift=float(r.shift), guidance=float(r.guidance),
                            schedule=r.schedule)
+
+
+def placement(c, dit_cfg=None):
+    """The rollout's device placement (`parallel.rollout.RolloutMesh`) for rollout.mesh, or None for one device.
+    Every check that can fail (axes, device count, heads, CFG, attention backends) raises MeshSpecError naming
+    rollout.mesh here, before any model work. dit_cfg: the DiTConfig that will run (default: the config's)."""
+    from decmem_jax.parallel.rollout import RolloutMesh
+    from decmem_jax.run_config import dit_config
+
+    if not str(c.rollout.mesh).strip():
+        return None
+    return RolloutMesh.from_spec(str(c.rollout.mesh), dit_cfg or dit_config(c, inference=True),
+                                 guidance=float(c.rollout.guidance))
 
 
 def check(c) -> list[str]:

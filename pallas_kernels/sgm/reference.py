@@ -63,8 +63,11 @@ def _gather(x, idx, nq, block):
     any length is never copied whole (a long rollout's peak memory would otherwise grow twice as fast as its cache)."""
     b, t, h, d = x.shape
     xb = x.reshape(b, t // block, block, h, d)
-    bi, hi = jnp.arange(b)[:, None, None], jnp.arange(h)[None, :, None]
-    g = xb[bi, idx, :, hi, :]  # advanced indices (b, idx, h) broadcast first: [B, H, Nq·K, bkv, D]
+    # vmap over batch and head makes them batching dimensions of ONE gather (rather than indexed dimensions, as
+    # advanced indexing with arange(h) would): XLA's SPMD partitioner then splits a head-sharded cache (a sharded
+    # rollout, decmem_jax/parallel/rollout.py) locally instead of all-gathering it.
+    per_head = jax.vmap(lambda xh, ih: xh[ih], in_axes=(2, 0))  # [N, bkv, H, D], [H, Nq·K] -> [H, Nq·K, bkv, D]
+    g = jax.vmap(per_head)(xb, idx)  # [B, H, Nq·K, bkv, D]
     return g.astype(jnp.float32).reshape(b, h, nq, -1, d)
 
 
