@@ -33,8 +33,8 @@ MESH = {"data": 2, "fsdp": 2, "tensor": 1, "context": 1}
 DEVICES_PER_PROCESS = 2
 BATCH = 4  # one example per device: the step's CPU time grows with the batch, its compile time does not
 # A hang (a process that never reaches the coordinator, a collective whose peer died) fails the test instead of
-# blocking CI. The three workers mostly compile the step: ~1.5 min CPU time in all, but 5-6 min of wall time were
-# measured with the 2 cores shared with a CI run and test_sharding (load average 11).
+# blocking CI. The three workers mostly compile the step (~3 min of CPU time in all); with the 2 cores shared with a
+# CI run the test took 3.8 min (load average 9) and 6.2 min (load average 11, test_sharding running too).
 TIMEOUT_S = 600
 
 
