@@ -25,12 +25,31 @@ BATCH = 8
 TOL = 1e-5
 
 
+def tiny_config():
+    """The tiny stage-3 (memory + conditioning) config whose train step the sharding tests compare across meshes
+    (also tests/test_multiprocess.py)."""
+    sys.path.insert(0, str(ROOT))
+    from configs import train_tiny
+
+    cfg = train_tiny.get_config("decmem")
+    # warmup 0: the first step moves every weight by about lr (Adam's first update is ~lr * sign(grad)). lr 1e-4
+    # keeps float32 summation-order noise in near-zero gradients under TOL, while a wrong gradient still moves
+    # weights by ~1e-4 >> TOL.
+    cfg.train.batch, cfg.train.warmup, cfg.train.lr = BATCH, 0, 1e-4
+    return cfg
+
+
+def tiny_batches(cfg):
+    """Global batches of BATCH synthetic examples for `cfg` (8x8 latents); the same in every run of one process."""
+    from decmem_jax.train import data as data_lib
+
+    return data_lib.SyntheticBatches(BATCH, cfg.data.clip_latents, (8, 8), seed=3)
+
+
 def _worker(out: str) -> None:
     """One step of the tiny stage-3 (memory + conditioning) model per mesh; writes loss, params and specs."""
     import jax
 
-    sys.path.insert(0, str(ROOT))
-    from configs import train_tiny
     from decmem_jax.convert.orbax_io import flatten
     from decmem_jax.parallel import mesh as mesh_lib
     from decmem_jax.train import checkpoint as ckpt_lib
@@ -38,12 +57,8 @@ def _worker(out: str) -> None:
     from decmem_jax.train import loop
 
     assert jax.device_count() == 8, jax.devices()
-    cfg = train_tiny.get_config("decmem")
-    # warmup 0: the first step moves every weight by about lr (Adam's first update is ~lr * sign(grad)). lr 1e-4
-    # keeps float32 summation-order noise in near-zero gradients under TOL, while a wrong gradient still moves
-    # weights by ~1e-4 >> TOL.
-    cfg.train.batch, cfg.train.warmup, cfg.train.lr = BATCH, 0, 1e-4
-    batch = next(data_lib.SyntheticBatches(BATCH, cfg.data.clip_latents, (8, 8), seed=3))
+    cfg = tiny_config()
+    batch = next(tiny_batches(cfg))
     arrays, setups = {}, {}
     for sizes in MESHES:
         name = "x".join(map(str, sizes))

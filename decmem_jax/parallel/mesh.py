@@ -22,7 +22,14 @@ from collections.abc import Mapping, Sequence
 import jax
 from jax.sharding import AxisType, Mesh
 
+from decmem_jax.errors import DecMemError
+
 log = logging.getLogger(__name__)
+
+
+class DistributedError(DecMemError, ValueError):
+    """A multi-process environment that cannot start: the message names the variables and what to set."""
+
 
 AXES = ("data", "fsdp", "tensor", "context")
 
@@ -71,11 +78,7 @@ def distributed_args(env: Mapping[str, str]) -> dict | None:
       SLURM_NTASKS > 1, or a multi-worker Cloud TPU (TPU_WORKER_HOSTNAMES with a comma): jax's auto-detection ({})
     """
     if env.get("JAX_COORDINATOR_ADDRESS"):
-        missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
-        if missing:
-            raise ValueError(f"mesh: JAX_COORDINATOR_ADDRESS is set but {missing} are not")
-        return dict(coordinator_address=env["JAX_COORDINATOR_ADDRESS"], num_processes=int(env["JAX_NUM_PROCESSES"]),
-                    process_id=int(env["JAX_PROCESS_ID"]))
+        return _explicit_args(env)
     if env.get("CLUSTER_SPEC"):
         spec = json.loads(env["CLUSTER_SPEC"])
         cluster, task = spec["cluster"], spec["task"]
@@ -92,13 +95,43 @@ def distributed_args(env: Mapping[str, str]) -> dict | None:
     return None
 
 
+def _explicit_args(env: Mapping[str, str]) -> dict:
+    """JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, checked here: jax would otherwise accept an
+    out-of-range id or a port-less address and wait for peers that never come (its timeout is minutes)."""
+    address = env["JAX_COORDINATOR_ADDRESS"]
+    missing = [k for k in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if not env.get(k)]
+    if missing:
+        raise DistributedError(f"mesh: JAX_COORDINATOR_ADDRESS is set but {missing} are not (set all three, or none "
+                               "for a single process)")
+    try:
+        processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+    except ValueError:
+        raise DistributedError(f"mesh: JAX_NUM_PROCESSES={env['JAX_NUM_PROCESSES']!r} and JAX_PROCESS_ID="
+                               f"{env['JAX_PROCESS_ID']!r} must be integers") from None
+    if processes < 1 or not 0 <= process_id < processes:
+        raise DistributedError(f"mesh: JAX_PROCESS_ID={process_id} is not one of the JAX_NUM_PROCESSES={processes} "
+                               f"process ids 0..{processes - 1}")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DistributedError(f"mesh: JAX_COORDINATOR_ADDRESS={address!r} is not HOST:PORT (the coordinator is "
+                               "process 0's host and a free port, the same for every process)")
+    return dict(coordinator_address=address, num_processes=processes, process_id=process_id)
+
+
 def init_distributed(env: Mapping[str, str] | None = None) -> bool:
     """Calls jax.distributed.initialize when the environment describes several processes (see distributed_args);
-    must run before anything touches the devices. Returns whether it did."""
+    must run before anything touches the devices. Returns whether it did.
+
+    On CPU the processes' collectives go over gloo (jax's default, `jax_cpu_collectives_implementation`; the local
+    launchers also set JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo)."""
     args = distributed_args(os.environ if env is None else env)
     if args is None:
         return False
-    jax.distributed.initialize(**args)
+    try:
+        jax.distributed.initialize(**args)
+    except RuntimeError as e:  # e.g. called after jax computed something, or called twice
+        raise DistributedError(f"mesh: jax.distributed.initialize({args}) failed: {e} (init_distributed must be the "
+                               "first thing that touches jax in the process)") from e
     log.info("jax.distributed: process %d of %d, %d local / %d global devices", jax.process_index(),
              jax.process_count(), jax.local_device_count(), jax.device_count())
     return True
