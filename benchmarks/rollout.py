@@ -127,6 +127,12 @@ def parse_args(argv):
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="one child process per case (default: on, off with --small)")
     p.add_argument("--json", default=None, help="output path (default $OUT/rollout.json or out/rollout.json)")
+    p.add_argument("--dump", default=None, metavar="DIR",
+                   help="write each case's generated chunk (x0 of the last timed call, float32 .npy) under DIR, to "
+                        "compare two versions of the code on the same seeds")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after the timed chunks, trace one more chunk step per case under DIR and print (and store "
+                        "in the JSON) where its device time goes: attention, GEMMs, fusions, copies, top kernels")
     args = p.parse_args(argv)
     geo = GEOMETRY["small" if args.small else "full"]
     args.variants = [v for v in args.variants.split(",") if v]
@@ -313,6 +319,17 @@ def run_case(variant: str, history: int, args, model_cache: dict):
             if i >= args.warmup:
                 runs.append(dt)
         row["nan"] = bool(not np.isfinite(np.asarray(x0, np.float32)).all())
+        if args.dump:
+            pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
+            np.save(pathlib.Path(args.dump) / f"{variant}_{history}.npy", np.asarray(x0, np.float32))
+        if args.profile:
+            from benchmarks.trace_summary import summarise
+
+            trace_dir = pathlib.Path(args.profile) / f"{variant}_{history}"
+            with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
+                call()
+            row["profile"] = summarise(trace_dir, top=30)
+            print(f"--- profile: one chunk step of {variant} at history {history} ---\n{row['profile']}", flush=True)
         holder.clear()
         del compiled
         s = statistics.median(runs)
@@ -409,6 +426,10 @@ def main(argv=None):
         common += ["--mesh", args.mesh]
     if args.small:
         common.append("--small")
+    if args.profile:
+        common += ["--profile", args.profile]
+    if args.dump:
+        common += ["--dump", args.dump]
 
     model_cache: dict = {}
     for variant, history in cases:

@@ -37,6 +37,7 @@ def kernel_times(trace_dir: str | pathlib.Path) -> dict[str, tuple[float, int]]:
 
 
 CATEGORIES = (  # first match wins
+    ("SGM kernels (Pallas Mosaic GPU)", r"sgm|mosaic"),
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|attention"),
     ("GEMM", r"gemm|cutlass|sm90_xmma|cublas|matmul|dot"),
     ("copy / slice", r"copy|dynamic.update|dynamic.slice|memcpy|memset|transpose"),

@@ -134,7 +134,9 @@ class WanBlock(nnx.Module):
             gate.bias.set_value(jnp.zeros_like(gate.bias.get_value()))
         self.gate = gate
 
-    def __call__(self, x, e0, ctx, cos, sin, mixer, layer_in=None, use_memory=False):
+    def __call__(self, x, e0, ctx, cos, sin, mixer, layer_in=None, use_memory=False, text_kv=None):
+        """text_kv: this layer's cross-attention (keys, values) of the text context, precomputed (`WanDiT.text_kv`);
+        None computes them from ctx."""
         cfg = self.cfg
         b, f, t, d = x.shape
         m = self.modulation.get_value().astype(jnp.float32)[None, None] + e0  # [B, F, 6, D]
@@ -153,7 +155,7 @@ class WanBlock(nnx.Module):
 
         # Cross-attention to the (padded) text context: no modulation, no gate, no mask.
         h = self.norm3(x).astype(cfg.compute_dtype).reshape(b, f * t, d)
-        ck, cv = self.cross_attn.key_value(ctx)
+        ck, cv = self.cross_attn.key_value(ctx) if text_kv is None else text_kv
         o = attn_lib.attention(self.cross_attn.query(h), ck, cv, backend=cfg.attention)
         x = x + self.cross_attn.out(o).reshape(b, f, t, d).astype(cfg.residual)
 
@@ -226,6 +228,13 @@ class WanDiT(nnx.Module):
         context = jnp.pad(context, ((0, 0), (0, cfg.text_len - context.shape[1]), (0, 0)))
         return self.text_embedding(context)
 
+    def text_kv(self, context: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """The cross-attention keys and values of every layer for a text context [B, L, text_dim]: two arrays
+        [num_layers, B, text_len, N, K]. The context of a rollout never changes, so `forward_chunk(text_kv=...)` takes
+        them once per chunk instead of recomputing them (a text MLP and 2 projections per layer) in every forward."""
+        ctx = self.embed_text(context)
+        return nnx.vmap(lambda block: block.cross_attn.key_value(ctx), in_axes=0, out_axes=0)(self.blocks)
+
     def embed_conditioning(self, actions: jax.Array, poses: jax.Array | None = None, *, drop=None,
                            first_latent: bool = True) -> jax.Array:
         """Per-latent conditioning [B, F, dim] float32 from per-frame actions int [B, T, 8] (and poses [B, T, 5]);
@@ -263,23 +272,25 @@ class WanDiT(nnx.Module):
         mask = self.cfg.memory_layer_mask()
         return None if all(mask) or not any(mask) else jnp.asarray(mask)
 
-    def _run_blocks(self, x, e0, ctx, cos, sin, mixer, layer_in):
-        """The blocks under nnx.scan; layer_in (per-layer cache slices or None) and the per-layer DecMem switches
-        (`_layer_flags`) are scanned with them."""
+    def _run_blocks(self, x, e0, ctx, cos, sin, mixer, layer_in, text_kv=None):
+        """The blocks under nnx.scan; layer_in (per-layer cache slices or None), the per-layer DecMem switches
+        (`_layer_flags`) and the precomputed text keys/values (or None) are scanned with them."""
         flags = self._layer_flags()
         use = self.cfg.memory is not None and any(self.cfg.memory_layer_mask())  # when every layer is the same
 
         def step(block: WanBlock, x, scanned):
-            layer_in, flag = scanned
-            return block(x, e0, ctx, cos, sin, mixer, layer_in, use if flag is None else flag)
+            layer_in, flag, kv = scanned
+            return block(x, e0, ctx, cos, sin, mixer, layer_in, use if flag is None else flag, kv)
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
         scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-        return scan(self.blocks, x, (layer_in, flags))
+        return scan(self.blocks, x, (layer_in, flags, text_kv))
 
-    def _forward(self, latents, timesteps, context, cond, mixer, *, layer_in=None, frame_offset=0, positions=None):
-        """positions: optional static per-frame RoPE positions (teacher forcing); else frames start at frame_offset."""
+    def _forward(self, latents, timesteps, context, cond, mixer, *, layer_in=None, frame_offset=0, positions=None,
+                 text_kv=None):
+        """positions: optional static per-frame RoPE positions (teacher forcing); else frames start at frame_offset.
+        text_kv: `text_kv(context)` computed beforehand (context is then not used)."""
         cfg = self.cfg
         grid = self._grid(latents)
         f, h, w = grid
@@ -291,7 +302,12 @@ class WanDiT(nnx.Module):
                 raise ValueError(f"cond must be [B, F, dim] = {(latents.shape[0], f, cfg.dim)}, got {cond.shape}")
             x = (x + cond[:, :, None, :]).astype(cfg.residual)  # Eq. 2: added to every token of its latent frame
         e, e0 = self.embed_time(timesteps, f)
-        ctx = self.embed_text(context)
+        if text_kv is None:
+            ctx = self.embed_text(context)
+        else:
+            ctx = None
+            if text_kv[0].shape[1] != latents.shape[0]:
+                raise ValueError(f"text_kv has batch {text_kv[0].shape[1]}, the latents {latents.shape[0]}")
         rope = dict(theta=cfg.rope_theta, max_len=cfg.rope_max_len)
         if positions is None:
             cos, sin = rope_cos_sin(grid, cfg.rope_split, frame_offset=frame_offset, **rope)
@@ -299,7 +315,7 @@ class WanDiT(nnx.Module):
             cos, sin = rope_cos_sin((int(max(positions)) + 1, h, w), cfg.rope_split, **rope)
             rows = (np.asarray(positions)[:, None] * h * w + np.arange(h * w)).reshape(-1)
             cos, sin = cos[rows], sin[rows]
-        x, layer_out = self._run_blocks(x, e0, ctx, cos, sin, mixer, layer_in)
+        x, layer_out = self._run_blocks(x, e0, ctx, cos, sin, mixer, layer_in, text_kv)
         return self._unpatchify(self.head(x, e), grid), layer_out
 
     # ----- full-sequence modes -----
@@ -441,7 +457,7 @@ class WanDiT(nnx.Module):
         layout = self._layout(tpf)
         return BlockKVCache.create(blocks=layout.blocks, slots=layout.slots, **common)
 
-    def _chunk(self, latents, timesteps, context, cache, cond):
+    def _chunk(self, latents, timesteps, context, cache, cond, text_kv=None):
         cfg = self.cfg
         f, h, w = self._grid(latents)
         if h * w != cache.tokens_per_frame:
@@ -456,7 +472,7 @@ class WanDiT(nnx.Module):
         else:
             mixer = self._cached_decmem_mixer(self._layout(h * w), length)
         out, new = self._forward(latents, timesteps, context, cond, mixer, layer_in=cache.layers(),
-                                 frame_offset=length)
+                                 frame_offset=length, text_kv=text_kv)
         # Inside jit an overflowing chunk cannot raise; poison its output instead of silently clamping the write.
         return jnp.where(fits, out, jnp.nan), new, fits
 
@@ -483,17 +499,19 @@ class WanDiT(nnx.Module):
             hk, hv, hp = layer_in
             o, new, selection = mem.chunk_decmem_attention(q, k, v, gate, layout, cfg.memory,
                                                            (hk.astype(q.dtype), hv.astype(q.dtype), hp), length,
-                                                           use_memory=use_memory, score=score)
+                                                           use_memory=use_memory, score=score,
+                                                           attention_backend=cfg.attention)
             return o, (new, selection)
 
         return cached_decmem
 
-    def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
-                      cond: jax.Array | None = None) -> jax.Array:
+    def forward_chunk(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array | None, cache,
+                      cond: jax.Array | None = None, *, text_kv=None) -> jax.Array:
         """Velocity for one chunk [B, c, H, W, C] that follows the cache's committed frames (RoPE frames offset by
         `cache.length`); attends to the committed frames and, bidirectionally, to itself. The cache is unchanged.
-        cond: the chunk's per-latent conditioning [B, c, dim] (None: null)."""
-        return self._chunk(latents, timesteps, context, cache, cond)[0]  # the history outputs are dropped (DCE'd)
+        cond: the chunk's per-latent conditioning [B, c, dim] (None: null). text_kv: `text_kv(context)` for this
+        batch, computed once for many forwards (then context may be None)."""
+        return self._chunk(latents, timesteps, context, cache, cond, text_kv)[0]  # history outputs DCE'd
 
     def commit(self, latents: jax.Array, timesteps: jax.Array, context: jax.Array, cache,
                cond: jax.Array | None = None, *, with_selection: bool = False):

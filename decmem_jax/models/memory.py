@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decmem_jax.models.attention import attention
 from decmem_jax.models.attention_ops import merge_partial
 from decmem_jax.models.config import MemoryConfig  # noqa: F401 -- re-exported: the memory settings
 from pallas_kernels.sgm import sgm_attention
@@ -326,8 +327,34 @@ def _take_suffix(idx, start, nk_offset):
     return jnp.take_along_axis(idx, pos, axis=-1) - nk_offset
 
 
+def _window_tokens(x, layout: BlockLayout, first, frames: int):
+    """Frames [first, first + frames) of a block-major cache [Bh, cap*M*P, H, D] as token-major rows
+    [Bh, frames*T, H, D] (padding slots dropped). Rows past the cache's end repeat its last slot: callers mask them
+    (they lie past the committed length)."""
+    fp = layout.blocks * layout.slots
+    rows = (first + jnp.arange(frames, dtype=jnp.int32))[:, None] * fp + jnp.asarray(layout.token_to_slot, jnp.int32)
+    return jnp.take(x, jnp.minimum(rows.reshape(-1), x.shape[1] - 1), axis=1)
+
+
+def _window_attention(q, k, v, hk, hv, layout: BlockLayout, length, wh: int, backend: str):
+    """ALM of a chunk, token-major: its queries over [its own keys ; the last `wh` committed frames] as ONE dense
+    attention call (cuDNN on GPU), the history frames gathered out of the block-major cache (wh*T rows, a few MB).
+
+    Same keys and softmax as the block lists of `decmem_attention` (the window is bidirectional and contiguous, so no
+    block lists are needed); the own keys go first so that the valid keys are a prefix (`kv_length`), which also
+    covers a window that reaches before frame 0."""
+    b, s = q.shape[:2]
+    if wh <= 0:
+        return attention(q, k, v, backend=backend)
+    first = jnp.maximum(length - wh, 0)
+    wk, wv = (_window_tokens(x, layout, first, wh) for x in (hk, hv))
+    keys = jnp.concatenate([k, jnp.broadcast_to(wk, (b,) + wk.shape[1:]).astype(k.dtype)], axis=1)
+    values = jnp.concatenate([v, jnp.broadcast_to(wv, (b,) + wv.shape[1:]).astype(v.dtype)], axis=1)
+    return attention(q, keys, values, backend=backend, kv_length=s + (length - first) * layout.tokens_per_frame)
+
+
 def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, hist, length, *, use_memory=True,
-                           score=None):
+                           score=None, attention_backend: str = "xla"):
     """DecMem attention of one chunk against a block-major cache (inference; forward only).
 
     q, k, v, gate: [B, C*T, H, D] token-major, the chunk's frames follow the `length` committed ones.
@@ -362,14 +389,7 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
 
     def memory():
         wh = cfg.window - c  # history frames inside the ALM window
-        if wh > 0:
-            first = jnp.maximum(length - wh, 0)
-            ids = jnp.minimum(first * m + jnp.arange(wh * m, dtype=jnp.int32), cap_blocks - 1)
-            alm_hist = (jnp.broadcast_to(ids, (b, h, c * m, wh * m)),
-                        jnp.broadcast_to((length - first) * m, (b, h, c * m)).astype(jnp.int32))
-        else:
-            alm_hist = (jnp.zeros((b, h, c * m, 1), jnp.int32), jnp.zeros((b, h, c * m), jnp.int32))
-        o_alm = both(alm_hist, all_own)
+        o_alm = _window_attention(q, k, v, hk, hv, layout, length, wh, attention_backend)
         if not cfg.sgm:  # inference switch: the ALM window alone, nothing retrieved
             return o_alm.astype(q.dtype), no_selection()
 

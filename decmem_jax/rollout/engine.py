@@ -61,30 +61,34 @@ def _velocity_fn(model, cache, context, cond, settings: SamplerSettings, shard=N
     clips) runs the two CFG branches as two batch-B forwards that each read the cache in place: a batch-2B forward
     would need the cache twice."""
     cfg_on = cond is not None and settings.uses_cfg(True)
+    # The text context is the same in every step: its cross-attention keys/values are computed once per chunk.
+    shared = not cfg_on or cache.batch > 1  # forwards of the context's own batch
+    if shared:
+        text_kv = model.text_kv(context)
+    else:
+        ctx2 = jnp.concatenate([context, context], axis=0)
+        text_kv = model.text_kv(ctx2 if shard is None else shard.branches(ctx2))
     graphdef, state = nnx.split(model)  # the sampler's lax.scan needs the module as plain arrays
 
     def velocity(x, t):
         model = _merge_here(graphdef, state)
         tt = jnp.full(x.shape[:2], t, jnp.float32)  # per-frame timesteps [B, C]
         if not cfg_on:
-            return model.forward_chunk(x, tt, context, cache, cond=cond)
+            return model.forward_chunk(x, tt, None, cache, cond=cond, text_kv=text_kv)
         null = jnp.zeros_like(cond)
         if cache.batch > 1:
             b = x.shape[0]
 
             def branches(x2, t2, c2):
-                return jnp.concatenate([model.forward_chunk(x2[:b], t2[:b], context, cache, cond=c2[:b]),
-                                        model.forward_chunk(x2[b:], t2[b:], context, cache, cond=c2[b:])])
+                return jnp.concatenate([model.forward_chunk(x2[:b], t2[:b], None, cache, cond=c2[:b], text_kv=text_kv),
+                                        model.forward_chunk(x2[b:], t2[b:], None, cache, cond=c2[b:], text_kv=text_kv)])
 
             return sampler_lib.guided_velocity(branches, x, tt, cond, null, settings.guidance)
-        ctx2 = jnp.concatenate([context, context], axis=0)
 
         def branches(x2, t2, c2):
             if shard is not None:  # one CFG branch per `data` device
-                x2, t2, c2, ctx = shard.branches((x2, t2, c2, ctx2))
-            else:
-                ctx = ctx2
-            return model.forward_chunk(x2, t2, ctx, cache, cond=c2)
+                x2, t2, c2 = shard.branches((x2, t2, c2))
+            return model.forward_chunk(x2, t2, None, cache, cond=c2, text_kv=text_kv)
 
         return sampler_lib.guided_velocity(branches, x, tt, cond, null, settings.guidance)
 
