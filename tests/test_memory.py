@@ -293,3 +293,26 @@ def test_content_scoring_is_wired_through_training_and_inference(model_inputs):
         picks[score_on] = np.concatenate(ids, axis=-2)
     assert picks["rope"].shape == picks["content"].shape
     assert not np.array_equal(picks["rope"], picks["content"])
+
+
+@pytest.mark.parametrize("plan_kind", ["causal", "teacher_forcing"])
+@pytest.mark.parametrize("loop", [False, True])
+def test_window_attention_matches_dense_oracle(setup, monkeypatch, plan_kind, loop):
+    """ALM as dense attention (one masked call, or one call per chunk over static key slices) equals the fp64 oracle
+    under the plan's window, for a block-causal sequence and a [clean ; noisy] teacher-forcing sequence (whose noisy
+    chunks see two separate runs of key frames)."""
+    layout, q, k, v = setup
+    if plan_kind == "causal":
+        plan = mem.causal_plan(FRAMES, CHUNK)
+    else:
+        plan = mem.teacher_forcing_plan(FRAMES // 2, 1)  # 3 clean + 3 noisy frames, chunks of one
+    window = 2 * plan.chunk
+    if loop:  # force the per-chunk path that long sequences take
+        monkeypatch.setattr(mem, "fits_mask", lambda *_: False)
+    out = mem.window_attention(q, k, v, plan, window, T, "xla")
+    frame_mask = plan.window(window)
+    mask = np.repeat(np.repeat(frame_mask, T, axis=0), T, axis=1)[None, None]
+    assert rel(out, dense(q, k, v, mask)) < 1e-5
+    if plan_kind == "teacher_forcing":  # the noisy chunks do see two runs of key frames
+        f = plan.frames // 2
+        assert any(len(mem._runs(np.nonzero(frame_mask[i])[0])) == 2 for i in range(f, 2 * f))

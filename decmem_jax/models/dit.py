@@ -367,7 +367,7 @@ class WanDiT(nnx.Module):
         def decmem(q, k, v, memory, layer_in, use_memory):
             gate, score = memory
             o = mem.decmem_attention(q, k, v, gate, layout, cfg.memory, plan=plan, use_memory=use_memory,
-                                     score=score)
+                                     score=score, attention_backend=cfg.attention)
             if retrieval_target is None:
                 return o, None
             loss, top1 = mem.retrieval_loss(q, k, layout, cfg.memory, plan, retrieval_target, score=score)

@@ -12,8 +12,11 @@ latent frame's T tokens are cut into M raster runs of ceil(T/M) tokens (the last
 - Gate (§8): o = o_alm + G ⊙ o_sgm, G = Linear(h) per token and channel, zero-initialised (a dense/ALM checkpoint is
   unchanged at initialisation).
 
-Both branches are expressed as key-block index lists fed to one function, `pallas_kernels.sgm.sgm_attention`
-(reference in XLA, Pallas kernels on GPU/TPU), so the ALM window is just a second, static list.
+SGM runs on key-block index lists through one function, `pallas_kernels.sgm.sgm_attention` (reference in XLA,
+Pallas kernels on GPU/TPU). The ALM window is contiguous, so it runs as dense attention on the token-major tensors
+(`window_attention`; in a rollout, `_window_attention` over the cache's last frames): cuDNN on GPU, which is faster
+than the block-sparse kernel on such windows. Layers with the DecMem switch off use block lists of every visible
+block.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decmem_jax.models.attention import attention
+from decmem_jax.models.attention import attention, fits_mask, frame_masked_attention
 from decmem_jax.models.attention_ops import merge_partial
 from decmem_jax.models.config import MemoryConfig  # noqa: F401 -- re-exported: the memory settings
 from pallas_kernels.sgm import sgm_attention
@@ -221,8 +224,40 @@ def _score_blocks(q, k, qb, kb, score, layout: BlockLayout):
     return layout.to_blocks(score[0]), layout.to_blocks(score[1])
 
 
+def _runs(frames: np.ndarray) -> list[tuple[int, int]]:
+    """Ascending frame indices -> maximal runs of consecutive frames [(start, end), ...]."""
+    cuts = np.nonzero(np.diff(frames) != 1)[0] + 1
+    return [(int(r[0]), int(r[-1]) + 1) for r in np.split(frames, cuts)]
+
+
+def window_attention(q, k, v, plan: FramePlan, window: int, tokens_per_frame: int, backend: str):
+    """ALM over a whole sequence, token-major [B, F*T, H, D]: each query frame attends to the frames of
+    `plan.window(window)` with dense attention (cuDNN on GPU, with its backward), which is faster than the
+    block-sparse kernel on these short, contiguous windows.
+
+    A small sequence runs as one call under the frame mask; a long one as one call per group of consecutive query
+    frames with the same window (a chunk), over static slices of the keys: one slice per run of consecutive key
+    frames (a teacher-forcing noisy chunk has two: the clean frames before it and itself)."""
+    mask = plan.window(window)
+    t, f = tokens_per_frame, plan.frames
+    if fits_mask(q.shape[1], k.shape[1]):
+        return frame_masked_attention(q, k, v, mask, tokens_per_frame=t, backend=backend)
+    outs, start = [], 0
+    while start < f:
+        end = start + 1
+        while end < f and (mask[end] == mask[start]).all():
+            end += 1
+        runs = _runs(np.nonzero(mask[start])[0])
+        ks = [k[:, a * t: e * t] for a, e in runs]
+        vs = [v[:, a * t: e * t] for a, e in runs]
+        keys, values = (xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=1) for xs in (ks, vs))
+        outs.append(attention(q[:, start * t: end * t], keys, values, backend=backend))
+        start = end
+    return jnp.concatenate(outs, axis=1) if len(outs) > 1 else outs[0]
+
+
 def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, plan: FramePlan | None = None,
-                     chunk: int | None = None, use_memory=True, score=None):
+                     chunk: int | None = None, use_memory=True, score=None, attention_backend: str = "xla"):
     """DecMem self-attention over a whole sequence (teacher forcing / full forward), under a `FramePlan`.
 
     q, k, v: [B, F*T, H, D] token-major (post qk-norm and RoPE); gate: [B, F*T, H, D] (the gate Linear's output,
@@ -230,7 +265,8 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     be fed to W_o. `plan` defaults to
     `causal_plan(F, chunk)`. use_memory: True, or a traced bool (per-layer switch under a layer scan): where False the
     layer runs dense attention over every visible block instead. score: optional (q, k) that SGM pools and scores
-    instead of q and k (MemoryConfig.score_on="content": the tensors before RoPE).
+    instead of q and k (MemoryConfig.score_on="content": the tensors before RoPE). attention_backend: the dense
+    attention backend of the ALM window (`window_attention`).
     """
     b, s, h, d = q.shape
     frames = s // layout.tokens_per_frame
@@ -244,17 +280,16 @@ def decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig, *, p
     kv_len = jnp.broadcast_to(jnp.asarray(lengths), (b, lengths.shape[0]))
 
     def memory():
-        alm_idx, alm_cnt = frame_lists_to_blocks(plan.window(cfg.window), layout.blocks, b, h)
-        o_alm = _sgm(qb, kb, vb, jnp.asarray(alm_idx), jnp.asarray(alm_cnt), kv_len, layout, cfg)
+        o_alm = window_attention(q, k, v, plan, cfg.window, layout.tokens_per_frame, attention_backend)
         if not cfg.sgm:  # inference switch: the ALM window alone
-            return layout.from_blocks(o_alm).astype(q.dtype)
+            return o_alm.astype(q.dtype)
         cand = expand_frames(plan.candidates(cfg.window, cfg.candidates), layout.blocks)
         qs, ks = _score_blocks(q, k, qb, kb, score, layout)
         sgm_idx, sgm_cnt = select_blocks(pool_blocks(qs, lengths, layout.slots),
                                          pool_blocks(ks, lengths, layout.slots), jnp.asarray(cand)[None, None],
                                          cfg.top_k)
         o_sgm = _sgm(qb, kb, vb, sgm_idx, sgm_cnt, kv_len, layout, cfg)
-        o = layout.from_blocks(o_alm).astype(jnp.float32) + gate.astype(jnp.float32) * layout.from_blocks(o_sgm)
+        o = o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * layout.from_blocks(o_sgm)
         return o.astype(q.dtype)
 
     def dense():
