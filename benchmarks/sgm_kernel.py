@@ -67,9 +67,12 @@ DECMEM_LENS = [147] * 5 + [145]  # valid tokens of the 6 blocks of an 880-token 
 # name -> geometry; heads, batch, head dim shared: H 12, B 1, D 128
 CASES = {
     "full": {"vsa": dict(nq=768, nk=768, bq=64, bkv=64, topk=76, decmem=False),
-             "decmem": dict(nq=24, nk=1200, bq=192, bkv=192, topk=80, decmem=True)},
+             "decmem": dict(nq=24, nk=1200, bq=192, bkv=192, topk=80, decmem=True),
+             # the rollout's history call: both CFG branches folded into the query blocks of one batch-1 cache
+             "decmem_cfg": dict(nq=48, nk=1200, bq=192, bkv=192, topk=80, decmem=True)},
     "small": {"vsa": dict(nq=4, nk=4, bq=64, bkv=64, topk=2, decmem=False),
-              "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
+              "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True),
+              "decmem_cfg": dict(nq=2, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
 }
 
 # forward plan variants timed by --sweep (StreamPlan field overrides; {} = the automatic plan)
@@ -77,17 +80,19 @@ SWEEP = {
     "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1)],
     "decmem": [{}, dict(splits=1), dict(splits=2), dict(splits=3), dict(box=64), dict(width=128, splits=2),
                dict(consumers=2, share=1, box=64, width=64, splits=1)],  # the last = the first (e792bb1) kernel
+    "decmem_cfg": [{}, dict(splits=2), dict(splits=3)],
 }
 # dq plan variants timed by --sweep (the whole backward is timed; only the dq kernel's plan differs)
 SWEEP_DQ = {
     "vsa": [],
     "decmem": [{}, dict(box=64), dict(consumers=3, share=3), dict(consumers=3, share=3, splits=1)],
+    "decmem_cfg": [],
 }
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="vsa,decmem", help="comma list of: vsa, decmem")
+    p.add_argument("--cases", default="vsa,decmem", help="comma list of: vsa, decmem, decmem_cfg")
     p.add_argument("--small", action="store_true", help="tiny shapes (with --interpret: a CPU smoke run)")
     p.add_argument("--interpret", action="store_true", help="run the kernel in the Mosaic GPU interpreter (CPU)")
     p.add_argument("--check-only", action="store_true", help="run the hardware correctness checks and stop")

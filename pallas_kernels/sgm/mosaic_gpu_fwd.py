@@ -117,15 +117,16 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
     return p
 
 
-def default_splits(n_ctas, n_sms=None):
-    """Split the step lists when the grid is under 3 waves of CTAs (one CTA per SM at these register counts): the
+def default_splits(n_ctas, n_sms=None, waves=5):
+    """Split the step lists when the grid is under `waves` waves of CTAs (one CTA per SM at these register counts): the
     last, partial wave otherwise idles much of the GPU (e.g. 288 CTAs = 2.2 waves on 132 SMs). Such grids are split
     up to >= 6 waves (at most 4 splits): on an H100 the DecMem benchmark geometry took 1.00 ms with 3 splits, 1.20
-    with 2 and 1.23 with 1 (docs/benchmarks.md)."""
+    with 2 and 1.23 with 1; on an H200 the rollout's CFG-folded history call (576 CTAs, 4.4 waves) took 1.88 ms with
+    2 splits against 1.96 with 1 (docs/benchmarks.md)."""
     if n_sms is None:  # the GPU's SM count; an H100's 132 elsewhere (interpret mode), so plans do not vary by host
         dev = jax.devices()[0]
         n_sms = (getattr(dev, "core_count", None) if dev.platform == "gpu" else None) or 132
-    if n_ctas >= 3 * n_sms:
+    if n_ctas >= waves * n_sms:
         return 1
     return min(4, -(-6 * n_sms // n_ctas))
 
