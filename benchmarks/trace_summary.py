@@ -39,7 +39,7 @@ def kernel_times(trace_dir: str | pathlib.Path) -> dict[str, tuple[float, int]]:
 CATEGORIES = (  # first match wins
     ("SGM kernels (Pallas Mosaic GPU)", r"sgm|mosaic"),
     ("attention (cuDNN)", r"cudnn|fmha|flash|sdpa|attention"),
-    ("GEMM", r"gemm|cutlass|sm90_xmma|cublas|matmul|dot"),
+    ("GEMM", r"gemm|cutlass|sm90_xmma|cublas|matmul|dot|nvjet"),
     ("copy / slice", r"copy|dynamic.update|dynamic.slice|memcpy|memset|transpose"),
     ("fusion (elementwise / norms / RoPE)", r"fusion|loop_|input_|reduce"),
 )
