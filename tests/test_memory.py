@@ -276,6 +276,28 @@ def test_cfg_branches_share_one_history_cache(model_inputs):
         assert rel(a, np.asarray(b)) <= 1e-5
 
 
+def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
+    """DiTConfig.remat="save_sgm" (the training default: SGM's output and LSE saved, the rest recomputed) against
+    no remat and `full`, on a teacher-forcing loss through DecMem blocks with a non-zero gate."""
+    latents, t, ctx, actions = model_inputs
+    noisy = jnp.asarray(np.random.default_rng(3).standard_normal(latents.shape), jnp.float32)
+
+    def loss(m):
+        v = m.teacher_forcing(latents, noisy, t, ctx, chunk_size=MC, actions=actions)
+        return jnp.mean(v ** 2)
+
+    res = {}
+    for remat in ("none", "full", "save_sgm"):
+        model = make_model(tiny_memory_config().replace(remat=remat), gate_scale=0.05)
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        res[remat] = (float(value), jax.tree.leaves(nnx.state(grads, nnx.Param)))
+        assert float(jnp.abs(grads.blocks.gate.kernel.get_value()).max()) > 0  # SGM's output reaches the loss
+    for remat in ("full", "save_sgm"):
+        assert abs(res[remat][0] - res["none"][0]) <= 1e-6 * abs(res["none"][0])
+        for g, g0 in zip(res[remat][1], res["none"][1]):
+            assert float(jnp.linalg.norm(g - g0)) <= 1e-5 * float(jnp.linalg.norm(g0)) + 1e-12
+
+
 def test_content_scoring_is_wired_through_training_and_inference(model_inputs):
     """score_on="content" (pool q/k before RoPE) changes what SGM retrieves, at inference and in the full forward
     alike (the equivalences above hold for it too)."""

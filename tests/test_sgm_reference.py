@@ -218,3 +218,31 @@ def test_registry_routes_to_fake_backend(monkeypatch):
     register_backend("fake_tpu", fwd, bwd, platforms=("tpu",))
     with pytest.raises(ValueError, match="backend 'fake_tpu' runs on"):
         resolve_sgm_backend("fake_tpu")
+
+
+def test_save_sgm_remat_policy_keeps_the_forward_out_of_the_backward(monkeypatch):
+    """DiTConfig.remat="save_sgm" saves the names "sgm_out" and "sgm_lse": the rematerialised backward then needs no
+    second SGM forward (under `full` its recompute holds one), and the gradients are the same."""
+    from decmem_jax.models.dit import _REMAT_POLICIES
+
+    def fwd(*args, **kw):  # the reference forward with a marker that shows in the jaxpr (an fp32 identity)
+        out, lse = sgm_reference(*args, **kw)
+        return jax.lax.reduce_precision(out, exponent_bits=8, mantissa_bits=23), lse
+
+    monkeypatch.setattr(api, "_REGISTRY", dict(api._REGISTRY))
+    register_backend("marked", fwd, sgm_reference_bwd)
+    q, k, v, idx, cnt, lens = make_inputs(11)
+
+    def loss(q, k, v):  # something before and after the kernel, as in a block
+        out = sgm_attention(jnp.sin(q), k, v, idx, cnt, lens, **GEO, backend="marked")
+        return jnp.sum(jnp.cos(out))
+
+    grads, forwards = {}, {}
+    for policy in ("full", "save_sgm"):
+        g = jax.grad(jax.checkpoint(loss, policy=_REMAT_POLICIES[policy]), argnums=(0, 1, 2))
+        remat = [e for e in jax.make_jaxpr(g)(q, k, v).jaxpr.eqns if "policy" in e.params]  # the backward's recompute
+        forwards[policy] = sum(str(e.params["jaxpr"]).count("reduce_precision") for e in remat)
+        grads[policy] = jax.jit(g)(q, k, v)
+    assert forwards == {"full": 1, "save_sgm": 0}
+    for a, b in zip(grads["full"], grads["save_sgm"]):
+        assert rel(a, b) <= 1e-6

@@ -40,6 +40,10 @@ from decmem_jax.models.rope import apply_rope, rope_cos_sin
 
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
+    # save only the SGM kernel's output and LSE (named in pallas_kernels/sgm/api.py): the backward pass then runs the
+    # SGM backward kernels without re-running the forward kernel (stage 3 at 60 latents, H200: -7% step time, +1.4 GB
+    # peak memory)
+    "save_sgm": jax.checkpoint_policies.save_only_these_names("sgm_out", "sgm_lse"),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }

@@ -33,6 +33,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.sgm.reference import sgm_reference, sgm_reference_bwd
 
@@ -280,6 +281,12 @@ def _sgm(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
 
 def _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
     out, lse = _REGISTRY[name].fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale)
+    # Named for remat policies (SAVE_NAMES): saving these two lets a rematerialised layer skip the forward kernel in
+    # its backward pass, for O(Tq·H·D) memory per layer.
+    # The barrier keeps XLA from recomputing the kernel in the backward loop instead of storing its outputs (seen on
+    # an H200: without it the compiled step ran the forward kernel twice per layer although both names were saved).
+    out, lse = jax.lax.optimization_barrier((out, lse))
+    out, lse = checkpoint_name(out, "sgm_out"), checkpoint_name(lse, "sgm_lse")
     return out, (q, k, v, idx, cnt, lens, out, lse)
 
 
