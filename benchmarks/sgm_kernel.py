@@ -79,8 +79,10 @@ CASES = {
 SWEEP = {
     "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1)],
     "decmem": [{}, dict(splits=1), dict(splits=2), dict(splits=3), dict(box=64), dict(width=128, splits=2),
-               dict(consumers=2, share=1, box=64, width=64, splits=1)],  # the last = the first (e792bb1) kernel
-    "decmem_cfg": [{}, dict(splits=2), dict(splits=3)],
+               dict(consumers=2, share=1, box=64, width=64, splits=1),  # = the first (e792bb1) kernel
+               dict(sched=True), dict(sched=True, splits=2)],
+    "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=False), dict(sched=True),
+                   dict(sched=True, splits=1), dict(sched=True, splits=3)],
 }
 # dq plan variants timed by --sweep (the whole backward is timed; only the dq kernel's plan differs)
 SWEEP_DQ = {
@@ -438,7 +440,8 @@ def sweep_case(name, c, ref_out, args):
         except Exception as e:  # noqa: BLE001 -- a plan that does not build is reported, not fatal
             row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         p = row.get("plan", {})
-        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits"))
+        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits",
+                                                 "sched"))
         ms = _ms(row)
         print(f"  sweep {name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
               f"{row.get('eff_tflops', 0):7.1f} TF/s", flush=True)
@@ -469,7 +472,8 @@ def sweep_dq(name, c, out, lse, cot, args):
         except Exception as e:  # noqa: BLE001
             row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
         p = row.get("plan", {})
-        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits"))
+        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits",
+                                                 "sched"))
         ms = _ms(row)
         print(f"  sweep dq {name:7} {desc:62} bwd {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12}",
               flush=True)

@@ -320,6 +320,8 @@ def test_mgpu_forward_plan_choice_and_errors():
         plan(192, 192, consumers=2, share=2)
     with pytest.raises(ValueError, match="box must be 32 or 64"):
         plan(192, 192, box=48)
+    with pytest.raises(ValueError, match="sched"):
+        plan(64, 64, sched=True)  # own lists: step counts differ per consumer
     with pytest.raises(ValueError, match="SMEM"):
         forward_plan((1, 64, 1, 128), 64, 64, jnp.bfloat16, stages=3)
 
@@ -330,7 +332,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     (128, 64, {}),  # 2 consumers on one stream of 128-row steps (2 boxes of 64), auto splits
     (64, 128, dict(width=128, splits=1)),  # own lists, 128-row steps of 4 x 32-row boxes
     (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
-], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2"])
+    (192, 192, dict(sched=True, splits=2)),  # ping-pong: 3 consumers take turns through a schedule barrier
+    (128, 64, dict(sched=True, splits=1)),  # ping-pong of 2 consumers on 128-row steps
+], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2", "sched3-split2",
+        "sched2-w128"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
@@ -410,6 +415,10 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
                                 interpret=ip)
     ref_out, _, vjp = oracle(c)
     assert rel(out, ref_out) <= FWD_TOL[BF16]
+    # ping-pong: the same with the consumers taking turns through the schedule barrier (3 arrivals per phase)
+    out_pp, _ = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2), ("sched", True)),
+                                 stages=2, interpret=ip)
+    assert rel(out_pp, ref_out) <= FWD_TOL[BF16]
     d_out = jnp.asarray(np.random.default_rng(33).normal(size=out.shape), BF16)
     dq = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), interpret=ip,
                            dq_plan_overrides=(("consumers", 3), ("share", 3), ("splits", 2)))[0]
@@ -432,6 +441,46 @@ def test_mgpu_lowers_for_sm90(dtype, D, block):
     texts = [fwd.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text(),
              bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text()]
     assert texts[0].count("custom_call @mosaic_gpu") == 1 and texts[1].count("custom_call @mosaic_gpu") == 2
+    if block > 64:  # the ping-pong forward (shared streams only)
+        pp = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("sched", True),)))
+        assert pp.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
+
+
+def test_mgpu_save_sgm_remat_skips_the_forward_kernel_in_the_backward():
+    """Under DiTConfig.remat="save_sgm" the backward pass of a rematerialised block runs the dq and dk/dv kernels
+    but not the forward kernel again (under "full" it does). Checked on the traced program (no GPU needed): the
+    kernels are `mpmd_map` equations; the backward's recompute is the `remat2` equation. This fails if the forward
+    is called behind a jit boundary, where the policy cannot see api.py's names."""
+    from decmem_jax.models.dit import _REMAT_POLICIES
+
+    B, H, D, bq = 1, 2, 128, 192
+    q = jnp.zeros((B, 2 * bq, H, D), BF16)
+    k = jnp.zeros((B, 3 * bq, H, D), BF16)
+    lst = (jnp.zeros((B, H, 2, 2), jnp.int32), jnp.full((B, H, 2), 2, jnp.int32), jnp.full((B, 3), 147, jnp.int32))
+
+    def loss(q, k):
+        out = api._sgm(jnp.sin(q), k, k, *lst, bq, bq, 0.1, "mosaic_gpu")  # the registered entry, no backend check
+        return jnp.sum(jnp.cos(out.astype(jnp.float32)))
+
+    def kernels(jaxpr, in_remat=False):
+        n = {False: 0, True: 0}
+        for e in jaxpr.eqns:
+            inner = in_remat or e.primitive.name == "remat2"
+            n[inner] += e.primitive.name == "mpmd_map"
+            for p in e.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else [p]:
+                    sub = getattr(sub, "jaxpr", sub)
+                    if hasattr(sub, "eqns"):
+                        m = kernels(sub, inner)
+                        n[False], n[True] = n[False] + m[False], n[True] + m[True]
+        return n
+
+    counts = {}
+    for policy in ("full", "save_sgm"):
+        g = jax.grad(jax.checkpoint(loss, policy=_REMAT_POLICIES[policy]), argnums=(0, 1))
+        counts[policy] = kernels(jax.make_jaxpr(g)(q, k).jaxpr)
+    # forward pass: the forward kernel; backward: (forward again,) dq, dk/dv
+    assert counts == {"full": {False: 1, True: 3}, "save_sgm": {False: 1, True: 2}}
 
 
 def test_mgpu_rejects_unsupported_inputs():

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -55,10 +56,18 @@ def default_stages(head_dim):
     return 2 if head_dim > 64 else 4
 
 
+# Ping-pong consumers (StreamPlan.sched) on shared streams by default; SGM_MGPU_SCHED=0/1 overrides (A/B timing).
+FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
+
+
 def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     """The forward kernel's StreamPlan for q `[B, Tq, H, D]`: `plan_stream`'s choice, `plan` (a dict of overrides,
-    for tuning) applied on top, and the step lists split over CTAs when the grid would be under 5 waves."""
-    return _plan(q_shape, block_q, block_kv, dtype, stages, plan, {}, tiles=1, vectors=1, waves=5)
+    for tuning) applied on top, the step lists split over CTAs when the grid would be under 5 waves, and ping-pong
+    consumers (FWD_SCHED) on a shared stream."""
+    p = _plan(q_shape, block_q, block_kv, dtype, stages, plan, {}, tiles=1, vectors=1, waves=5)
+    if "sched" not in dict(plan or {}) and p.share == p.consumers >= 2:
+        p = dataclasses.replace(p, sched=FWD_SCHED)
+    return p
 
 
 # dq keeps the first design by default: 2 consumers with their own lists and 64-row boxes. On an H100 the DecMem
@@ -124,9 +133,8 @@ def _sanitize(idx, cnt, lens, nk, block_kv):
     return idx, cnt, jnp.clip(lens.astype(jnp.int32), 0, block_kv)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
-def sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None,
-                     stages=None, plan=None, interpret=False):
+def _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None, stages=None,
+             plan=None, interpret=False):
     """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`).
     `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `StreamPlan`, hashable for jit)
     overrides the automatic plan; both are for tuning."""
@@ -137,6 +145,12 @@ def sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block
     rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, p)
     out, lse = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p, interpret=interpret)
     return merge_splits(out, lse) if p.splits > 1 else (out, lse)
+
+
+# The public entry point is jitted; sgm_attention calls `_forward` unjitted (`_api_fwd`), because a remat policy
+# looks only at names in its own jaxpr: behind a jit boundary, the outputs that api.py names "sgm_out"/"sgm_lse"
+# would be recomputed (the forward kernel run again in the backward pass) although saved.
+sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
@@ -177,8 +191,8 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
 
 
 def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale, interpret=False):
-    return sgm_forward_mgpu(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q, block_kv=block_kv,
-                            scale=scale, interpret=interpret)
+    return _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q, block_kv=block_kv,
+                    scale=scale, interpret=interpret)
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,

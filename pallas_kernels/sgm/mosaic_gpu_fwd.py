@@ -60,6 +60,10 @@ class StreamPlan:
     width: int  # key rows per step (a multiple of box): the N of QKᵀ and the K of PV
     stages: int  # ring slots per stream
     splits: int = 1  # CTAs sharing one tile group's step list
+    # Ping-pong: the consumers of a shared stream take turns at the tensor cores (one's softmax overlaps the other's
+    # wgmmas) through a schedule barrier that every consumer arrives on twice per step, odd consumers half a step
+    # behind the even ones (forward only).
+    sched: bool = False
 
     @property
     def streams(self):
@@ -101,6 +105,9 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
         raise ValueError(f"{where}: box must be 32 or 64 dividing block_kv, width a multiple of box in [64, 256]")
     if p.splits < 1:
         raise ValueError(f"{where}: splits must be >= 1")
+    if p.sched and (p.share != p.consumers or p.consumers < 2):
+        raise ValueError(f"{where}: sched (ping-pong) needs >= 2 consumers on one shared stream: their step counts "
+                         "are equal, so every consumer reaches every schedule-barrier phase")
     if stages is None:
         fits = [s for s in range(1, 5)
                 if dataclasses.replace(p, stages=s).smem_bytes(head_dim, itemsize, tiles, vectors) <= SMEM_BUDGET]
@@ -317,7 +324,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
     last = code.shape[-1] - 1
 
     def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref,
-                q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done):
+                q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done, *sched_bar):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         cta = CtaTiles(plan, nt, nqs, n_ref, b, h)
 
@@ -339,12 +346,26 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                     plgpu.copy_gmem_to_smem(q_ref.at[b, rows_q, h], q_tile, q_bar.at[wg])
                     plgpu.barrier_wait(q_bar.at[wg])
 
+                def sync():  # one phase of the schedule barrier (sched plans only)
+                    plgpu.barrier_arrive(sched_bar[0])
+                    plgpu.barrier_wait(sched_bar[0])
+
+                def logits(bi):
+                    if not plan.sched:
+                        return mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W))
+
+                    def body(acc_ref):  # issue QKᵀ, then wait for the other parity's softmax before reading it
+                        plgpu.wgmma(acc_ref, q_tile, k_smem.at[bi].transpose((1, 0)))
+                        sync()
+                        return acc_ref[...]
+                    return pl.run_scoped(body, plgpu.ACC((TILE, W), jnp.float32))
+
                 def step(t, carry):
                     acc, m_i, l_i, cd = carry
                     cd_next = code_at(t + 1)  # GMEM latency hidden behind this step
                     bi = stream * S + lax.rem(t, S)
                     plgpu.barrier_wait(k_rdy.at[bi])
-                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W))
+                    s = logits(bi)
                     plgpu.barrier_arrive(k_done.at[bi])
                     s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
                     m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
@@ -352,13 +373,25 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                     p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     l_i = l_i * alpha + p.sum(axis=1)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    plgpu.barrier_wait(v_rdy.at[bi])
-                    acc = mma_acc(acc, p.astype(dt), v_smem.at[bi], interpret)
+                    p = p.astype(dt)
+                    if plan.sched:  # softmax done: hand the tensor cores over, then wait for our turn
+                        acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
+                        plgpu.barrier_arrive(sched_bar[0])
+                        plgpu.barrier_wait(v_rdy.at[bi])
+                        plgpu.barrier_wait(sched_bar[0])
+                    else:
+                        plgpu.barrier_wait(v_rdy.at[bi])
+                    acc = mma_acc(acc, p, v_smem.at[bi], interpret)
                     plgpu.barrier_arrive(v_done.at[bi])
                     return acc, m_new, l_i, cd_next
 
                 carry = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0), code_at(0))
+                odd = lax.rem(wg, 2) == 1
+                if plan.sched:  # odd consumers start half a step behind ...
+                    pl.when(odd)(sync)
                 acc, m_i, l_i, _ = lax.fori_loop(0, n, step, carry)
+                if plan.sched:  # ... and even ones end with the phase the odd ones began with
+                    pl.when(jnp.logical_not(odd))(sync)
                 has = l_i > 0.0  # false only for a tile without steps
                 l_safe = jnp.where(has, l_i, 1.0)
                 inv = jnp.where(has, 1.0 / l_safe, 0.0)
@@ -384,6 +417,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
             plgpu.SMEM((nc, TILE), f32),  # LSE staging
             plgpu.Barrier(num_barriers=nc),
             *ring_scratch(plan, D, dt),
+            *([plgpu.Barrier(num_arrivals=nc)] if plan.sched else []),  # the schedule barrier
         ],
         **launch_params(plan, H, B, groups * nsplit, interpret),
     )
