@@ -102,10 +102,13 @@ def test_top_k_ties_go_to_lower_block_ids():
 
 
 @pytest.mark.parametrize("window", [2, 4])
-def test_alm_equals_dense_attention_under_the_window_mask(setup, window):
+def test_frame_lists_give_dense_attention_under_the_frame_mask(setup, window):
+    """`frame_lists_to_blocks` (the block lists of the layers with DecMem off, `decmem_attention`'s dense branch)
+    through SGM equals dense attention under the same frame mask; here the ALM window's mask, whose ALM itself runs
+    as dense attention (`test_window_attention_matches_dense_oracle`)."""
     layout, q, k, v = setup
     qb, kb, vb = (layout.to_blocks(x) for x in (q, k, v))
-    idx, cnt = mem.window_lists(FRAMES, CHUNK, window, M, B, H)
+    idx, cnt = mem.frame_lists_to_blocks(mem.causal_plan(FRAMES, CHUNK).window(window), M, B, H)
     lengths = jnp.broadcast_to(jnp.asarray(layout.block_lengths(FRAMES)), (B, FRAMES * M))
     got = layout.from_blocks(mem.sgm_attention(qb, kb, vb, jnp.asarray(idx), jnp.asarray(cnt), lengths,
                                                block_q=P, block_kv=P, backend="reference"))

@@ -202,11 +202,6 @@ def expand_frames(mask: np.ndarray, blocks: int) -> np.ndarray:
     return np.repeat(np.repeat(mask, blocks, axis=0), blocks, axis=1)
 
 
-def window_lists(frames: int, chunk: int, window: int, blocks: int, batch: int, heads: int):
-    """ALM key-block lists of a block-causal sequence (see `causal_plan`), as numpy (idx, cnt)."""
-    return frame_lists_to_blocks(causal_plan(frames, chunk).window(window), blocks, batch, heads)
-
-
 def candidate_mask(frames: int, chunk: int, blocks: int, *, window: int, mode: str) -> np.ndarray:
     """SGM candidates of every query block of a block-causal sequence, bool [F*M, F*M]."""
     return expand_frames(causal_plan(frames, chunk).candidates(window, mode), blocks)
