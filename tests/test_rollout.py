@@ -107,8 +107,8 @@ def test_cli_run_writes_the_requested_frames_and_a_sidecar(clip, tmp_path):
     assert record["model"]["memory"]["blocks_per_frame"] == 2
 
 
-@pytest.mark.parametrize("case", ["no_checkpoint", "short_actions", "wrong_size", "not_a_video", "vae_as_dit",
-                                  "dit_as_vae", "no_out_dir", "short_truth", "other_architecture"])
+@pytest.mark.parametrize("case", ["no_checkpoint", "short_actions", "mid_chunk_actions", "wrong_size", "not_a_video",
+                                  "vae_as_dit", "dit_as_vae", "no_out_dir", "short_truth", "other_architecture"])
 def test_cli_bad_inputs_give_one_clear_error(clip, tmp_path, case):
     from decmem_jax.rollout.__main__ import RolloutError, run
     from decmem_jax.video import VideoError
@@ -116,6 +116,7 @@ def test_cli_bad_inputs_give_one_clear_error(clip, tmp_path, case):
     c, context, actions, frames = tiny_config(), str(clip[0]), str(clip[1]), 40
     truth = None
     expected = {"no_checkpoint": "checkpoint is empty", "short_actions": "frames of actions",
+                "mid_chunk_actions": "48 frames of actions, but 49 are needed.*whole chunks of 16 frames",
                 "wrong_size": "frames are 64x64, the config expects 96x64", "not_a_video": "not_video.mp4",
                 "vae_as_dit": "this is a converted VAE checkpoint", "dit_as_vae": "this is a converted DiT checkpoint",
                 "no_out_dir": "does not exist", "short_truth": "--ground_truth",
@@ -142,6 +143,10 @@ def test_cli_bad_inputs_give_one_clear_error(clip, tmp_path, case):
         c.random_weights = False
     elif case == "short_actions":
         frames = 10_000
+    elif case == "mid_chunk_actions":  # 17 + 30 frames are covered, but the 2nd chunk of 16 frames needs one more
+        frames, actions = 30, str(tmp_path / "mid_chunk.npz")
+        with np.load(clip[1]) as z:
+            np.savez(actions, actions=z["actions"][:48], poses=z["poses"][:48])
     elif case == "wrong_size":
         c.rollout.height = 96
     elif case == "not_a_video":

@@ -32,7 +32,7 @@ from absl import app, flags
 
 from decmem_jax.cli import define_config_flag
 from decmem_jax.errors import DecMemError
-from decmem_jax.format import FRAMES_PER_LATENT, latents_for_frames
+from decmem_jax.format import FRAMES_PER_LATENT, frames_for_latents, latents_for_frames, whole_latents
 from decmem_jax.rollout import settings as settings_lib
 from decmem_jax.rollout.load import RolloutError, build_models, weights_sha256
 
@@ -82,10 +82,17 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
         acts, poses = load_clip_arrays(actions)
     except (ValueError, KeyError, OSError) as e:  # the message names the npz
         _fail(f"--actions: {e}")
-    needed = r.context_frames + num_frames
+    # Whole chunks are generated (the last one's extra frames dropped), so the actions must cover them: the context's
+    # encoded frames, then chunk * 4 frames per chunk.
+    per_chunk = FRAMES_PER_LATENT * int(r.chunk)
+    chunks = -(-num_frames // per_chunk)
+    ctx_frames = frames_for_latents(whole_latents(r.context_frames))
+    needed = max(r.context_frames + num_frames, ctx_frames + chunks * per_chunk)
     if acts.shape[0] < needed:
-        _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but context ({r.context_frames}) + "
-              f"--num_frames ({num_frames}) = {needed} are needed")
+        _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but {needed} are needed: the context "
+              f"({ctx_frames} encoded frames) + --num_frames ({num_frames}) rounded up to whole chunks of "
+              f"{per_chunk} frames ({chunks} chunks)")
+    needed = r.context_frames + num_frames
     if truth:
         if not os.path.isfile(truth):
             _fail(f"--ground_truth {truth}: file not found")
