@@ -172,5 +172,18 @@ def test_bad_mesh_is_one_clear_error_before_any_work(tmp_path, case):
     assert BAD_MESHES[case] in str(err.value)
 
 
+def test_mesh_given_as_a_mapping_gets_the_same_checks():
+    from decmem_jax.models.config import get_config
+    from decmem_jax.parallel.rollout import MeshSpecError, RolloutMesh
+
+    cfg = get_config("tiny")
+    assert RolloutMesh.from_spec({}, cfg, guidance=3.0) is None
+    for spec, says in (({"fsdp": 2}, "axis 'fsdp' is not used by the rollout"), ({"tensor": 0}, "must be AXIS:SIZE"),
+                       ({"tensor": 1.5}, "must be AXIS:SIZE")):
+        with pytest.raises(MeshSpecError, match="rollout.mesh") as err:
+            RolloutMesh.from_spec(spec, cfg, guidance=3.0)
+        assert says in str(err.value)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1])

@@ -114,7 +114,9 @@ class RolloutMesh:
                   devices=None) -> "RolloutMesh | None":
         """The placement for `spec` ('' or {}: None, one device: today's unsharded path), after every check that
         can fail: axes, device count, heads and FFN width divisible by `tensor`, CFG for `data`, backends."""
-        sizes = parse_mesh(spec, option=option) if isinstance(spec, str) else dict(spec)
+        if not isinstance(spec, str):  # a mapping gets the same checks as the string form (axis names, sizes)
+            spec = ",".join(f"{axis}:{size}" for axis, size in dict(spec).items())
+        sizes = parse_mesh(spec, option=option)
         if not sizes:
             return None
         tensor, data = sizes.get("tensor", 1), sizes.get("data", 1)
