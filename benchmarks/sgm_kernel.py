@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """SGM block-sparse attention: the Mosaic GPU kernel (pallas_kernels/sgm/mosaic_gpu*.py) on hardware -- correctness
-first, then speed against cuDNN dense attention and the `vsa` package's Triton kernel, measured in the same run.
+first, then speed against cuDNN dense attention, the `vsa` package's Triton kernel and PyTorch FlexAttention,
+measured in the same run.
 
 1. Checks (always first; any failure prints what failed, by how much, against which bound, and exits 1):
    fwd + dq/dk/dv of the kernel vs fp32 oracles on N(0, 3²) inputs: small cases (count 0, empty / partial / full
@@ -20,7 +21,9 @@ first, then speed against cuDNN dense attention and the `vsa` package's Triton k
    FLOPs). vsa: `vsa/block_sparse_attn_triton.py` loaded by file path under torch with the same lists at 64-token
    granularity (a 192-slot block = 3 cubes), compared against our output before it is timed; "vsa: not installed"
    when the package is missing. vsa needs Tq = Tk: in the decmem case its queries are zero-padded to Tk with empty
-   lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa).
+   lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa). flex: PyTorch
+   FlexAttention (torch.compile) with a BlockMask of the same lists at 64-token granularity, its FLASH backend if the
+   flash package is installed, else TRITON (benchmarks/sgm_peers.py; every attempt's outcome is in the JSON).
 3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.StreamPlan), each checked against
    the automatic plan's output and timed, and the backward under alternative dq plans (SWEEP_DQ), so a tuning run
    needs one process.
@@ -36,7 +39,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import importlib.util
 import os
 import pathlib
 import sys
@@ -55,9 +57,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import guarded, jax_block, jax_info, timed, write_record  # noqa: E402
+from benchmarks.sgm_peers import bench_flex, bench_vsa, rel  # noqa: E402
+from benchmarks.sgm_peers import ms_of as _ms  # noqa: E402
 from pallas_kernels.sgm import api  # noqa: E402
 from pallas_kernels.sgm import mosaic_gpu as mg  # noqa: E402
-from pallas_kernels.sgm.lists import reverse_block_lists, subtile_steps  # noqa: E402
 from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference, sgm_reference_bwd  # noqa: E402
 
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
@@ -105,6 +108,7 @@ def parse_args(argv):
     p.add_argument("--repeats", type=int, default=10, help="timed runs per measurement (median reported)")
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
     p.add_argument("--no-vsa", action="store_true", help="skip the vsa Triton peer")
+    p.add_argument("--no-flex", action="store_true", help="skip the PyTorch FlexAttention peer")
     p.add_argument("--stages", type=int, default=None,
                    help="override the dk/dv kernel's ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
                         "D 128); the forward and dq kernels size their rings from their plans (--sweep times "
@@ -180,11 +184,6 @@ def flop_counts(c):
     return {"fwd": fwd, "bwd": 2.5 * fwd, "fwd_bwd": 3.5 * fwd, "fwd_issued": 4.0 * d * c["bq"] * issued.sum(),
             "fwd_valid_tokens": 4.0 * d * float((keys * c["q_valid"][None, None, :]).sum()),
             "dense_fwd": 4.0 * b * h * d * c["q"].shape[1] * c["k"].shape[1]}
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
 # ------------------------------------------------------------------------------------------------------- checks
@@ -329,91 +328,6 @@ def bench_cudnn(c, cot, args):
                                                                                         args.repeats)}
 
 
-def load_vsa():
-    """The vsa package's Triton module, loaded by file path (importing `vsa` itself pulls in its CUDA extension)."""
-    spec = importlib.util.find_spec("vsa")
-    if spec is None or not spec.submodule_search_locations:
-        return None, "vsa: not installed"
-    path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "block_sparse_attn_triton.py"
-    if not path.exists():
-        return None, f"vsa: {path} not found"
-    mod_spec = importlib.util.spec_from_file_location("vsa_block_sparse_attn_triton", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module, None
-
-
-def bench_vsa(c, ours_out, cot, args):
-    """vsa Triton fwd and fwd+bwd with the same lists expanded to 64-token cubes; B = 1, bf16 only."""
-    if args.no_vsa:
-        return {"status": "skipped (--no-vsa)"}
-    if jax.default_backend() != "gpu":
-        return {"status": "skipped (needs a GPU)"}
-    try:
-        import torch
-    except ImportError:
-        return {"status": "vsa: torch not installed"}
-    try:
-        module, why = load_vsa()
-    except Exception as e:  # noqa: BLE001 -- e.g. triton missing: report, do not fail the benchmark
-        module, why = None, f"vsa: failed to load block_sparse_attn_triton.py: {type(e).__name__}: {str(e)[:200]}"
-    if module is None:
-        print(why)
-        return {"status": why}
-    if c["q"].shape[0] != 1 or jnp.dtype(c["q"].dtype) != BF16:
-        return {"status": "skipped (vsa needs B = 1, bf16)"}
-    b, tq, h, d = c["q"].shape
-    tk = c["k"].shape[1]
-    nqs = c["bq"] // mg.TILE
-    rows, valid, n = subtile_steps(c["idx"], c["cnt"], c["lens"], block_kv=c["bkv"], sub=mg.TILE)
-    q2k = jnp.repeat(rows // mg.TILE, nqs, axis=2)  # [B, H, Tq/64, K·block_kv/64]: cube ids, empty cubes dropped
-    q2k_num = jnp.repeat(n, nqs, axis=2)
-    # vsa's kernels take one length T for q and k/v (K's shape and the strides come from q); for Tq < Tk the
-    # queries are zero-padded to Tk with empty lists, and the cost of those empty q tiles is timed separately
-    # (same call with every list empty) and subtracted: "net" (the number the ratio uses, favourable to vsa).
-    pad_t = tk - tq
-    if pad_t < 0:
-        return {"status": "skipped (vsa needs Tq <= Tk)"}
-    q2k = jnp.pad(q2k, ((0, 0), (0, 0), (0, pad_t // mg.TILE), (0, 0)))
-    q2k_num = jnp.pad(q2k_num, ((0, 0), (0, 0), (0, pad_t // mg.TILE)))
-    sizes = jnp.clip(c["lens"][0][:, None] - jnp.arange(c["bkv"] // mg.TILE) * mg.TILE, 0, mg.TILE).reshape(-1)
-    nk64 = sizes.shape[0]
-    k2q, k2q_num = reverse_block_lists(q2k.reshape(b * h, tk // mg.TILE, -1), q2k_num.reshape(b * h, -1), nk64)
-    tt = lambda x: torch.from_dlpack(jax.block_until_ready(x)).cuda()
-    bhtd = lambda x: tt(jnp.pad(x, ((0, 0), (0, tk - x.shape[1]), (0, 0), (0, 0)))).permute(0, 2, 1, 3).contiguous()
-    q, k, v, do = (bhtd(x) for x in (c["q"], c["k"], c["v"], cot.astype(c["q"].dtype)))
-    i32 = lambda x: tt(x.astype(jnp.int32)).contiguous()
-    q2k_t, q2k_num_t, sizes_t = i32(q2k), i32(q2k_num), i32(sizes)
-    k2q_t, k2q_num_t = i32(k2q.reshape(b, h, nk64, -1)), i32(k2q_num.reshape(b, h, nk64))
-    fwd = lambda num=q2k_num_t: module.triton_block_sparse_attn_forward(q, k, v, q2k_t, num, sizes_t)
-    try:
-        o, m = fwd()
-        torch.cuda.synchronize()
-    except Exception as e:  # noqa: BLE001
-        return {"status": f"vsa forward failed: {type(e).__name__}: {str(e)[:200]}"}
-    err = rel(o.permute(0, 2, 1, 3)[:, :tq].float().cpu().numpy(), np.asarray(ours_out, np.float32))
-    if not err <= 2e-2:  # a peer that computes something else is not timed
-        return {"status": f"mismatch (rel err {err:.2e} vs ours)", "rel_err_vs_ours": err}
-    sync = lambda x: (torch.cuda.synchronize(), x)[1]
-    res = {"status": "ok", "rel_err_vs_ours": err, "q_padded_to": tk if pad_t else None}
-    time_it = lambda f: guarded(lambda: {"status": "ok", **timed(f, sync, args.warmup, args.repeats)[1]})
-    bwd = getattr(module, "triton_block_sparse_attn_backward", None)
-
-    def fwd_bwd(num=q2k_num_t, rnum=k2q_num_t):
-        o, m = fwd(num)
-        return bwd(do, q, k, v, o, m, q2k_t, num, k2q_t, rnum, sizes_t)
-    runs = {"fwd": fwd, "fwd_bwd": fwd_bwd if bwd is not None else None}
-    for key, f in runs.items():
-        res[key] = time_it(f) if f is not None else {"status": "no triton_block_sparse_attn_backward"}
-        if pad_t and _ms(res[key]):
-            empty = torch.zeros_like(q2k_num_t), torch.zeros_like(k2q_num_t)
-            res[key + "_empty_tiles"] = time_it(lambda f=f: f(*empty[:1 if key == "fwd" else 2]))
-            base = _ms(res[key + "_empty_tiles"])
-            res[key + "_raw"] = res[key]
-            res[key] = {**res[key], "median_ms": res[key]["median_ms"] - base} if base else res[key]
-    return res
-
-
 def sweep_case(name, c, ref_out, args):
     """Forward under each plan of SWEEP[name]: checked against the automatic plan's (oracle-checked) output, then
     timed directly (not through sgm_attention). Returns rows for the JSON and the table."""
@@ -498,49 +412,49 @@ def run_case(name, geo, args, backend):
         res["cudnn"] = bench_cudnn(c, cot, args)
     else:
         res["cudnn"] = {"fwd": {"status": "skipped (needs a GPU)"}, "fwd_bwd": {"status": "skipped (needs a GPU)"}}
-    res["vsa"] = bench_vsa(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
+    for peer, bench in (("vsa", bench_vsa), ("flex", bench_flex)):
+        res[peer] = bench(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
     if args.sweep and ours_out is not None and (args.sweep_cases is None or name in args.sweep_cases.split(",")):
         res["sweep"] = sweep_case(name, c, ours_out, args)
         if SWEEP_DQ[name]:
             out, lse = mg.sgm_forward_mgpu(c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"], block_q=c["bq"],
                                            block_kv=c["bkv"], interpret=args.interpret)
             res["sweep_dq"] = sweep_dq(name, c, out, lse, cot, args)
-    for peer in ("mosaic_gpu", "cudnn", "vsa"):  # backward alone = (fwd+bwd) − fwd, same run
+    for peer in ("mosaic_gpu", "cudnn", "vsa", "flex"):  # backward alone = (fwd+bwd) − fwd, same run
         f, fb = _ms(res[peer].get("fwd")), _ms(res[peer].get("fwd_bwd"))
         if f and fb:
             res[peer]["bwd_ms_derived"] = fb - f
     return res
 
 
-def _ms(r):
-    return r["median_ms"] if isinstance(r, dict) and r.get("status") == "ok" else None
-
-
 def print_table(results):
     hdr = (f"{'case':7} {'pass':8} {'ours ms':>9} {'eff TF/s':>9} {'cuDNN ms':>9} {'cuDNN TF/s':>10} "
-           f"{'speedup':>8} {'TF/s ratio':>10} {'vsa ms':>8} {'vsa TF/s':>9} {'vsa/ours':>9}")
+           f"{'speedup':>8} {'TF/s ratio':>10} {'vsa ms':>8} {'vsa/ours':>9} {'flex ms':>8} {'flex/ours':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, c in results.items():
         fl = c["flops"]
         for p, key, flops in (("fwd", "fwd", fl["fwd"]), ("fwd+bwd", "fwd_bwd", fl["fwd_bwd"])):
             ours, cud = _ms(c["mosaic_gpu"][key]), _ms(c["cudnn"][key])
-            vsa = _ms(c["vsa"].get(key)) if c["vsa"].get("status") == "ok" else None
+            vsa, flex = (_ms(c[x].get(key)) if c[x].get("status") == "ok" else None for x in ("vsa", "flex"))
             dense = fl["dense_fwd"] * (1.0 if key == "fwd" else 3.5)
             tf = lambda f, ms: f"{f / ms / 1e9:.1f}" if ms else "-"
             ratio = lambda a, b, fmt="{:.2f}": fmt.format(a / b) if a and b else "-"
             row = [f"{ours:.3f}" if ours else c["mosaic_gpu"][key].get("status", "?")[:9], tf(flops, ours),
                    f"{cud:.3f}" if cud else "-", tf(dense, cud), ratio(cud, ours),
                    ratio(flops / ours if ours else None, dense / cud if cud else None),
-                   f"{vsa:.3f}" if vsa else "-", tf(flops, vsa), ratio(vsa, ours)]
-            print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 8, 9, 9))))
-        st = str(c["vsa"].get("status"))
+                   f"{vsa:.3f}" if vsa else "-", ratio(vsa, ours), f"{flex:.3f}" if flex else "-", ratio(flex, ours)]
+            print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 8, 9, 8, 9))))
         if c["vsa"].get("q_padded_to"):
             print(f"{'':7} vsa: queries zero-padded to Tk = {c['vsa']['q_padded_to']} (vsa needs Tq = Tk); its ms are "
                   "net of the empty q tiles' time (timed separately, subtracted)")
-        if st != "ok":
-            print(f"{'':7} {st if st.startswith('vsa') else 'vsa: ' + st}")
-    print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; vsa/ours = vsa ms / ours ms"
-          " (> 1: ours faster). Effective TF/s counts valid keys only (bwd = 2.5x fwd).")
+        for peer in ("vsa", "flex"):
+            st = str(c[peer].get("status"))
+            if st != "ok":
+                print(f"{'':7} {st if st.startswith(peer) else peer + ': ' + st}")
+        if c["flex"].get("status") == "ok":
+            print(f"{'':7} flex: backend {c['flex']['backend']} (attempts: {c['flex']['attempts']})")
+    print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; vsa/ours, flex/ours = peer ms /"
+          " ours ms (> 1: ours faster). Effective TF/s counts valid keys only (bwd = 2.5x fwd).")
 
 
 def main(argv=None):
