@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """SGM block-sparse attention: the Mosaic GPU kernel (pallas_kernels/sgm/mosaic_gpu*.py) on hardware -- correctness
-first, then speed against cuDNN dense attention, the `vsa` package's Triton kernel and PyTorch FlexAttention,
-measured in the same run.
+first, then speed against cuDNN dense attention and the block-sparse peers (vsa's Triton kernel, cuDNN frontend's
+block-sparse attention, PyTorch FlexAttention), measured in the same run.
 
 1. Checks (always first; any failure prints what failed, by how much, against which bound, and exits 1):
    fwd + dq/dk/dv of the kernel vs fp32 oracles on N(0, 3²) inputs: small cases (count 0, empty / partial / full
@@ -21,7 +21,8 @@ measured in the same run.
    FLOPs). vsa: `vsa/block_sparse_attn_triton.py` loaded by file path under torch with the same lists at 64-token
    granularity (a 192-slot block = 3 cubes), compared against our output before it is timed; "vsa: not installed"
    when the package is missing. vsa needs Tq = Tk: in the decmem case its queries are zero-padded to Tk with empty
-   lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa). flex: PyTorch
+   lists and the time of those empty q tiles (timed alone) is subtracted ("net", favourable to vsa). cudnn_bsa: cuDNN
+   frontend's block-sparse attention (CuTe DSL) with the same 64-token lists, in our layout. flex: PyTorch
    FlexAttention (torch.compile) with a BlockMask of the same lists at 64-token granularity, its FLASH backend if the
    flash package is installed, else TRITON (benchmarks/sgm_peers.py; every attempt's outcome is in the JSON).
 3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.StreamPlan), each checked against
@@ -57,7 +58,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks.common import guarded, jax_block, jax_info, timed, write_record  # noqa: E402
-from benchmarks.sgm_peers import bench_flex, bench_vsa, rel  # noqa: E402
+from benchmarks.sgm_peers import bench_cudnn_bsa, bench_flex, bench_vsa, rel  # noqa: E402
 from benchmarks.sgm_peers import ms_of as _ms  # noqa: E402
 from pallas_kernels.sgm import api  # noqa: E402
 from pallas_kernels.sgm import mosaic_gpu as mg  # noqa: E402
@@ -109,6 +110,7 @@ def parse_args(argv):
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (the first one compiles)")
     p.add_argument("--no-vsa", action="store_true", help="skip the vsa Triton peer")
     p.add_argument("--no-flex", action="store_true", help="skip the PyTorch FlexAttention peer")
+    p.add_argument("--no-cudnn-bsa", action="store_true", help="skip cuDNN frontend's block-sparse attention peer")
     p.add_argument("--stages", type=int, default=None,
                    help="override the dk/dv kernel's ring depth (tuning; default mosaic_gpu.default_stages: 2 at "
                         "D 128); the forward and dq kernels size their rings from their plans (--sweep times "
@@ -412,7 +414,7 @@ def run_case(name, geo, args, backend):
         res["cudnn"] = bench_cudnn(c, cot, args)
     else:
         res["cudnn"] = {"fwd": {"status": "skipped (needs a GPU)"}, "fwd_bwd": {"status": "skipped (needs a GPU)"}}
-    for peer, bench in (("vsa", bench_vsa), ("flex", bench_flex)):
+    for peer, bench in (("vsa", bench_vsa), ("cudnn_bsa", bench_cudnn_bsa), ("flex", bench_flex)):
         res[peer] = bench(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
     if args.sweep and ours_out is not None and (args.sweep_cases is None or name in args.sweep_cases.split(",")):
         res["sweep"] = sweep_case(name, c, ours_out, args)
@@ -420,7 +422,7 @@ def run_case(name, geo, args, backend):
             out, lse = mg.sgm_forward_mgpu(c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"], block_q=c["bq"],
                                            block_kv=c["bkv"], interpret=args.interpret)
             res["sweep_dq"] = sweep_dq(name, c, out, lse, cot, args)
-    for peer in ("mosaic_gpu", "cudnn", "vsa", "flex"):  # backward alone = (fwd+bwd) − fwd, same run
+    for peer in ("mosaic_gpu", "cudnn", "vsa", "cudnn_bsa", "flex"):  # backward alone = (fwd+bwd) − fwd, same run
         f, fb = _ms(res[peer].get("fwd")), _ms(res[peer].get("fwd_bwd"))
         if f and fb:
             res[peer]["bwd_ms_derived"] = fb - f
@@ -429,32 +431,36 @@ def run_case(name, geo, args, backend):
 
 def print_table(results):
     hdr = (f"{'case':7} {'pass':8} {'ours ms':>9} {'eff TF/s':>9} {'cuDNN ms':>9} {'cuDNN TF/s':>10} "
-           f"{'speedup':>8} {'TF/s ratio':>10} {'vsa ms':>8} {'vsa/ours':>9} {'flex ms':>8} {'flex/ours':>9}")
+           f"{'speedup':>8} {'TF/s ratio':>10} {'vsa/ours':>9} {'cudnn_bsa/ours':>14} {'flex/ours':>9}")
     print(hdr + "\n" + "-" * len(hdr))
     for name, c in results.items():
         fl = c["flops"]
         for p, key, flops in (("fwd", "fwd", fl["fwd"]), ("fwd+bwd", "fwd_bwd", fl["fwd_bwd"])):
             ours, cud = _ms(c["mosaic_gpu"][key]), _ms(c["cudnn"][key])
-            vsa, flex = (_ms(c[x].get(key)) if c[x].get("status") == "ok" else None for x in ("vsa", "flex"))
+            vsa, bsa, flex = (_ms(c[x].get(key)) if c[x].get("status") == "ok" else None
+                              for x in ("vsa", "cudnn_bsa", "flex"))
             dense = fl["dense_fwd"] * (1.0 if key == "fwd" else 3.5)
             tf = lambda f, ms: f"{f / ms / 1e9:.1f}" if ms else "-"
             ratio = lambda a, b, fmt="{:.2f}": fmt.format(a / b) if a and b else "-"
             row = [f"{ours:.3f}" if ours else c["mosaic_gpu"][key].get("status", "?")[:9], tf(flops, ours),
                    f"{cud:.3f}" if cud else "-", tf(dense, cud), ratio(cud, ours),
                    ratio(flops / ours if ours else None, dense / cud if cud else None),
-                   f"{vsa:.3f}" if vsa else "-", ratio(vsa, ours), f"{flex:.3f}" if flex else "-", ratio(flex, ours)]
-            print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 8, 9, 8, 9))))
+                   ratio(vsa, ours), ratio(bsa, ours), ratio(flex, ours)]
+            print(f"{name:7} {p:8} " + " ".join(f"{x:>{w}}" for x, w in zip(row, (9, 9, 9, 10, 8, 10, 9, 14, 9))))
+            peers = {x: y for x, y in (("vsa", vsa), ("cudnn_bsa", bsa), ("flex", flex)) if y}
+            if peers:
+                print(f"{'':17} peer ms: " + ", ".join(f"{x} {y:.3f}" for x, y in peers.items()))
         if c["vsa"].get("q_padded_to"):
             print(f"{'':7} vsa: queries zero-padded to Tk = {c['vsa']['q_padded_to']} (vsa needs Tq = Tk); its ms are "
                   "net of the empty q tiles' time (timed separately, subtracted)")
-        for peer in ("vsa", "flex"):
+        for peer in ("vsa", "cudnn_bsa", "flex"):
             st = str(c[peer].get("status"))
             if st != "ok":
                 print(f"{'':7} {st if st.startswith(peer) else peer + ': ' + st}")
         if c["flex"].get("status") == "ok":
             print(f"{'':7} flex: backend {c['flex']['backend']} (attempts: {c['flex']['attempts']})")
-    print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; vsa/ours, flex/ours = peer ms /"
-          " ours ms (> 1: ours faster). Effective TF/s counts valid keys only (bwd = 2.5x fwd).")
+    print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; peer/ours = peer ms / ours ms"
+          " (> 1: ours faster). Effective TF/s counts valid keys only (bwd = 2.5x fwd).")
 
 
 def main(argv=None):

@@ -1,6 +1,8 @@
 """Peers of the SGM kernel for benchmarks/sgm_kernel.py, run under torch on the same inputs and lists:
 
 - `vsa`: the `vsa` package's Triton block-sparse kernel (loaded by file path), at 64-token cube granularity.
+- `cudnn_bsa`: cuDNN frontend's block-sparse attention (`cudnn.block_sparse_attention`, CuTe DSL kernels; one
+  list of 64-token key blocks per 64-row query block, with per-block valid lengths: the SGM contract).
 - `flex`: PyTorch FlexAttention with a BlockMask built from the same lists at 64-token granularity (a 192-slot
   block = 3 sub-blocks: full ones run without a mask, the partial last one under a mask_mod on the block's valid
   length). Its backends are tried in order, FLASH (the CuTe-DSL FlashAttention kernel, when the flash package is
@@ -61,6 +63,16 @@ def load_vsa():
     return module, None
 
 
+def cube_lists(c):
+    """The SGM lists at 64-token granularity, as vsa and cuDNN's block-sparse attention take them (B = 1): per 64-row
+    q tile (inheriting its query block's list) the ids of the 64-key sub-blocks holding valid keys, empty ones
+    dropped [B, H, Tq/64, K·block_kv/64], their count [B, H, Tq/64], and the valid keys of every sub-block [Tk/64]."""
+    rows, _, n = subtile_steps(c["idx"], c["cnt"], c["lens"], block_kv=c["bkv"], sub=SUB)
+    nqs = c["bq"] // SUB
+    sizes = jnp.clip(c["lens"][0][:, None] - jnp.arange(c["bkv"] // SUB) * SUB, 0, SUB).reshape(-1)
+    return jnp.repeat(rows // SUB, nqs, axis=2), jnp.repeat(n, nqs, axis=2), sizes
+
+
 def bench_vsa(c, ours_out, cot, args):
     """vsa Triton fwd and fwd+bwd with the same lists expanded to 64-token cubes; B = 1, bf16 only."""
     if args.no_vsa:
@@ -81,10 +93,7 @@ def bench_vsa(c, ours_out, cot, args):
         return {"status": "skipped (vsa needs B = 1, bf16)"}
     b, tq, h, d = c["q"].shape
     tk = c["k"].shape[1]
-    nqs = c["bq"] // mg.TILE
-    rows, valid, n = subtile_steps(c["idx"], c["cnt"], c["lens"], block_kv=c["bkv"], sub=mg.TILE)
-    q2k = jnp.repeat(rows // mg.TILE, nqs, axis=2)  # [B, H, Tq/64, K·block_kv/64]: cube ids, empty cubes dropped
-    q2k_num = jnp.repeat(n, nqs, axis=2)
+    q2k, q2k_num, sizes = cube_lists(c)
     # vsa's kernels take one length T for q and k/v (K's shape and the strides come from q); for Tq < Tk the
     # queries are zero-padded to Tk with empty lists, and the cost of those empty q tiles is timed separately
     # (same call with every list empty) and subtracted: "net" (the number the ratio uses, favourable to vsa).
@@ -93,7 +102,6 @@ def bench_vsa(c, ours_out, cot, args):
         return {"status": "skipped (vsa needs Tq <= Tk)"}
     q2k = jnp.pad(q2k, ((0, 0), (0, 0), (0, pad_t // mg.TILE), (0, 0)))
     q2k_num = jnp.pad(q2k_num, ((0, 0), (0, 0), (0, pad_t // mg.TILE)))
-    sizes = jnp.clip(c["lens"][0][:, None] - jnp.arange(c["bkv"] // mg.TILE) * mg.TILE, 0, mg.TILE).reshape(-1)
     nk64 = sizes.shape[0]
     k2q, k2q_num = reverse_block_lists(q2k.reshape(b * h, tk // mg.TILE, -1), q2k_num.reshape(b * h, -1), nk64)
     tt = lambda x: torch.from_dlpack(jax.block_until_ready(x)).cuda()
@@ -128,6 +136,51 @@ def bench_vsa(c, ours_out, cot, args):
             res[key + "_raw"] = res[key]
             res[key] = {**res[key], "median_ms": res[key]["median_ms"] - base} if base else res[key]
     return res
+
+
+def bench_cudnn_bsa(c, ours_out, cot, args):
+    """cuDNN frontend's block-sparse attention (`cudnn.block_sparse_attention`, CuTe DSL kernels, SM90 path: 64-token
+    blocks) fwd and fwd+bwd with the same lists as 64-token cubes, in our [B, T, H, D] layout ("bshd"); bf16."""
+    if args.no_cudnn_bsa:
+        return {"status": "skipped (--no-cudnn-bsa)"}
+    if jax.default_backend() != "gpu":
+        return {"status": "skipped (needs a GPU)"}
+    torch = _torch()
+    if torch is None:
+        return {"status": "cudnn_bsa: torch not installed"}
+    try:
+        from cudnn.block_sparse_attention import block_sparse_attention_backward, block_sparse_attention_forward
+    except Exception as e:  # noqa: BLE001 -- not installed, or its CuTe DSL runtime missing: report
+        return {"status": f"cudnn_bsa: not available ({type(e).__name__}: {str(e)[:200]}); needs the "
+                          "nvidia-cudnn-frontend wheel (>= 1.32) with nvidia-cutlass-dsl and apache-tvm-ffi"}
+    if jnp.dtype(c["q"].dtype) != BF16:
+        return {"status": "skipped (cudnn_bsa's backward needs bf16)"}
+    q2k, q2k_num, sizes = cube_lists(c)
+    tt = lambda x: torch.from_dlpack(jax.block_until_ready(x)).cuda().contiguous()
+    q, k, v, do = (tt(x) for x in (c["q"], c["k"], c["v"], cot.astype(c["q"].dtype)))
+    idx_t, num_t, sizes_t = (tt(x.astype(jnp.int32)) for x in (q2k, q2k_num, sizes))
+    scale = c["q"].shape[-1] ** -0.5
+    common = dict(block_sizes=sizes_t, q2k_block_nums=num_t, softmax_scale=scale, sparse_block_size=SUB,
+                  layout="bshd")
+
+    def fwd():
+        r = block_sparse_attention_forward(q, k, v, idx_t, allow_empty_block_nums=True, kv_splits="auto", **common)
+        return r["o_tensor"], r["lse_tensor"]
+
+    def fwd_bwd():
+        o, lse = fwd()
+        return block_sparse_attention_backward(do, q, k, v, o, lse, idx_t, **common)
+
+    try:
+        o, _ = fwd()
+        torch.cuda.synchronize()
+    except Exception as e:  # noqa: BLE001
+        return {"status": f"cudnn_bsa forward failed: {type(e).__name__}: {str(e)[:200]}"}
+    err = rel(o.float().cpu().numpy(), np.asarray(ours_out, np.float32))
+    if not err <= PEER_TOL:
+        return {"status": f"mismatch (rel err {err:.2e} vs ours)", "rel_err_vs_ours": err}
+    time_it = _torch_timer(torch, args)
+    return {"status": "ok", "rel_err_vs_ours": err, "fwd": time_it(fwd), "fwd_bwd": time_it(fwd_bwd)}
 
 
 def _torch_timer(torch, args):

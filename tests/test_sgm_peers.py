@@ -63,3 +63,19 @@ def test_compiled_with_the_length_mask_matches_the_reference(case):
     """What the benchmark times: the compiled kernel visits the listed sub-blocks only, masking by length."""
     _, out = _run(case, exact=False, compiled=True)
     assert rel(out, case[-1]) <= 1e-5
+
+
+def test_cube_lists_for_vsa_and_cudnn_bsa(case):
+    """The 64-token form of the lists that vsa and cuDNN's block-sparse attention take: each 64-row q tile lists its
+    query block's sub-blocks that hold valid keys (a 60-valid block: one; 147: three), in order, with their sizes."""
+    from benchmarks.sgm_peers import cube_lists
+
+    _, _, _, idx, cnt, lens, _ = case
+    c = dict(idx=jnp.asarray(idx), cnt=jnp.asarray(cnt), lens=jnp.asarray(lens), bq=BQ, bkv=BKV)
+    ids, num, sizes = (np.asarray(x) for x in cube_lists(c))
+    assert sizes.tolist() == [64, 64, 19, 64, 64, 17, 64, 64, 64, 60, 0, 0, 64, 64, 19]
+    for h in range(H):
+        for tile in range(NQ * 3):
+            qb = tile // 3
+            want = [3 * j + s for j in idx[0, h, qb, :cnt[0, h, qb]] for s in range(3) if lens[0, j] > 64 * s]
+            assert ids[0, h, tile, :num[0, h, tile]].tolist() == want
