@@ -38,12 +38,17 @@ def ms_of(r):
     return r["median_ms"] if isinstance(r, dict) and r.get("status") == "ok" else None
 
 
-def _torch():
+def _start(name, skip, flag):
+    """(torch, None) when peer `name` can run here, else (None, its status record)."""
+    if skip:
+        return None, {"status": f"skipped ({flag})"}
+    if jax.default_backend() != "gpu":
+        return None, {"status": "skipped (needs a GPU)"}
     try:
         import torch
     except ImportError:
-        return None
-    return torch
+        return None, {"status": f"{name}: torch not installed"}
+    return torch, None
 
 
 # ------------------------------------------------------------------------------------------------------------ vsa
@@ -75,13 +80,9 @@ def cube_lists(c):
 
 def bench_vsa(c, ours_out, cot, args):
     """vsa Triton fwd and fwd+bwd with the same lists expanded to 64-token cubes; B = 1, bf16 only."""
-    if args.no_vsa:
-        return {"status": "skipped (--no-vsa)"}
-    if jax.default_backend() != "gpu":
-        return {"status": "skipped (needs a GPU)"}
-    torch = _torch()
-    if torch is None:
-        return {"status": "vsa: torch not installed"}
+    torch, skipped = _start("vsa", args.no_vsa, "--no-vsa")
+    if skipped:
+        return skipped
     try:
         module, why = load_vsa()
     except Exception as e:  # noqa: BLE001 -- e.g. triton missing: report, do not fail the benchmark
@@ -141,13 +142,9 @@ def bench_vsa(c, ours_out, cot, args):
 def bench_cudnn_bsa(c, ours_out, cot, args):
     """cuDNN frontend's block-sparse attention (`cudnn.block_sparse_attention`, CuTe DSL kernels, SM90 path: 64-token
     blocks) fwd and fwd+bwd with the same lists as 64-token cubes, in our [B, T, H, D] layout ("bshd"); bf16."""
-    if args.no_cudnn_bsa:
-        return {"status": "skipped (--no-cudnn-bsa)"}
-    if jax.default_backend() != "gpu":
-        return {"status": "skipped (needs a GPU)"}
-    torch = _torch()
-    if torch is None:
-        return {"status": "cudnn_bsa: torch not installed"}
+    torch, skipped = _start("cudnn_bsa", args.no_cudnn_bsa, "--no-cudnn-bsa")
+    if skipped:
+        return skipped
     try:
         from cudnn.block_sparse_attention import block_sparse_attention_backward, block_sparse_attention_forward
     except Exception as e:  # noqa: BLE001 -- not installed, or its CuTe DSL runtime missing: report
@@ -245,13 +242,9 @@ FLEX_BACKENDS = (("FLASH", {"BACKEND": "FLASH"}),
 def bench_flex(c, ours_out, cot, args):
     """FlexAttention (torch.compile'd) fwd and fwd+bwd on the same q, k, v and lists: the first backend of
     FLEX_BACKENDS that runs and matches our output is timed; the others' outcomes are recorded."""
-    if args.no_flex:
-        return {"status": "skipped (--no-flex)"}
-    if jax.default_backend() != "gpu":
-        return {"status": "skipped (needs a GPU)"}
-    torch = _torch()
-    if torch is None:
-        return {"status": "flex: torch not installed"}
+    torch, skipped = _start("flex", args.no_flex, "--no-flex")
+    if skipped:
+        return skipped
     try:
         from torch.nn.attention.flex_attention import flex_attention
     except ImportError as e:
