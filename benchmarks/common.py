@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import statistics
+import sys
 import time
 import traceback
 
@@ -82,3 +83,22 @@ def write_record(path, record: dict) -> None:
     tmp.write_text(json.dumps(record, indent=2))
     os.replace(tmp, path)
     print(f"wrote {path}")
+
+
+def run_child(script, argv, *, cwd) -> tuple[dict | None, int]:
+    """Runs `python script *argv --json TMP` in a child process (a fresh GPU allocator, so the JSON's peak memory is
+    that case's own) and returns (its JSON record or None, its exit code)."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = pathlib.Path(tmp) / "case.json"
+        proc = subprocess.run([sys.executable, str(script), *argv, "--json", str(out)], cwd=str(cwd))
+        return (json.loads(out.read_text()) if out.exists() else None), proc.returncode
+
+
+def child_failure(returncode: int) -> dict:
+    """The status record of a child that wrote no result (a SIGKILL is the OOM killer's)."""
+    return {"status": "OOM" if returncode in (-9, 137) else "ERROR",
+            "error": f"child exited with code {returncode} without a result (see its output above)"}
+

@@ -69,9 +69,7 @@ import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
-import tempfile  # noqa: E402
 import time  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -83,7 +81,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import guarded, jax_info, jax_peak_gb, write_record  # noqa: E402
+from benchmarks.common import child_failure, guarded, jax_info, jax_peak_gb, run_child, write_record  # noqa: E402
 from benchmarks.dit_forward import make_jax_model  # noqa: E402
 from decmem_jax.format import FRAMES_PER_LATENT  # noqa: E402
 from decmem_jax.models import memory as mem  # noqa: E402
@@ -346,17 +344,11 @@ def run_case(variant: str, history: int, args, model_cache: dict):
 
 def run_isolated(variant: str, history: int, args, argv_common):
     """The case in a child process (fresh GPU allocator): its own peak memory, nothing else on the device."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "case.json"
-        cmd = [sys.executable, str(pathlib.Path(__file__).resolve()), *argv_common, "--variants", variant,
-               "--history", str(history), "--no-isolate", "--json", str(out)]
-        proc = subprocess.run(cmd, cwd=str(ROOT))
-        if out.exists():
-            record = json.loads(out.read_text())
-            return record["rows"][0], record.get("jax")
-    status = "OOM" if proc.returncode in (-9, 137) else "ERROR"
-    return {"variant": variant, "history": history, "status": status,
-            "error": f"child exited with code {proc.returncode} without a result (see its output above)"}, None
+    record, code = run_child(pathlib.Path(__file__).resolve(), [*argv_common, "--variants", variant, "--history",
+                                                               str(history), "--no-isolate"], cwd=ROOT)
+    if record is not None:
+        return record["rows"][0], record.get("jax")
+    return {"variant": variant, "history": history, **child_failure(code)}, None
 
 
 # ---------------------------------------------------------------- report

@@ -20,7 +20,9 @@ Usage:
       --memory blocks_per_frame=1,block_slots=64,top_k=8,candidates=outside_window --profile /tmp/prof
 
 `--model`/`--memory` override fields of the 1.3B config (models.config.DiTConfig / the run config's model.memory),
-so the same command runs on older checkouts of the project (for before/after comparisons in one session).
+so the same command runs on older checkouts of the project (for before/after comparisons in one session). Each case
+runs in a child process (`--isolate`, the default except with --small), so its "peak GB" is its own; this process
+never touches the GPU.
 """
 
 from __future__ import annotations
@@ -41,7 +43,8 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 
-from benchmarks.common import guarded, jax_block, jax_info, jax_peak_gb, timed, write_record  # noqa: E402
+from benchmarks.common import (child_failure, guarded, jax_block, jax_info, jax_peak_gb, run_child, timed,  # noqa: E402
+                               write_record)
 from configs import common as configs_common  # noqa: E402
 from decmem_jax.format import latent_size  # noqa: E402
 from decmem_jax.parallel import mesh as mesh_lib  # noqa: E402
@@ -71,8 +74,13 @@ def parse_args(argv):
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="also capture a jax.profiler trace of 3 steps per case under DIR and print where the time goes")
     p.add_argument("--peak-tflops", type=float, default=0.0, help="per-chip peak for MFU (default: by device kind)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="run each case in a child process, so its peak memory is its own (default: on, except with "
+                        "--small); --no-isolate runs them all here (peak GB is then the peak so far)")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
+    if args.isolate is None:
+        args.isolate = not args.small
     args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
     args.remat = [r for r in args.remat.split(",") if r]
     args.model, args.memory = parse_fields(args.model, "--model"), parse_fields(args.memory, "--memory")
@@ -155,8 +163,36 @@ def run_case(args, frames: int, remat: str) -> dict:
                 "mfu": metrics_lib.mfu(flops["train_step"], sec, peak, 1), "peak_flops": peak}
 
     res.update(guarded(bench))
-    res["peak_gb_so_far"] = jax_peak_gb()
+    res["peak_gb"] = jax_peak_gb()  # the process's peak: this case's own when isolated
+    res["isolated"] = bool(args.isolate)
     return res
+
+
+def run_case_isolated(argv, frames: int, remat: str):
+    """run_case in a child process: the same argv with one clip length and one policy. Returns (row, the child's
+    record or None). This process never touches the GPU (a preallocating parent would starve the children)."""
+    record, code = run_child(pathlib.Path(__file__).resolve(), [*_without(argv, ("--frames", "--remat", "--json",
+                                                                                 "--isolate", "--no-isolate")),
+                                                               "--frames", str(frames), "--remat", remat,
+                                                               "--no-isolate"], cwd=ROOT)
+    if record is not None and record.get("cases"):
+        return {**record["cases"][0], "isolated": True}, record
+    return {"frames": frames, "remat": remat, **child_failure(code)}, None
+
+
+def _without(argv, flags):
+    """argv without the given options (as "--x v", "--x=v" or a bare flag)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        name = a.split("=", 1)[0]
+        if name in flags:
+            skip = "=" not in a and name not in ("--isolate", "--no-isolate")
+            continue
+        out.append(a)
+    return out
 
 
 def print_table(rows, dtype: str) -> None:
@@ -165,34 +201,42 @@ def print_table(rows, dtype: str) -> None:
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         ok = r.get("status") == "ok"
-        tf = r["flops"]["train_step"] / 1e12
+        tf = r.get("flops", {}).get("train_step", float("nan")) / 1e12
         ms = f"{r['median_ms']:.1f}" if ok else r.get("status", "?")
         tfs = f"{r['tflops_per_s']:.1f}" if ok else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-"
-        print(f"{r['frames']:>6} {r['tokens']:>8} {r['remat']:8} {dtype:8} {ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} "
-              f"{str(r.get('peak_gb_so_far')):>8}")
+        print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:8} {dtype:8} {ms:>10} {tf:>8.3g} {tfs:>8} "
+              f"{mfu:>7} {str(r.get('peak_gb')):>8}")
 
 
 def main(argv=None):
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    rows = []
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    rows, child = [], None
     t0 = time.perf_counter()
     for remat in args.remat:
         for frames in sorted(args.frames):
             print(f"--- {args.stage}: {frames} latent frames, remat {remat} ...", flush=True)
-            row = run_case(args, frames, remat)
+            if args.isolate:
+                row, record = run_case_isolated(argv, frames, remat)
+                child = child or record
+            else:
+                row = run_case(args, frames, remat)
             rows.append(row)
             if row.get("status") != "ok":
                 print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
                 break
-    dit_cfg = dit_config(make_config(args, args.frames[0], args.remat[0]))
-    dtype = jax.numpy.dtype(dit_cfg.compute_dtype).name
+    if args.isolate:  # what the children saw (this process has no devices)
+        config, info, dtype = (child["config"], child["jax"], child["dtype"]) if child else (None, None, "?")
+    else:
+        dit_cfg = dit_config(make_config(args, args.frames[0], args.remat[0]))
+        config, info = json.loads(dit_cfg.to_json()), jax_info()
+        dtype = jax.numpy.dtype(dit_cfg.compute_dtype).name
     print()
     print_table(rows, dtype)
     print(f"\n{metrics_lib.FLOP_FORMULA}\n(total {time.perf_counter() - t0:.0f} s)")
-    record = {"command": [sys.executable, *sys.argv] if argv is None else ["train_step.main", *argv],
-              "args": vars(args), "config": json.loads(dit_cfg.to_json()), "flop_formula": metrics_lib.FLOP_FORMULA,
-              "jax": jax_info(), "cases": rows}
+    record = {"command": [sys.executable, "benchmarks/train_step.py", *argv], "args": vars(args), "config": config,
+              "dtype": dtype, "flop_formula": metrics_lib.FLOP_FORMULA, "jax": info, "cases": rows}
     write_record(args.json, record)
     return record
 
