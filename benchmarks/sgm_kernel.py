@@ -27,7 +27,9 @@ block-sparse attention, PyTorch FlexAttention), measured in the same run.
    flash package is installed, else TRITON (benchmarks/sgm_peers.py; every attempt's outcome is in the JSON).
 3. --sweep: the forward under alternative kernel plans (SWEEP; mosaic_gpu_fwd.StreamPlan), each checked against
    the automatic plan's output and timed, and the backward under alternative dq plans (SWEEP_DQ), so a tuning run
-   needs one process.
+   needs one process. The plans of a sweep are timed together in --rounds rounds that visit each in turn, a sample
+   being --inner calls under one host sync: on 2026-12-04 one plan timed three times one after another spread over
+   16%, more than the differences a sweep looks for.
 
 Usage:
   python3 benchmarks/sgm_kernel.py                         # H100/H200: checks, then both cases
@@ -42,6 +44,7 @@ import dataclasses
 import functools
 import os
 import pathlib
+import statistics
 import sys
 import time
 import traceback
@@ -121,6 +124,8 @@ def parse_args(argv):
     p.add_argument("--sweep", action="store_true",
                    help="also time the forward under alternative kernel plans (SWEEP), each checked against the "
                         "default plan's output first")
+    p.add_argument("--rounds", type=int, default=3, help="with --sweep: rounds over all plans (interleaved timing)")
+    p.add_argument("--inner", type=int, default=5, help="with --sweep: calls per timed sample (one host sync)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="output path (default $OUT/sgm_kernel.json or out/sgm_kernel.json)")
     args = p.parse_args(argv)
@@ -330,71 +335,95 @@ def bench_cudnn(c, cot, args):
                                                                                         args.repeats)}
 
 
+def interleaved(fns, a, args):
+    """ms per call of each fn (rows of stats), timed in `args.rounds` rounds that visit every fn in turn, so that a
+    drift of the GPU's speed during the sweep falls on all plans alike; a sample is `args.inner` calls back to back
+    (one host sync), `args.repeats` samples per fn and round."""
+    for f in fns:
+        for _ in range(max(args.warmup, 1)):
+            jax_block(f(*a))
+    samples = [[] for _ in fns]
+    for _ in range(args.rounds):
+        for i, f in enumerate(fns):
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                for _ in range(args.inner):
+                    out = f(*a)
+                jax_block(out)
+                samples[i].append((time.perf_counter() - t0) * 1e3 / args.inner)
+    return [{"status": "ok", "median_ms": statistics.median(x), "min_ms": min(x), "runs_ms": x,
+             "round_medians_ms": [statistics.median(x[r * args.repeats:(r + 1) * args.repeats])
+                                  for r in range(args.rounds)]} for x in samples]
+
+
+def _sweep(label, name, c, plans, a, check, args, extra=None):
+    """Builds and checks each plan (check(plan overrides) -> (row, fn); a failed check leaves fn None), then times
+    the ones that passed together (`interleaved`) and prints one line each."""
+    rows, fns = [], []
+    for over in plans:
+        try:
+            row, f = check(over)
+        except Exception as e:  # noqa: BLE001 -- a plan that does not build is reported, not fatal
+            row, f = {"plan_overrides": over, "status": f"failed: {type(e).__name__}: {str(e)[:300]}"}, None
+        rows.append(row)
+        fns.append(f)
+    timed_rows = [r for r, f in zip(rows, fns) if f is not None]
+    res = guarded(lambda: {"rows": interleaved([f for f in fns if f is not None], a, args)})
+    for r, stats in zip(timed_rows, res.get("rows") or [res] * len(timed_rows)):  # or: the timing's error, on all
+        r.update(stats)
+        if extra and _ms(r):
+            r.update(extra(r))
+    for row in rows:
+        p = row.get("plan", {})
+        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits", "sched"))
+        ms = _ms(row)
+        spread = "/".join(f"{x:.3f}" for x in row.get("round_medians_ms", []))
+        print(f"  sweep {label}{name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
+              f"(rounds {spread})", flush=True)
+    return rows
+
+
 def sweep_case(name, c, ref_out, args):
     """Forward under each plan of SWEEP[name]: checked against the automatic plan's (oracle-checked) output, then
-    timed directly (not through sgm_attention). Returns rows for the JSON and the table."""
-    rows = []
+    timed directly (not through sgm_attention), all plans interleaved. Returns rows for the JSON."""
     g = dict(block_q=c["bq"], block_kv=c["bkv"])
     a = (c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"])
     fl = flop_counts(c)["fwd"]
     picks = SWEEP[name] if args.sweep_fwd is None else [SWEEP[name][int(i)] for i in args.sweep_fwd.split(",") if i]
-    for over in picks:
+
+    def check(over):
         row = {"plan_overrides": over}
-        try:
-            plan = mg.forward_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over)
-            row["plan"] = dataclasses.asdict(plan)
-            f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_forward_mgpu(*x, **g, plan=over,
-                                                                                interpret=args.interpret)[0])
-            err = rel(f(*a), ref_out)
-            row["rel_err_vs_auto"] = err
-            if not err <= FWD_TOL[jnp.dtype(c["q"].dtype)]:
-                row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
-            else:
-                row.update(time_jax(f, a, args.warmup, args.repeats))
-                if _ms(row):
-                    row["eff_tflops"] = fl / _ms(row) / 1e9
-        except Exception as e:  # noqa: BLE001 -- a plan that does not build is reported, not fatal
-            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-        p = row.get("plan", {})
-        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits",
-                                                 "sched"))
-        ms = _ms(row)
-        print(f"  sweep {name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
-              f"{row.get('eff_tflops', 0):7.1f} TF/s", flush=True)
-        rows.append(row)
-    return rows
+        row["plan"] = dataclasses.asdict(mg.forward_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over))
+        f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_forward_mgpu(*x, **g, plan=over,
+                                                                            interpret=args.interpret)[0])
+        row["rel_err_vs_auto"] = err = rel(f(*a), ref_out)
+        if not err <= FWD_TOL[jnp.dtype(c["q"].dtype)]:
+            row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
+            return row, None
+        return row, f
+    return _sweep("", name, c, picks, a, check, args, extra=lambda r: {"eff_tflops": fl / _ms(r) / 1e9})
 
 
 def sweep_dq(name, c, out, lse, cot, args):
-    """The backward under each dq plan of SWEEP_DQ[name], checked against the automatic plan's dq, then timed."""
-    rows = []
+    """The backward under each dq plan of SWEEP_DQ[name], checked against the first plan's dq, then timed (all
+    plans interleaved)."""
     g = dict(block_q=c["bq"], block_kv=c["bkv"], interpret=args.interpret)
     a = (c["q"], c["k"], c["v"], out, lse, cot, c["idx"], c["cnt"], c["lens"])
-    ref_dq = None
-    for over in SWEEP_DQ[name]:
+    ref = {}
+
+    def check(over):
         row = {"dq_plan_overrides": over}
-        try:
-            plan = mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over)
-            row["plan"] = dataclasses.asdict(plan)
-            f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(
-                *x, **g, dq_plan_overrides=over))
-            dq = f(*a)[0]
-            ref_dq = dq if ref_dq is None else ref_dq
-            row["dq_rel_err_vs_auto"] = err = rel(dq, ref_dq)
-            if not err <= GRAD_TOL[jnp.dtype(c["q"].dtype)]:
-                row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
-            else:
-                row.update(time_jax(f, a, args.warmup, args.repeats))
-        except Exception as e:  # noqa: BLE001
-            row["status"] = f"failed: {type(e).__name__}: {str(e)[:300]}"
-        p = row.get("plan", {})
-        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits",
-                                                 "sched"))
-        ms = _ms(row)
-        print(f"  sweep dq {name:7} {desc:62} bwd {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12}",
-              flush=True)
-        rows.append(row)
-    return rows
+        row["plan"] = dataclasses.asdict(mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over))
+        f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(*x, **g,
+                                                                             dq_plan_overrides=over))
+        dq = f(*a)[0]
+        ref.setdefault("dq", dq)
+        row["dq_rel_err_vs_auto"] = err = rel(dq, ref["dq"])
+        if not err <= GRAD_TOL[jnp.dtype(c["q"].dtype)]:
+            row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
+            return row, None
+        return row, f
+    return _sweep("dq ", name, c, SWEEP_DQ[name], a, check, args)
 
 
 def run_case(name, geo, args, backend):

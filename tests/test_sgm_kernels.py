@@ -498,18 +498,23 @@ def test_mgpu_rejects_unsupported_inputs():
 @pytest.mark.slow
 def test_mgpu_benchmark_small_interpret(tmp_path):
     """Smoke run of benchmarks/sgm_kernel.py on CPU: --small --interpret checks fwd + grads vs the oracle in the
-    Mosaic GPU interpreter, times the (small) DecMem case and writes the JSON record (timings meaningless there;
-    the vsa geometry is covered by the interpreter tests above)."""
+    Mosaic GPU interpreter, times the (small) DecMem case and its plan sweeps and writes the JSON record (timings
+    meaningless there; the vsa geometry is covered by the interpreter tests above)."""
     from benchmarks import sgm_kernel
 
     path = tmp_path / "sgm_kernel.json"
-    argv = ["--small", "--interpret", "--cases", "decmem", "--repeats", "1", "--warmup", "1", "--json", str(path)]
+    argv = ["--small", "--interpret", "--cases", "decmem", "--repeats", "1", "--warmup", "1", "--json", str(path),
+            "--sweep", "--sweep-fwd", "7", "--rounds", "2", "--inner", "1"]
     assert sgm_kernel.main(argv) == 0
     rec = json.loads(path.read_text())
     assert rec["checks"] and all(ch["ok"] for ch in rec["checks"]), rec["checks"]
     assert set(rec["cases"]) == {"decmem"}
     for case in rec["cases"].values():
         assert case["flops"]["fwd"] > 0 and case["mosaic_gpu"]["fwd"]["status"] == "ok"
+        # the sweeps: plans checked against the automatic plan, then timed in interleaved rounds
+        [fwd] = case["sweep"]
+        assert fwd["plan"]["sched"] and fwd["rel_err_vs_auto"] == 0.0 and len(fwd["round_medians_ms"]) == 2
+        assert all(r["status"] == "ok" and len(r["runs_ms"]) == 2 for r in case["sweep_dq"])
 
 
 @pytest.mark.skipif(not _sm90(), reason="needs an sm_90 GPU (H100/H200); the interpreter tests above cover CPU")
