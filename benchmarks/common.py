@@ -101,4 +101,3 @@ def child_failure(returncode: int) -> dict:
     """The status record of a child that wrote no result (a SIGKILL is the OOM killer's)."""
     return {"status": "OOM" if returncode in (-9, 137) else "ERROR",
             "error": f"child exited with code {returncode} without a result (see its output above)"}
-

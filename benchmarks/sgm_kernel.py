@@ -356,7 +356,7 @@ def interleaved(fns, a, args):
                                   for r in range(args.rounds)]} for x in samples]
 
 
-def _sweep(label, name, c, plans, a, check, args, extra=None):
+def _sweep(label, name, plans, a, check, args, extra=None):
     """Builds and checks each plan (check(plan overrides) -> (row, fn); a failed check leaves fn None), then times
     the ones that passed together (`interleaved`) and prints one line each."""
     rows, fns = [], []
@@ -401,7 +401,7 @@ def sweep_case(name, c, ref_out, args):
             row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
             return row, None
         return row, f
-    return _sweep("", name, c, picks, a, check, args, extra=lambda r: {"eff_tflops": fl / _ms(r) / 1e9})
+    return _sweep("", name, picks, a, check, args, extra=lambda r: {"eff_tflops": fl / _ms(r) / 1e9})
 
 
 def sweep_dq(name, c, out, lse, cot, args):
@@ -423,7 +423,7 @@ def sweep_dq(name, c, out, lse, cot, args):
             row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
             return row, None
         return row, f
-    return _sweep("dq ", name, c, SWEEP_DQ[name], a, check, args)
+    return _sweep("dq ", name, SWEEP_DQ[name], a, check, args)
 
 
 def run_case(name, geo, args, backend):

@@ -169,30 +169,14 @@ def run_case(args, frames: int, remat: str) -> dict:
 
 
 def run_case_isolated(argv, frames: int, remat: str):
-    """run_case in a child process: the same argv with one clip length and one policy. Returns (row, the child's
-    record or None). This process never touches the GPU (a preallocating parent would starve the children)."""
-    record, code = run_child(pathlib.Path(__file__).resolve(), [*_without(argv, ("--frames", "--remat", "--json",
-                                                                                 "--isolate", "--no-isolate")),
-                                                               "--frames", str(frames), "--remat", remat,
-                                                               "--no-isolate"], cwd=ROOT)
+    """run_case in a child process: the same argv with one clip length and one policy (argparse keeps an option's
+    last value, so appending overrides them). Returns (row, the child's record or None). This process never touches
+    the GPU (a preallocating parent would starve the children)."""
+    record, code = run_child(pathlib.Path(__file__).resolve(),
+                             [*argv, "--frames", str(frames), "--remat", remat, "--no-isolate"], cwd=ROOT)
     if record is not None and record.get("cases"):
         return {**record["cases"][0], "isolated": True}, record
     return {"frames": frames, "remat": remat, **child_failure(code)}, None
-
-
-def _without(argv, flags):
-    """argv without the given options (as "--x v", "--x=v" or a bare flag)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        name = a.split("=", 1)[0]
-        if name in flags:
-            skip = "=" not in a and name not in ("--isolate", "--no-isolate")
-            continue
-        out.append(a)
-    return out
 
 
 def print_table(rows, dtype: str) -> None:

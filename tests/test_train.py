@@ -275,10 +275,10 @@ def test_train_step_benchmark_isolated_case_runs_in_a_child(tmp_path):
     """--isolate: each case in its own process (its own peak memory); the parent takes config and devices from it."""
     from benchmarks import train_step
 
-    assert train_step._without(["--frames", "8", "--remat=full", "--isolate", "--small", "--json", "x"],
-                               ("--frames", "--remat", "--json", "--isolate")) == ["--small"]
     out = tmp_path / "train_step.json"
-    record = train_step.main(["--small", "--isolate", "--repeats", "1", "--warmup", "1", "--json", str(out)])
+    record = train_step.main(["--small", "--isolate", "--remat", "full", "--repeats", "1", "--warmup", "1", "--json",
+                              str(out)])
     [case] = record["cases"]
     assert case["status"] == "ok" and case["isolated"] and "peak_gb" in case  # None on a CPU (no allocator stats)
+    assert case["remat"] == "full" and case["frames"] == 8  # the parent's options reach the child
     assert record["dtype"] == "float32" and record["config"]["num_layers"] >= 1 and record["jax"]["platform"] == "cpu"

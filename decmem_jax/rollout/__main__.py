@@ -87,12 +87,12 @@ def load_inputs(c, context: str, actions: str, num_frames: int, truth: str | Non
     per_chunk = FRAMES_PER_LATENT * int(r.chunk)
     chunks = -(-num_frames // per_chunk)
     ctx_frames = frames_for_latents(whole_latents(r.context_frames))
-    needed = max(r.context_frames + num_frames, ctx_frames + chunks * per_chunk)
-    if acts.shape[0] < needed:
-        _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but {needed} are needed: the context "
+    act_needed = max(r.context_frames + num_frames, ctx_frames + chunks * per_chunk)
+    if acts.shape[0] < act_needed:
+        _fail(f"--actions {actions}: {acts.shape[0]} frames of actions, but {act_needed} are needed: the context "
               f"({ctx_frames} encoded frames) + --num_frames ({num_frames}) rounded up to whole chunks of "
               f"{per_chunk} frames ({chunks} chunks)")
-    needed = r.context_frames + num_frames
+    needed = r.context_frames + num_frames  # what the ground truth must hold (frames past num_frames are dropped)
     if truth:
         if not os.path.isfile(truth):
             _fail(f"--ground_truth {truth}: file not found")

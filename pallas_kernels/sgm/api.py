@@ -281,8 +281,8 @@ def _sgm(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
 
 def _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
     out, lse = _REGISTRY[name].fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale)
-    # Named for remat policies (SAVE_NAMES): saving these two lets a rematerialised layer skip the forward kernel in
-    # its backward pass, for O(Tq·H·D) memory per layer.
+    # Named for remat policies (the DiT's remat="save_sgm" saves both): a rematerialised layer then skips the forward
+    # kernel in its backward pass, for O(Tq·H·D) memory per layer.
     # The barrier keeps XLA from recomputing the kernel in the backward loop instead of storing its outputs (seen on
     # an H200: without it the compiled step ran the forward kernel twice per layer although both names were saved).
     out, lse = jax.lax.optimization_barrier((out, lse))

@@ -147,9 +147,10 @@ def _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
     return merge_splits(out, lse) if p.splits > 1 else (out, lse)
 
 
-# The public entry point is jitted; sgm_attention calls `_forward` unjitted (`_api_fwd`), because a remat policy
-# looks only at names in its own jaxpr: behind a jit boundary, the outputs that api.py names "sgm_out"/"sgm_lse"
-# would be recomputed (the forward kernel run again in the backward pass) although saved.
+# The public entry point is jitted; sgm_attention calls `_forward` as is (`_api_fwd`): inside the model's jit a
+# nested one adds nothing, and the traced program then holds the kernel call directly next to the names api.py gives
+# its outputs for remat policies (with or without the nested jit, the policy kept them in a traced test; the H200
+# measurement of remat="save_sgm" in docs/benchmarks.md ran this way).
 sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
 
 
