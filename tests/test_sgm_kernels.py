@@ -310,8 +310,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     assert plan(192, 192, splits=1).splits == 1 and plan(64, 64, width=128).stages == 1
     for p in (plan(192, 192), plan(64, 64), plan(128, 64), plan(64, 64, width=128)):
         assert p.smem_bytes(128, 2) <= mosaic_gpu_fwd.SMEM_BUDGET
-    q = dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16)  # dq: own lists, 64-row boxes (measured best)
-    assert (q.consumers, q.share, q.box, q.width, q.stages, q.splits) == (2, 1, 64, 64, 2, 1)
+    q = dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16)  # dq, 192-slot blocks: a shared stream (measured)
+    assert (q.consumers, q.share, q.box, q.width, q.stages, q.splits) == (3, 3, 64, 64, 3, 3)
+    q64 = dq_plan((1, 768 * 64, 12, 128), 64, 64, jnp.bfloat16)  # 64-row blocks: own lists, 64-row boxes
+    assert (q64.consumers, q64.share, q64.box, q64.width, q64.stages, q64.splits) == (2, 1, 64, 64, 2, 1)
     # CFG batch 2 (the rollout): 576 CTAs = 4.4 waves, split under 5 (H200: 1.88 ms with 2 splits, 1.96 without)
     assert forward_plan((2, 24 * 192, 12, 128), 192, 192, jnp.bfloat16).splits == 2
     assert forward_plan((4, 24 * 192, 12, 128), 192, 192, jnp.bfloat16).splits == 1  # 8.7 waves
@@ -348,9 +350,9 @@ def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
 
 
 @pytest.mark.parametrize("bq, bkv, over", [
-    (192, 192, dict(consumers=3, share=3, splits=2)),  # shared stream of 32-row boxes, partial dq sums added
+    (192, 192, dict(consumers=2, share=1, box=32, splits=2)),  # own lists of 32-row boxes, partial dq sums added
     (64, 128, dict(width=128, splits=1)),  # own lists, 128-row steps of 4 boxes
-], ids=["shared3-split2", "own-w128"])
+], ids=["own-box32-split2", "own-w128"])
 def test_mgpu_dq_plans_match_the_oracle(bq, bkv, over):
     """The dq kernel under non-default StreamPlans against the oracle's gradient (dk/dv do not depend on it)."""
     c = make_case(90 + bq, B=2, H=1, D=64, bq=bq, bkv=bkv, Nq=2, Nk=5, K=3, dtype=BF16)

@@ -16,7 +16,8 @@ rowsum(dO·O) and the LSE base conversion.
 
 Plans (`forward_plan`, `dq_plan`; `mosaic_gpu_fwd.StreamPlan`): the forward shares one K/V stream among the q tiles
 of a query block when it has 2 or 3 of them (DecMem's 192-slot blocks), uses 32-row key boxes for blocks larger
-than 64, and splits short grids; dq keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS, measured).
+than 64, and splits short grids; dq shares a stream among 3 consumers for 192-slot query blocks (DQ_SHARED3) and
+otherwise keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS); both measured.
 
 Backward: split and deterministic (no atomics). dq kernel: the forward's CTA machinery under its own plan. dk/dv
 kernel: each consumer owns one 64-row key tile and walks the q tiles of the query blocks that selected its key block
@@ -70,17 +71,21 @@ def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     return p
 
 
-# dq keeps the first design by default: 2 consumers with their own lists and 64-row boxes. On an H100 the DecMem
-# geometry's backward took 3.57 ms with it, 3.76 with 32-row boxes, 3.55 / 3.75 with 3 consumers on a shared stream
-# (2 / 1 splits): no plan beat it beyond run-to-run noise (docs/benchmarks.md), and 3 consumers holding dq, S, dP
-# and dS at 152 registers per thread are at the spill edge.
+# dq plans. Query blocks of 3 q tiles (DecMem's 192 slots) share one K/V stream among 3 consumers, as the forward
+# does: on an H200 the DecMem geometry's whole backward took 3.26 ms with it against 3.44-3.50 ms with 2 consumers on
+# their own lists (two runs of the default interleaved in one sweep, 2026-12-04), after 3.52 against 3.81-3.91 ms in
+# an earlier session (docs/benchmarks.md). Other blocks keep the first design: 2 consumers with their own lists and
+# 64-row boxes (on an H100 no other plan beat it beyond run-to-run noise).
 DQ_DEFAULTS = dict(consumers=2, share=1, width=64, box=64)
+DQ_SHARED3 = dict(consumers=3, share=3, width=64, box=64)
 
 
 def dq_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
-    """The dq kernel's StreamPlan: DQ_DEFAULTS, `plan` overrides on top, splits as in the forward but only under 3
-    waves (the 5-wave rule was measured for the forward only; partial dq sums added in XLA)."""
-    return _plan(q_shape, block_q, block_kv, dtype, stages, plan, DQ_DEFAULTS, tiles=2, vectors=2, waves=3)
+    """The dq kernel's StreamPlan: DQ_SHARED3 for query blocks of 3 (or 3n) q tiles, else DQ_DEFAULTS, `plan`
+    overrides on top, splits as in the forward but only under 3 waves (the 5-wave rule was measured for the forward
+    only; partial dq sums added in XLA)."""
+    defaults = DQ_SHARED3 if (block_q // TILE) % 3 == 0 else DQ_DEFAULTS
+    return _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles=2, vectors=2, waves=3)
 
 
 def _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles, vectors, waves):

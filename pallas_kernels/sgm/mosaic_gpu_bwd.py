@@ -6,8 +6,8 @@ Shared formula (reference.py `sgm_reference_bwd`), with lse2 = base-2 LSE and c 
 The logits are recomputed exactly as the forward does (raw bf16/fp16 operands, one fp32 multiply); the scale on dQ
 and dK is applied once to the fp32 accumulators at the end, never to bf16 operands.
 
-dq: the forward's CTA layout and step machinery under its own StreamPlan (`mosaic_gpu.dq_plan`; by default 2
-    consumers with their own lists and 64-row steps, the tuning sweep found nothing faster); the consumer also holds
+dq: the forward's CTA layout and step machinery under its own StreamPlan (`mosaic_gpu.dq_plan`: 3 consumers on one
+    shared stream for 192-slot query blocks, else 2 with their own lists; 64-row steps); the consumer also holds
     dO, lse2 and Δ of its tile. Split plans write partial dq sums, added in XLA.
 dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer streaming (q, lse2) and (dO, Δ) of the
     q tiles of every query block that selected the tile's key block (reverse lists, ascending). A key tile without
