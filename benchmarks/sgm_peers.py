@@ -232,14 +232,13 @@ def flex_block_mask(idx, cnt, lens, *, block_q, block_kv, tq, tk, device, exact=
                                     mask_mod=whole if exact else in_block, seq_lengths=(tq, tk))
 
 
-# FlexAttention backends, best first: FLASH needs the CuTe-DSL flash package; TRITON with 64-row tiles, as the
-# 64-token sub-blocks require (its default tiles may be wider than a sparse block)
 _TILES64 = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_M1": 64, "BLOCK_N1": 64, "BLOCK_M2": 64, "BLOCK_N2": 64}
-# (name, kernel_options, torch.compile mode), tried in order. TRITON's Hopper defaults at D 128 use 128-row tiles,
-# larger than our 64-token blocks. With 64 x 64 tiles the forward compiles, but torch 2.11's backward checks the
-# block sizes of its heuristic config before applying kernel_options and is left with no config
-# (NoValidChoicesError; pytorch/pytorch#176025, fixed by #184797 after 2.11; seen on an H200 with 3 stages / 8 warps
-# and with 2 / 4). Under max-autotune the candidate list holds configs that pass that check.
+# FlexAttention backends as (name, kernel_options, torch.compile mode), tried in order, best first. FLASH needs the
+# CuTe-DSL flash package. TRITON's Hopper defaults at D 128 use 128-row tiles, larger than our 64-token blocks. With
+# 64 x 64 tiles the forward compiles, but torch 2.11's backward checks the block sizes of its heuristic config
+# before applying kernel_options and is left with no config (NoValidChoicesError; pytorch/pytorch#176025, fixed by
+# #184797 after 2.11; seen on an H200 at 3 stages / 8 warps and at 2 / 4). Under max-autotune the candidate list
+# holds configs that pass that check.
 FLEX_BACKENDS = (("FLASH", {"BACKEND": "FLASH"}, None),
                  ("TRITON", {"BACKEND": "TRITON"}, None),
                  ("TRITON 64x64 tiles", {"BACKEND": "TRITON", **_TILES64}, None),
