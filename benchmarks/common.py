@@ -14,12 +14,21 @@ import traceback
 import jax
 
 
-def timed(call, sync, warmup: int, repeats: int, inner: int = 1):
-    """Runs `call` warmup times (the first is timed separately: it includes compilation), then `repeats` timed runs.
+def sample_ms(call, sync, inner: int = 1):
+    """One timed sample: `inner` calls back to back, one sync at the end; returns (last output, ms per call). Calls
+    are dispatched asynchronously, so for inner > 1 and a call of about a millisecond this measures the device's
+    time rather than the host's round trip per call (dispatch, sync), which a model calling the op inside a jit
+    never pays."""
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        out = call()
+    out = sync(out)
+    return out, (time.perf_counter() - t0) * 1e3 / inner
 
-    inner > 1: a timed run is `inner` calls back to back with one sync at the end, reported per call. Calls are
-    dispatched asynchronously, so for a call of about a millisecond this measures the device's time rather than
-    the host's round trip per call (dispatch, sync), which a model calling the op inside a jit never pays."""
+
+def timed(call, sync, warmup: int, repeats: int, inner: int = 1):
+    """Runs `call` warmup times (the first is timed separately: it includes compilation), then `repeats` timed
+    samples of `inner` calls each (`sample_ms`)."""
     t0 = time.perf_counter()
     out = sync(call())
     first_ms = (time.perf_counter() - t0) * 1e3
@@ -27,11 +36,8 @@ def timed(call, sync, warmup: int, repeats: int, inner: int = 1):
         out = sync(call())
     runs = []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(inner):
-            out = call()
-        out = sync(out)
-        runs.append((time.perf_counter() - t0) * 1e3 / inner)
+        out, ms = sample_ms(call, sync, inner)
+        runs.append(ms)
     return out, {"first_call_ms": first_ms, "runs_ms": runs, "median_ms": statistics.median(runs),
                  "min_ms": min(runs)}
 

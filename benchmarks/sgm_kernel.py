@@ -62,7 +62,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks.common import guarded, jax_block, jax_info, timed, write_record  # noqa: E402
+from benchmarks.common import guarded, jax_block, jax_info, sample_ms, timed, write_record  # noqa: E402
 from benchmarks.sgm_peers import bench_cudnn_bsa, bench_flex, bench_vsa, rel  # noqa: E402
 from benchmarks.sgm_peers import ms_of as _ms  # noqa: E402
 from pallas_kernels.sgm import api  # noqa: E402
@@ -351,11 +351,7 @@ def interleaved(fns, a, args):
     for _ in range(args.rounds):
         for i, f in enumerate(fns):
             for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                for _ in range(args.inner):
-                    out = f(*a)
-                jax_block(out)
-                samples[i].append((time.perf_counter() - t0) * 1e3 / args.inner)
+                samples[i].append(sample_ms(lambda f=f: f(*a), jax_block, args.inner)[1])
     return [{"status": "ok", "median_ms": statistics.median(x), "min_ms": min(x), "runs_ms": x,
              "round_medians_ms": [statistics.median(x[r * args.repeats:(r + 1) * args.repeats])
                                   for r in range(args.rounds)]} for x in samples]

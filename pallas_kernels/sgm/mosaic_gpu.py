@@ -57,7 +57,8 @@ def default_stages(head_dim):
     return 2 if head_dim > 64 else 4
 
 
-# Ping-pong consumers (StreamPlan.sched) on shared streams by default; SGM_MGPU_SCHED=0/1 overrides (A/B timing).
+# Ping-pong consumers (StreamPlan.sched) on shared streams: off, as they gained nothing on an H200
+# (docs/benchmarks.md); SGM_MGPU_SCHED=1 turns them on for A/B timing.
 FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
 
 
