@@ -65,3 +65,27 @@ def test_bf16_model_matches_fp32_xla_model_and_cache_path(backend):
     for i in range(4):
         out, cache = commit(bf16, x[:, 2 * i:2 * i + 2], t[:, 2 * i:2 * i + 2], ctx, cache)
         assert rel_err(out, got[:, 2 * i:2 * i + 2]) < 2e-2
+
+
+def test_folded_alm_window_and_its_gradients_match_xla(monkeypatch):
+    """The training ALM window as `memory.window_attention` runs it on long sequences (the chunks folded into ONE
+    cuDNN call under a key-length mask) and its q, k, v gradients, in bf16, against the fp32 xla backend."""
+    from decmem_jax.models import memory as mem
+
+    monkeypatch.setattr(mem, "fits_mask", lambda *_: False)  # the path of long sequences
+    t, plan, window = 96, mem.teacher_forcing_plan(6, 2), 4  # 6 clean + 6 noisy frames of 96 tokens
+    assert mem._fold_spec(plan, window) == (2, 2)
+    q, k, v = qkv(2, b=1, sq=12 * t, sk=12 * t)
+    cot = jax.random.normal(jax.random.key(6), q.shape)
+
+    def run(backend, dtype):
+        args = [a.astype(dtype) for a in (q, k, v)]
+        f = lambda q, k, v: mem.window_attention(q, k, v, plan, window, t, backend)  # noqa: E731
+        loss = lambda *a: (f(*a).astype(jnp.float32) * cot).sum()  # noqa: E731
+        return jax.jit(f)(*args), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+
+    (ref, ref_grads), (got, got_grads) = run("xla", jnp.float32), run("cudnn", jnp.bfloat16)
+    assert rel_err(got, ref) < 2e-2
+    for g, r in zip(got_grads, ref_grads):
+        assert rel_err(g, r) < 2e-2
+

@@ -45,15 +45,22 @@ def setup():
     return layout, q, k, v
 
 
-def test_layout_round_trip_and_padding():
-    layout = mem.BlockLayout.create(880, 6, 192)
-    assert layout.lengths.tolist() == [147] * 5 + [145]
-    x = jax.random.normal(jax.random.key(1), (2, 3 * 880, 4))
+@pytest.mark.parametrize("t,m,p", [(880, 6, 192), (T, M, P), (64, 1, 64), (10, 4, 64)])
+def test_layout_round_trip_and_padding(t, m, p):
+    """to_blocks puts token slot_to_token[i] in slot i (zeros where it is -1) and from_blocks inverts it; both are
+    pads/reshapes/slices, checked here against the slot table, and their gradients are each other."""
+    layout = mem.BlockLayout.create(t, m, p)
+    if (t, m) == (880, 6):
+        assert layout.lengths.tolist() == [147] * 5 + [145]
+    x = jax.random.normal(jax.random.key(1), (2, 3 * t, 4))
     y = layout.to_blocks(x)
-    assert y.shape == (2, 3 * 6 * 192, 4)
+    assert y.shape == (2, 3 * m * p, 4)
+    s2t = layout.slot_to_token
+    want = np.where((s2t >= 0)[None, None, :, None], np.asarray(x).reshape(2, 3, t, 4)[:, :, np.maximum(s2t, 0)], 0)
+    np.testing.assert_array_equal(y, want.reshape(y.shape))
     np.testing.assert_array_equal(layout.from_blocks(y), x)
-    pad = (layout.slot_to_token < 0)
-    assert float(jnp.abs(y.reshape(2, 3, 6 * 192, 4)[:, :, pad]).max()) == 0.0
+    cot = jax.random.normal(jax.random.key(2), y.shape)
+    np.testing.assert_array_equal(jax.vjp(layout.to_blocks, x)[1](cot)[0], layout.from_blocks(cot))
     with pytest.raises(ValueError, match="block_slots"):
         mem.BlockLayout.create(880, 6, 128)
 
@@ -290,12 +297,13 @@ def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
         return jnp.mean(v ** 2)
 
     res = {}
-    for remat in ("none", "full", "save_sgm"):
+    policies = ("full", "save_sgm")
+    for remat in ("none",) + policies:
         model = make_model(tiny_memory_config().replace(remat=remat), gate_scale=0.05)
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
         res[remat] = (float(value), jax.tree.leaves(nnx.state(grads, nnx.Param)))
         assert float(jnp.abs(grads.blocks.gate.kernel.get_value()).max()) > 0  # SGM's output reaches the loss
-    for remat in ("full", "save_sgm"):
+    for remat in policies:
         assert abs(res[remat][0] - res["none"][0]) <= 1e-6 * abs(res["none"][0])
         for g, g0 in zip(res[remat][1], res["none"][1]):
             assert float(jnp.linalg.norm(g - g0)) <= 1e-5 * float(jnp.linalg.norm(g0)) + 1e-12
@@ -320,24 +328,47 @@ def test_content_scoring_is_wired_through_training_and_inference(model_inputs):
     assert not np.array_equal(picks["rope"], picks["content"])
 
 
+def _window_plan(plan_kind):
+    """The plan and fresh q, k, v of its length."""
+    plan = mem.causal_plan(FRAMES, CHUNK) if plan_kind == "causal" else mem.teacher_forcing_plan(4, 2)
+    ks = jax.random.split(jax.random.key(4), 3)  # teacher forcing: 4 clean + 4 noisy frames, chunks of 2
+    return (plan, *(3 * jax.random.normal(kk, (B, plan.frames * T, H, D)) for kk in ks))
+
+
 @pytest.mark.parametrize("plan_kind", ["causal", "teacher_forcing"])
-@pytest.mark.parametrize("loop", [False, True])
-def test_window_attention_matches_dense_oracle(setup, monkeypatch, plan_kind, loop):
-    """ALM as dense attention (one masked call, or one call per chunk over static key slices) equals the fp64 oracle
-    under the plan's window, for a block-causal sequence and a [clean ; noisy] teacher-forcing sequence (whose noisy
-    chunks see two separate runs of key frames)."""
-    layout, q, k, v = setup
-    if plan_kind == "causal":
-        plan = mem.causal_plan(FRAMES, CHUNK)
-    else:
-        plan = mem.teacher_forcing_plan(FRAMES // 2, 1)  # 3 clean + 3 noisy frames, chunks of one
-    window = 2 * plan.chunk
-    if loop:  # force the per-chunk path that long sequences take
+@pytest.mark.parametrize("path", ["mask", "fold", "loop"])
+@pytest.mark.parametrize("history", [0, 1, 2, 3])  # ALM frames before the chunk: window = chunk + history
+def test_window_attention_matches_dense_oracle(monkeypatch, plan_kind, path, history):
+    """ALM as dense attention equals the fp64 oracle under the plan's window, for a block-causal sequence and a
+    [clean ; noisy] teacher-forcing sequence (whose noisy chunks see two separate runs of key frames), on each of its
+    paths: one masked call (small sequences), the chunks folded into one call (long ones with a history of at most a
+    chunk), one call per chunk over static key slices (everything else: here a history longer than the chunk)."""
+    plan, q, k, v = _window_plan(plan_kind)
+    window = plan.chunk + history
+    if path != "mask":  # force the paths that long sequences take
         monkeypatch.setattr(mem, "fits_mask", lambda *_: False)
+    if path == "loop":
+        monkeypatch.setattr(mem, "_fold_spec", lambda *_: None)
+    if path != "mask":
+        assert (mem._fold_spec(plan, window) is not None) == (path == "fold" and history <= plan.chunk)
     out = mem.window_attention(q, k, v, plan, window, T, "xla")
     frame_mask = plan.window(window)
     mask = np.repeat(np.repeat(frame_mask, T, axis=0), T, axis=1)[None, None]
     assert rel(out, dense(q, k, v, mask)) < 1e-5
-    if plan_kind == "teacher_forcing":  # the noisy chunks do see two runs of key frames
+    if plan_kind == "teacher_forcing" and history:  # the noisy chunks do see two runs of key frames
         f = plan.frames // 2
         assert any(len(mem._runs(np.nonzero(frame_mask[i])[0])) == 2 for i in range(f, 2 * f))
+
+
+@pytest.mark.parametrize("plan_kind", ["causal", "teacher_forcing"])
+def test_folded_window_gradients_match_the_per_chunk_calls(monkeypatch, plan_kind):
+    """The folded ALM call's q, k, v gradients equal those of the per-chunk calls (same keys, other layout)."""
+    plan, q, k, v = _window_plan(plan_kind)
+    monkeypatch.setattr(mem, "fits_mask", lambda *_: False)
+    cot = jax.random.normal(jax.random.key(3), q.shape)
+    loss = lambda q, k, v: (mem.window_attention(q, k, v, plan, 2 * plan.chunk, T, "xla") * cot).sum()
+    folded = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    monkeypatch.setattr(mem, "_fold_spec", lambda *_: None)
+    looped = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(folded, looped):
+        assert rel(a, np.asarray(b, np.float64)) < 1e-5
