@@ -287,8 +287,10 @@ def test_cfg_branches_share_one_history_cache(model_inputs):
 
 
 def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
-    """DiTConfig.remat="save_sgm" (the training default: SGM's output and LSE saved, the rest recomputed) against
-    no remat and `full`, on a teacher-forcing loss through DecMem blocks with a non-zero gate."""
+    """DiTConfig.remat="save_sgm" (the training default: SGM's output and LSE saved, the rest recomputed) and the
+    policies that also save attention outputs (`save_attention`: cuDNN's, which the xla backend here does not call)
+    and q, k, v (`save_qkv`) against no remat and `full`, on a teacher-forcing loss through DecMem blocks with a
+    non-zero gate."""
     latents, t, ctx, actions = model_inputs
     noisy = jnp.asarray(np.random.default_rng(3).standard_normal(latents.shape), jnp.float32)
 
@@ -297,7 +299,7 @@ def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
         return jnp.mean(v ** 2)
 
     res = {}
-    policies = ("full", "save_sgm")
+    policies = ("full", "save_sgm", "save_attention", "save_qkv")
     for remat in ("none",) + policies:
         model = make_model(tiny_memory_config().replace(remat=remat), gate_scale=0.05)
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 import numpy as np
 
@@ -38,12 +39,31 @@ from decmem_jax.models.config import DiTConfig
 from decmem_jax.models.layers import LayerNorm, RMSNorm, gelu_tanh, linear, matmul_precision, sinusoidal_embedding
 from decmem_jax.models.rope import apply_rope, rope_cos_sin
 
+_SAVE_SGM = jax.checkpoint_policies.save_only_these_names("sgm_out", "sgm_lse")
+_SAVE_QKV = jax.checkpoint_policies.save_only_these_names("attn_q", "attn_k", "attn_v")
+# cuDNN's fused attention forward as jax 0.11 names its primitives: its output and softmax statistics are what its
+# backward needs, so saving them keeps the forward call out of the rematerialised backward.
+_CUDNN_FORWARD = frozenset({"dot_product_attention_fwd", "dot_product_attention_fwd_wrapper"})
+
+
+def _save_sgm_attention(prim, *avals, **params):
+    return _SAVE_SGM(prim, *avals, **params) or prim.name in _CUDNN_FORWARD
+
+
+def _save_sgm_attention_qkv(prim, *avals, **params):
+    return _save_sgm_attention(prim, *avals, **params) or _SAVE_QKV(prim, *avals, **params)
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
     # save only the SGM kernel's output and LSE (named in pallas_kernels/sgm/api.py): the backward pass then runs the
     # SGM backward kernels without re-running the forward kernel (stage 3 at 60 latents, H200: -7% step time, +1.4 GB
     # peak memory)
-    "save_sgm": jax.checkpoint_policies.save_only_these_names("sgm_out", "sgm_lse"),
+    "save_sgm": _SAVE_SGM,
+    # save_sgm + the cuDNN attention forwards' outputs (ALM window, cross-attention)
+    "save_attention": _save_sgm_attention,
+    # save_attention + self-attention q, k, v after RoPE
+    "save_qkv": _save_sgm_attention_qkv,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -151,6 +171,7 @@ class WanBlock(nnx.Module):
         q_raw = self.self_attn.query(h)
         k_raw, v = self.self_attn.key_value(h)
         q, k = apply_rope(q_raw, cos, sin), apply_rope(k_raw, cos, sin)
+        q, k, v = checkpoint_name(q, "attn_q"), checkpoint_name(k, "attn_k"), checkpoint_name(v, "attn_v")
         g = None
         if self.gate is not None:  # memory: the gate, and the q/k that SGM scores (MemoryConfig.score_on)
             g = (self.self_attn._heads(self.gate(h)), (q_raw, k_raw) if cfg.memory.score_on == "content" else None)
