@@ -148,6 +148,7 @@ def run_case(args, frames: int, remat: str) -> dict:
             return metrics["loss"]
 
         loss, stats = timed(call, jax_block, args.warmup, args.repeats)
+        profile = {}
         if args.profile:
             from benchmarks.trace_summary import summarise
 
@@ -155,11 +156,13 @@ def run_case(args, frames: int, remat: str) -> dict:
             with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
                 for _ in range(3):
                     jax_block(call())
+            profile = {"profile": summarise(trace_dir, top=30)}
             print(f"--- profile: 3 steps of {args.stage}, {frames} latents, remat {remat} ---\n"
-                  f"{summarise(trace_dir)}", flush=True)
+                  f"{profile['profile']}", flush=True)
         peak = metrics_lib.peak_flops(jax.devices()[0].device_kind, args.peak_tflops)
         sec = stats["median_ms"] / 1e3
-        return {"status": "ok", **stats, "loss": float(loss), "tflops_per_s": flops["train_step"] / sec / 1e12,
+        return {"status": "ok", **stats, **profile, "loss": float(loss),
+                "tflops_per_s": flops["train_step"] / sec / 1e12,
                 "mfu": metrics_lib.mfu(flops["train_step"], sec, peak, 1), "peak_flops": peak}
 
     res.update(guarded(bench))
