@@ -311,6 +311,17 @@ def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
             assert float(jnp.linalg.norm(g - g0)) <= 1e-5 * float(jnp.linalg.norm(g0)) + 1e-12
 
 
+def test_save_attention_policy_names_the_installed_cudnn_forward_primitives():
+    """`save_attention` finds cuDNN's attention forward by primitive name; this fails on CPU CI when a jax upgrade
+    renames it (the policy would otherwise quietly fall back to save_sgm). tests/test_gpu.py checks the effect."""
+    from jax._src.cudnn import fused_attention_stablehlo as fa
+
+    from decmem_jax.models import dit
+
+    names = {fa._dot_product_attention_fwd_p.name, fa._dot_product_attention_fwd_p_wrapper.name}
+    assert names == set(dit._CUDNN_FORWARD)
+
+
 def test_content_scoring_is_wired_through_training_and_inference(model_inputs):
     """score_on="content" (pool q/k before RoPE) changes what SGM retrieves, at inference and in the full forward
     alike (the equivalences above hold for it too)."""
