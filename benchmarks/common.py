@@ -78,6 +78,8 @@ def jax_info():
             "jaxlib": getattr(jax.lib, "__version__", None) or __import__("jaxlib").__version__,
             "flax": __import__("flax").__version__,
             "XLA_PYTHON_CLIENT_MEM_FRACTION": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
+    # the SGM kernel's A/B switches (pallas_kernels/sgm/mosaic_gpu.py), so that a record says which variant it timed
+    info.update({k: v for k, v in os.environ.items() if k.startswith("SGM_MGPU_")})
     try:
         from jax._src.lib import cuda_versions
         if cuda_versions is not None:

@@ -14,6 +14,8 @@ block-sparse attention, PyTorch FlexAttention), measured in the same run.
    vsa     S 49,152 as 768 blocks of 64 tokens, top-k 76 of 768 (90% sparse), q and kv the same length.
    decmem  3,520 query tokens in 24 blocks of 192 slots (147/145 valid) against 200 latents of history
            (1,200 key blocks of 192 slots, same valid counts), top-k 80.
+   decmem passes q_rows=147 as the model does (the 45 padding rows of a query block get no cotangent, so the dk/dv
+   kernel may skip them: `q_boxes`; the peers, which have no such notion, process them).
    Timed: forward, and forward+backward (jax.vjp through sgm_attention); backward = difference. Every sample (ours,
    cuDNN, the peers) is --inner calls back to back under one host sync, reported per call: the device's time, not
    the host's round trip per call (before 2026-12-04 one call per sync, which added ~0.2-0.3 ms to each of ours).
@@ -67,7 +69,8 @@ from benchmarks.sgm_peers import bench_cudnn_bsa, bench_flex, bench_vsa, rel  # 
 from benchmarks.sgm_peers import ms_of as _ms  # noqa: E402
 from pallas_kernels.sgm import api  # noqa: E402
 from pallas_kernels.sgm import mosaic_gpu as mg  # noqa: E402
-from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference, sgm_reference_bwd  # noqa: E402
+from pallas_kernels.sgm.reference import (dense_masked_reference, mask_padding_rows, sgm_reference,  # noqa: E402
+                                          sgm_reference_bwd)
 
 BF16, F16, F32 = jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16), jnp.dtype(jnp.float32)
 FWD_TOL = {BF16: 1e-2, F16: 2e-3}
@@ -92,11 +95,15 @@ SWEEP = {
                dict(sched=True), dict(sched=True, splits=2)],
     "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=True), {}],  # {} twice: the run's drift
 }
-# dq plan variants timed by --sweep (the whole backward is timed; only the dq kernel's plan differs)
+# backward variants timed by --sweep (the whole backward is timed): dq plan overrides; q_boxes=True, the dk/dv kernel
+# streaming only the 147 query rows in use as packed 32-row boxes instead of whole q tiles (the cotangent is zero
+# past them either way); k_tails=True, the 19-key tails of the key blocks through the transposed tail kernel instead
+# of full 64-key tiles. All variants must give the same gradients (up to fp32 summation order).
+PACKED = dict(q_boxes=True, k_tails=True)
 SWEEP_DQ = {
     "vsa": [],
-    "decmem": [{}, dict(consumers=2, share=1), dict(consumers=2, share=1, box=32), dict(splits=1), dict(box=32), {}],
-    "decmem_cfg": [],
+    "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, dict(consumers=2, share=1), {}, PACKED],
+    "decmem_cfg": [{}, PACKED, {}, PACKED],
 }
 
 
@@ -176,7 +183,10 @@ def make_case(seed, *, b, h, d, nq, nk, bq, bkv, topk, dtype, sigma=3.0, decmem=
     else:
         lens, q_valid = np.full((b, nk), bkv, np.int32), np.full(nq, bq)
     i32 = lambda x: jnp.asarray(x, jnp.int32)
-    return dict(q=q, k=k, v=v, idx=i32(idx), cnt=i32(cnt), lens=i32(lens), bq=bq, bkv=bkv, q_valid=q_valid)
+    # DecMem's query blocks hold at most 147 tokens: the model passes q_rows (the padded rows' cotangent is zero)
+    q_rows = max(DECMEM_LENS) if decmem else None
+    return dict(q=q, k=k, v=v, idx=i32(idx), cnt=i32(cnt), lens=i32(lens), bq=bq, bkv=bkv, q_valid=q_valid,
+                q_rows=q_rows)
 
 
 def flop_counts(c):
@@ -205,23 +215,26 @@ def kernel_fns(interpret):
             functools.partial(mg.sgm_backward_mgpu, interpret=interpret))
 
 
-def check_case(name, c, interpret, oracle="dense", determinism=False):
-    """Kernel fwd + grads vs an fp32 oracle on the same (16-bit-valued) inputs."""
+def check_case(name, c, interpret, oracle="dense", determinism=False, packed=None):
+    """Kernel fwd + grads vs an fp32 oracle on the same (16-bit-valued) inputs (packed: the dk/dv kernel's packed
+    query boxes and key tails on or off; None: the defaults, mosaic_gpu.Q_BOXES and K_TAILS)."""
     fwd, bwd = kernel_fns(interpret)
+    bwd = functools.partial(bwd, q_boxes=packed, k_tails=packed)
     dt = jnp.dtype(c["q"].dtype)
     g = dict(block_q=c["bq"], block_kv=c["bkv"])
     lst = (c["idx"], c["cnt"], c["lens"])
     out, lse = fwd(c["q"], c["k"], c["v"], *lst, **g)
     cot = jnp.asarray(np.random.default_rng(7).normal(size=out.shape), dt)
-    grads = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g)
+    rows = {} if c.get("q_rows") is None else {"q_rows": c["q_rows"]}  # past them the cotangent is taken as zero
+    grads = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g, **rows)
     f32 = [c[n].astype(F32) for n in ("q", "k", "v")]
     if oracle == "dense":
         ref_out, vjp = jax.vjp(lambda q, k, v: dense_masked_reference(q, k, v, *lst, **g), *f32)
-        ref_grads = vjp(cot.astype(F32))
+        ref_grads = vjp(mask_padding_rows(cot.astype(F32), c["bq"], c.get("q_rows")))
         _, ref_lse = dense_masked_reference(*f32, *lst, **g, return_lse=True)
     else:  # gather oracle + its explicit backward: memory O(Nq·K·block_kv), fits the benchmark geometries
         ref_out, ref_lse = sgm_reference(*f32, *lst, **g)
-        ref_grads = sgm_reference_bwd(*f32, *lst, ref_out, ref_lse, cot.astype(F32), **g)
+        ref_grads = sgm_reference_bwd(*f32, *lst, ref_out, ref_lse, cot.astype(F32), **g, **rows)
     errs = {"out": rel(out, ref_out)}
     errs.update({n: rel(x, w) for n, x, w in zip(("dq", "dk", "dv"), grads, ref_grads)})
     lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
@@ -278,6 +291,10 @@ def run_checks(args):
     for i, (name, geo, det) in enumerate(small):
         results.append(guarded_check(name, lambda: check_case(name, make_case(100 + i, random_counts=True, **geo),
                                                                args.interpret, determinism=det)))
+        if geo.get("decmem"):  # the same with dk/dv on packed query boxes (q_rows = 147) and key tails
+            label = f"{name}, packed"
+            results.append(guarded_check(label, lambda: check_case(
+                label, make_case(100 + i, random_counts=True, **geo), args.interpret, determinism=True, packed=True)))
     if not args.interpret:  # (both covered by tests/test_sgm_kernels.py in the interpreter)
         dense = make_case(200, b=1, h=2, d=128, nq=4, nk=4, bq=64, bkv=64, topk=4, dtype=BF16)
         results.append(guarded_check("all blocks listed = dense",
@@ -288,6 +305,9 @@ def run_checks(args):
         label = f"{name} geometry, head 0"
         c = make_case(300, b=1, h=1, d=128, dtype=BF16, **geo)
         results.append(guarded_check(label, lambda: check_case(label, c, args.interpret, oracle="gather")))
+        if c["q_rows"] is not None:
+            results.append(guarded_check(f"{label}, packed", lambda: check_case(
+                f"{label}, packed", c, args.interpret, oracle="gather", packed=True)))
     return results
 
 
@@ -322,7 +342,7 @@ def time_jax(fn, args, warmup, repeats, inner):
 def bench_ours(c, name, cot, args):
     """Through sgm_attention as a model calls it; the lists are arguments, so building the step and reverse lists
     (XLA, inside the jitted call) is timed too instead of being constant-folded."""
-    g = dict(block_q=c["bq"], block_kv=c["bkv"])
+    g = dict(block_q=c["bq"], block_kv=c["bkv"], q_rows=c.get("q_rows"))
     attn = lambda q, k, v, *lst: api.sgm_attention(q, k, v, *lst, **g, backend=name)
     f = jax.jit(attn)
     fb = jax.jit(lambda q, k, v, *lst: jax.vjp(lambda *x: attn(*x, *lst), q, k, v)[1](cot))
@@ -377,6 +397,7 @@ def _sweep(label, name, plans, a, check, args, extra=None):
     for row in rows:
         p = row.get("plan", {})
         desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits", "sched"))
+        desc += "".join(f" {n}={row[n]}" for n in ("q_boxes", "k_tails") if n in row)
         ms = _ms(row)
         spread = "/".join(f"{x:.3f}" for x in row.get("round_medians_ms", []))
         print(f"  sweep {label}{name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
@@ -414,14 +435,19 @@ def sweep_dq(name, c, out, lse, cot, args):
 
     def check(over):
         row = {"dq_plan_overrides": over}
+        over = dict(over)
+        dkv = {n: over.pop(n, None) for n in ("q_boxes", "k_tails")}
         row["plan"] = dataclasses.asdict(mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over))
-        f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(*x, **g,
-                                                                             dq_plan_overrides=over))
-        dq = f(*a)[0]
-        ref.setdefault("dq", dq)
-        row["dq_rel_err_vs_auto"] = err = rel(dq, ref["dq"])
-        if not err <= GRAD_TOL[jnp.dtype(c["q"].dtype)]:
-            row["status"] = f"mismatch vs the automatic plan: {err:.2e}"
+        row["q_boxes"] = mg.Q_BOXES if dkv["q_boxes"] is None else dkv["q_boxes"]
+        row["k_tails"] = mg.K_TAILS if dkv["k_tails"] is None else dkv["k_tails"]
+        f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(
+            *x, **g, q_rows=c.get("q_rows"), **dkv, dq_plan_overrides=over))
+        grads = f(*a)
+        ref.setdefault("grads", grads)
+        errs = [rel(x, y) for x, y in zip(grads, ref["grads"])]
+        row["dq_rel_err_vs_auto"], row["dkv_rel_err_vs_auto"] = errs[0], max(errs[1:])
+        if not max(errs) <= GRAD_TOL[jnp.dtype(c["q"].dtype)]:
+            row["status"] = f"mismatch vs the automatic plan: {max(errs):.2e}"
             return row, None
         return row, f
     return _sweep("dq ", name, SWEEP_DQ[name], a, check, args)

@@ -8,7 +8,8 @@
   lowering. The lowering itself (Pallas -> Mosaic GPU MLIR, layout inference, the SMEM budget) is checked by lowering
   for CUDA on the CPU; compilation and hardware runs: `test_mgpu_compiled_on_hardware` (skipped without an sm_90
   GPU) and `benchmarks/sgm_kernel.py --check-only`.
-- `tpu` (pallas_kernels/sgm/tpu.py) under the Pallas TPU interpreter.
+- `tpu` (pallas_kernels/sgm/tpu.py) under the Pallas TPU interpreter (its own list, chunking, race and lowering tests:
+  tests/test_sgm_kernels_tpu.py).
 
 Oracle: `dense_masked_reference` (dense fp32 softmax under the token mask of the block lists, `jax.grad`-able),
 computed in fp32 from the kernel's (bf16/fp16-valued) inputs; `sgm_reference` too for the LSE. Inputs ~ N(0, 3²)
@@ -35,11 +36,9 @@ import pytest
 
 from pallas_kernels.sgm import api
 from pallas_kernels.sgm import mosaic_gpu_fwd
-from pallas_kernels.sgm import lists as lists_mod
-from pallas_kernels.sgm.lists import group_steps, pair_lists, reverse_block_lists, subtile_steps
+from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu import dq_plan, forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
 from pallas_kernels.sgm.reference import dense_masked_reference, sgm_reference
-from pallas_kernels.sgm import tpu as tpu_mod
 from pallas_kernels.sgm.tpu import sgm_backward_tpu, sgm_forward_tpu
 
 HI = jax.lax.Precision.HIGHEST
@@ -366,6 +365,58 @@ def test_mgpu_dq_plans_match_the_oracle(bq, bkv, over):
     assert int(c["kv_block_cnt"][0, 0, 0]) == 0 and not np.asarray(dq[0, :bq, 0], np.float32).any()  # count 0
 
 
+@pytest.mark.parametrize("bq, bkv, q_rows, lens, D", [
+    # one 32-row box per query block: two query blocks per step, odd box counts end in a half step
+    (64, 64, 20, [0, 20, 64, 32], 64),
+    # three boxes per query block (96 rows instead of 128), steps straddle query blocks; tails at tile 1 and tile 0
+    (128, 128, 70, [70, 128, 30, 100], 64),
+    # DecMem: 5 boxes (160 rows) instead of 3 tiles (192); tails of 19 and 17 keys past 128
+    (192, 192, 147, [147, 145, 192, 30], 128),
+], ids=["box1", "box3-straddle", "decmem147"])
+def test_mgpu_dkv_packed_query_boxes_and_key_tails(bq, bkv, q_rows, lens, D):
+    """The dk/dv variants that skip padding: with q_rows, packed 32-row query boxes (`mosaic_gpu_bwd.query_boxes`);
+    key blocks whose last tile holds <= 32 valid keys through the transposed tail kernel (`mosaic_gpu_tail`). Each
+    alone and both: dk, dv match the oracle's gradient for a cotangent that is zero past q_rows, dq is exactly 0 on
+    the padded rows whatever cotangent they were given, the default (neither) gives the same up to fp32 summation
+    order, and sgm_attention routes q_rows to the kernel."""
+    from pallas_kernels.sgm.mosaic_gpu_bwd import query_boxes
+
+    assert query_boxes(bq, q_rows)[0] == 32 and query_boxes(bq)[0] == 64
+    Nq = 5 if bq == 64 else 3
+    c = make_case(110 + bq, B=1, H=2, D=D, bq=bq, bkv=bkv, Nq=Nq, Nk=4, K=3, dtype=BF16)
+    r = np.random.default_rng(bq)  # full ascending lists, and counts that give key blocks odd box totals
+    c["kv_block_idx"] = jnp.asarray(np.sort(np.argsort(r.random((1, 2, Nq, 4)), -1)[..., :3], -1), jnp.int32)
+    c["kv_block_cnt"] = jnp.asarray(np.r_[3, 1, 3, 2, 3, 3, 0, 3, 1, 2][: 2 * Nq].reshape(1, 2, Nq), jnp.int32)
+    c["kv_block_len"] = jnp.asarray([lens], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(6).normal(size=out.shape), BF16)  # nonzero on the padded rows too
+    keep = (np.arange(out.shape[1]) % bq) < q_rows
+    _, _, vjp = oracle(c)
+    want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=q_rows,
+                            interpret=True)
+    plain = bwd()  # the default: whole q tiles, no tail kernel
+    for variant in (dict(q_boxes=True), dict(k_tails=True), dict(q_boxes=True, k_tails=True)):
+        got = bwd(**variant)
+        for nm, g, w, p in zip(("dq", "dk", "dv"), got, want, plain):
+            assert rel(g, w) <= GRAD_TOL[BF16], (variant, nm, rel(g, w))
+            assert rel(g, p) <= 2e-3, (variant, nm)  # the same sums in another grouping
+        assert not np.asarray(got[0], np.float32)[:, ~keep].any()  # padded rows: dq exactly 0
+    name = "mosaic_gpu_packed_test"
+    api.register_backend(name, functools.partial(api._REGISTRY["mosaic_gpu"].fwd, interpret=True),
+                         functools.partial(api._REGISTRY["mosaic_gpu"].bwd, interpret=True, q_boxes=True,
+                                           k_tails=True), tile=(64, 64))
+    try:
+        args = (c["kv_block_idx"], c["kv_block_cnt"], c["kv_block_len"])
+        via_api = jax.vjp(lambda q, k, v: api.sgm_attention(q, k, v, *args, block_q=bq, block_kv=bkv, backend=name,
+                                                            q_rows=q_rows), c["q"], c["k"], c["v"])[1](d_out)
+        for g, a in zip(got, via_api):
+            assert np.array_equal(np.asarray(g), np.asarray(a))
+    finally:
+        api._REGISTRY.pop(name, None)
+
+
 def test_mgpu_merge_splits_is_exact():
     r = np.random.default_rng(3)
     lse = jnp.asarray(r.normal(0, 5, (3, 1, 2, 8)), jnp.float32).at[1, 0, 0].set(-jnp.inf).at[:, 0, 1, :2].set(-jnp.inf)
@@ -425,6 +476,20 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
     dq = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), interpret=ip,
                            dq_plan_overrides=(("consumers", 3), ("share", 3), ("splits", 2)))[0]
     assert rel(dq, vjp(d_out.astype(jnp.float32))[0]) <= GRAD_TOL[BF16]
+    # dk/dv on packed 32-row q boxes (2 TMA arrivals per ready barrier) and the key-tail kernel, ring depths 1, 2
+    c = make_case(34, B=1, H=1, D=64, bq=64, bkv=64, Nq=3, Nk=3, K=2, dtype=BF16)
+    c["kv_block_cnt"] = jnp.asarray([[[2, 1, 2]]], jnp.int32)
+    c["kv_block_idx"] = jnp.asarray([[[[0, 2], [1, 1], [1, 2]]]], jnp.int32)
+    d_out = jnp.asarray(np.random.default_rng(35).normal(size=c["q"].shape), BF16)
+    c["kv_block_len"] = jnp.asarray([[20, 64, 31]], jnp.int32)  # two key tails for the tail kernel
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True)
+    _, _, vjp = oracle(c)
+    want = vjp(jnp.where((np.arange(out.shape[1]) % 64 < 30)[None, :, None, None], d_out, 0).astype(jnp.float32))
+    for stages in (1, 2):
+        got = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), stages=stages, q_rows=30,
+                                q_boxes=True, k_tails=True, interpret=ip)
+        for nm, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert rel(g, w) <= GRAD_TOL[BF16], (stages, nm)
     assert "RACE DETECTED" not in capfd.readouterr().out
 
 
@@ -443,6 +508,13 @@ def test_mgpu_lowers_for_sm90(dtype, D, block):
     texts = [fwd.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text(),
              bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text()]
     assert texts[0].count("custom_call @mosaic_gpu") == 1 and texts[1].count("custom_call @mosaic_gpu") == 2
+    # dk/dv streaming 32-row q boxes (two TMA boxes per ring slot of q, dO, lse2 and delta)
+    # dk/dv streaming 32-row q boxes (two TMA boxes per ring slot of q, dO, lse2 and delta), and the transposed tail
+    # kernel (64 B swizzle, transposed A operands, a [D, 32] accumulator)
+    packed = jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block, q_rows=block // 2 + 3,
+                                       q_boxes=True, k_tails=True))
+    assert packed.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
+        "custom_call @mosaic_gpu") == 3
     if block > 64:  # the ping-pong forward (shared streams only)
         pp = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("sched", True),)))
         assert pp.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
@@ -504,95 +576,16 @@ def test_mgpu_compiled_on_hardware(dtype, geo):
                                                                            "kv_block_len")),
                                 block_q=c["block_q"], block_kv=c["block_kv"])
     assert np.array_equal(np.asarray(via_api), np.asarray(out))
-
-
-# ------------------------------------------------------------------------------------------------------ TPU
-
-
-def test_tpu_pair_lists_sorted_flagged_and_padded():
-    """The dk/dv work list: pairs sorted by key block then query block, first/last flags per key block, padding
-    repeating the last pair with no flag, and per-key-block pair counts."""
-    idx = jnp.asarray([[[2, 0, 0], [0, 2, 3]], [[0, 0, 0], [0, 0, 0]]], jnp.int32)  # [BH=2, Nq=2, K=3]
-    cnt = jnp.asarray([[1, 3], [0, 0]], jnp.int32)
-    code, counts = (np.asarray(x) for x in pair_lists(idx, cnt, 4))
-    F = lists_mod.PAIR_FLAGS
-    decode = lambda c: (c // F // 2, c // F % 2, c % F)  # (kb, qb, flags) with Nq = 2
-    V, FI, LA = lists_mod.PAIR_VALID, lists_mod.PAIR_FIRST, lists_mod.PAIR_LAST
-    assert [decode(c) for c in code[0]] == [(0, 1, V | FI | LA), (2, 0, V | FI), (2, 1, V | LA), (3, 1, V | FI | LA),
-                                            (3, 1, 0), (3, 1, 0)]
-    assert counts[0].tolist() == [1, 0, 2, 1]
-    assert [decode(c) for c in code[1]] == [(0, 0, 0)] * 6 and counts[1].tolist() == [0, 0, 0, 0]
-
-
-def test_tpu_lists_split_into_calls_that_fit_smem(monkeypatch):
-    """With a tiny SMEM budget the kernels run B·H in chunks (lax.map) and still match the oracle; a single
-    (b, h) row over the budget is refused with the sizes."""
-    c = make_case(35, B=2, H=2, D=64, bq=16, bkv=32, Nq=3, Nk=5, K=3, dtype=F32)
-    monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 4 * 40)  # 2 of the 4 (b, h) rows per call
-    run_kernel("tpu", c, seed=36)
-    monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 16)
-    with pytest.raises(ValueError, match="SMEM"):
-        sgm_forward_tpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True)
-
-
-def test_tpu_tile_rules():
-    c = make_case(7)
-    with pytest.raises(ValueError, match="multiple of 128"):
-        jax.eval_shape(lambda: sgm_forward_tpu(**c, interpret=False))
-    with pytest.raises(ValueError, match="multiples of 8"):
-        sgm_forward_tpu(**{**c, "block_q": 12}, interpret=True)
-
-
-def test_tpu_interpreter_two_cores_no_races():
-    """The TPU-specific interpreter (pltpu.InterpretParams) simulates DMAs, SMEM/VMEM, NaN-filled uninitialised
-    buffers, out-of-bounds-read errors and megacore sharding of the "parallel" grid axes; its race detector must
-    find nothing and the results must still match the oracle."""
-    from jax.experimental.pallas import tpu as pltpu
-
-    ip = pltpu.InterpretParams(detect_races=True, num_cores_or_threads=2, uninitialized_memory="nan")
-    try:  # internal module holding the detector's result of the latest interpreted kernel (jax 0.11)
-        from jax._src.pallas.mosaic.interpret import interpret_pallas_call as ipc
-    except ImportError:  # pragma: no cover
-        ipc = None
-    no_race = lambda: ipc is None or getattr(ipc, "races", None) is None or not ipc.races.races_found
-    c = make_case(8)
-    lst = lists_of(c)
-    out, lse = sgm_forward_tpu(c["q"], c["k"], c["v"], **lst, interpret=ip)
-    assert no_race()
-    ref_out, ref_lse, vjp = oracle(c)
-    assert rel(out, ref_out) <= 1e-5
-    lse_close(lse, ref_lse, 1e-5)
-    d_out = jnp.asarray(np.random.default_rng(80).normal(0.0, 1.0, out.shape), out.dtype)
-    got = sgm_backward_tpu(c["q"], c["k"], c["v"], out, lse, d_out, **lst, interpret=ip)
-    assert no_race()  # the dk/dv kernel (the last one interpreted)
-    for name, g, w in zip(("dq", "dk", "dv"), got, vjp(d_out)):
-        assert rel(g, w) <= 1e-4, (name, rel(g, w))
-
-
-@pytest.mark.parametrize("device_kind", ["TPU v5 lite", "TPU v6 lite"])
-@pytest.mark.parametrize("chunked", [False, True], ids=["one-call", "chunked"])
-def test_tpu_lowers_to_mosaic_for_real_tpu_tiles(device_kind, chunked, monkeypatch):
-    """Without a TPU, lower (not compile) the non-interpret kernels at TPU tiles (128 × 128, D = 128, bf16) against an
-    abstract TPU device: this runs Pallas' Mosaic lowering rules; Mosaic's own layout passes run only in libtpu.
-    `chunked`: an SMEM budget of one (b, h) row per call, so every kernel runs under lax.map."""
-    if chunked:
-        monkeypatch.setattr(tpu_mod, "SMEM_BUDGET", 100)
-    try:
-        from jax._src.mesh import AbstractDevice, AbstractMesh
-    except ImportError:  # pragma: no cover
-        pytest.skip("jax internals moved")
-
-    B, H, D, bq, bkv, Nq, Nk, K = 1, 2, 128, 128, 128, 3, 5, 3
-    sds = jax.ShapeDtypeStruct
-    q, k = sds((B, Nq * bq, H, D), jnp.bfloat16), sds((B, Nk * bkv, H, D), jnp.bfloat16)
-    lst = (sds((B, H, Nq, K), jnp.int32), sds((B, H, Nq), jnp.int32), sds((B, Nk), jnp.int32))
-    lse = sds((B, H, Nq * bq), jnp.float32)
-    mesh = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(device_kind=device_kind, num_cores=1,
-                                                                     platform="tpu"))
-    with jax.sharding.use_abstract_mesh(mesh):
-        fwd = jax.jit(functools.partial(sgm_forward_tpu, block_q=bq, block_kv=bkv))
-        bwd = jax.jit(functools.partial(sgm_backward_tpu, block_q=bq, block_kv=bkv))
-        texts = [fwd.trace(q, k, k, *lst).lower(lowering_platforms=("tpu",)).as_text(),
-                 bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("tpu",)).as_text()]
-    assert texts[0].count("tpu_custom_call") == 1 and texts[1].count("tpu_custom_call") == 2
-    assert all(("stablehlo.while" in t) == chunked for t in texts)  # lax.map over (b, h) chunks, only when chunked
+    if geo["bq"] == 192:  # DecMem's padding: q_rows = 147, packed query boxes and key tails, deterministic too
+        c["kv_block_len"] = jnp.asarray(np.resize([147, 145, 192, 30], (1, geo["Nk"])), jnp.int32)
+        lst = lists_of(c)
+        out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst)
+        keep = (np.arange(out.shape[1]) % 192) < 147
+        _, _, vjp = oracle(c)
+        want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+        packed = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
+                                   q_boxes=True, k_tails=True)
+        first, again = packed(), packed()
+        for nm, g, w, g2 in zip(("dq", "dk", "dv"), first, want, again):
+            assert rel(g, w) <= GRAD_TOL[dtype], (nm, rel(g, w))
+            assert np.array_equal(np.asarray(g), np.asarray(g2)), nm

@@ -213,8 +213,10 @@ def candidate_mask(frames: int, chunk: int, blocks: int, *, window: int, mode: s
 
 
 def _sgm(q, k, v, idx, cnt, lens, layout: BlockLayout, cfg: MemoryConfig, return_lse=False):
+    # Query blocks hold at most `run` tokens; the slots past it are padding that `from_blocks` drops (zero
+    # cotangent), so the backward may skip them (q_rows): DecMem's dk/dv kernel then streams 160 of 192 rows.
     return sgm_attention(q, k, v, idx, cnt, lens, block_q=layout.slots, block_kv=layout.slots, backend=cfg.backend,
-                         return_lse=return_lse)
+                         return_lse=return_lse, q_rows=layout.run)
 
 
 def _score_blocks(q, k, qb, kb, score, layout: BlockLayout):

@@ -13,8 +13,11 @@ Kernel modules plug in by calling `register_backend` at import time; api.py impo
 they are asked for. Backend functions (all keyword arguments static Python values):
 
     fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale) -> (out, lse)
-    bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale)
+    bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale[, q_rows])
         -> (dq, dk, dv)
+
+`q_rows` reaches bwd only when a caller passes it (a static int < block_q): the rows of a query block past it are
+padding, whose cotangent the backend must take as zero (`reference.mask_padding_rows`) and may skip.
 
 `lse` is a residual passed back unchanged to the same backend's bwd; report it as the natural-log LSE fp32
 [B, H, Tq] (−inf for rows without a valid key) so it can be checked against `sgm_reference`. Indices reach the
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.sgm.reference import sgm_reference, sgm_reference_bwd
+from pallas_kernels.sgm.reference import check_q_rows, sgm_reference, sgm_reference_bwd
 
 log = logging.getLogger(__name__)
 _announced: set[str] = set()
@@ -219,7 +222,8 @@ def _validate(q, k, v, idx, cnt, lens, block_q, block_kv, entry: Backend):
 
 
 def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q: int, block_kv: int,
-                  scale: float | None = None, backend: str = "auto", return_lse: bool = False):
+                  scale: float | None = None, backend: str = "auto", return_lse: bool = False,
+                  q_rows: int | None = None):
     """Softmax attention of each query block's tokens over the valid tokens of its selected key blocks.
 
     q [B, Tq, H, D], k/v [B, Tk, H, D] (block-major, padded), kv_block_idx int [B, H, Nq, K] ascending (entries at
@@ -230,6 +234,11 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     return_lse=True returns (out, lse) with lse the natural-log log-sum-exp fp32 [B, H, Tq] (-inf for rows without
     keys), for merging partial attentions exactly (inference over a cache plus the current chunk). That form is
     forward-only: differentiating it raises.
+
+    q_rows (static int, optional): only the first q_rows rows of every query block are queries, the rest padding (a
+    block-major layout whose blocks hold fewer tokens than block_q). Their outputs are computed as usual, but the
+    backward takes their cotangent as zero: they get dq = 0 and add nothing to dk, dv, so kernels may skip them
+    (the Mosaic GPU dk/dv kernel streams 160 of DecMem's 192 rows). Exact when the caller drops those rows.
 
     Index values are checked when concrete. Traced indices are not checked: ids are clamped into [0, Nk), counts
     clipped to [0, K] and lengths to [0, block_kv], so bad values give wrong results rather than errors.
@@ -244,6 +253,7 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
         scale = 1.0 / math.sqrt(q.shape[-1])
     elif isinstance(scale, jax.core.Tracer):
         raise ValueError("sgm_attention: scale must be a static Python float, got a traced value")
+    q_rows = check_q_rows(q_rows, block_q)
     if entry.name not in _announced:
         log.info("sgm_attention: running backend %r (requested %r, platform %r)", entry.name, backend,
                  jax.default_backend())
@@ -254,7 +264,7 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     lens = jnp.clip(jnp.asarray(kv_block_len, jnp.int32), 0, block_kv)
     if return_lse:
         return _sgm_with_lse(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name)
-    return _sgm(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name)
+    return _sgm(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name, q_rows)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
@@ -274,12 +284,12 @@ def _sgm_with_lse_bwd(block_q, block_kv, scale, name, res, cotangents):
 _sgm_with_lse.defvjp(_sgm_with_lse_fwd, _sgm_with_lse_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _sgm(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
-    return _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _sgm(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows):
+    return _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows)[0]
 
 
-def _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
+def _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows):
     out, lse = _REGISTRY[name].fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale)
     # Named for remat policies (the DiT's remat="save_sgm" saves both): a rematerialised layer then skips the forward
     # kernel in its backward pass, for O(Tq·H·D) memory per layer.
@@ -290,13 +300,14 @@ def _sgm_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
     return out, (q, k, v, idx, cnt, lens, out, lse)
 
 
-def _sgm_bwd(block_q, block_kv, scale, name, res, dout):
+def _sgm_bwd(block_q, block_kv, scale, name, q_rows, res, dout):
     q, k, v, idx, cnt, lens, out, lse = res
     bwd = _REGISTRY[name].bwd
     if bwd is None:
         raise NotImplementedError(f"sgm_attention backend {name!r} is forward-only (registered with bwd=None); "
                                   "use backend='reference' to differentiate")
-    dq, dk, dv = bwd(q, k, v, idx, cnt, lens, out, lse, dout, block_q=block_q, block_kv=block_kv, scale=scale)
+    rows = {} if q_rows is None else {"q_rows": q_rows}  # backends registered without q_rows still work without it
+    dq, dk, dv = bwd(q, k, v, idx, cnt, lens, out, lse, dout, block_q=block_q, block_kv=block_kv, scale=scale, **rows)
     return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, None, None
 
 

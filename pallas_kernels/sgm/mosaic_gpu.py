@@ -20,8 +20,11 @@ than 64, and splits short grids; dq shares a stream among 3 consumers for 192-sl
 otherwise keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS); both measured.
 
 Backward: split and deterministic (no atomics). dq kernel: the forward's CTA machinery under its own plan. dk/dv
-kernel: each consumer owns one 64-row key tile and walks the q tiles of the query blocks that selected its key block
-(reverse lists, ascending). Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
+kernel: each consumer owns one 64-row key tile and walks the query rows of the query blocks that selected its key
+block (reverse lists, ascending): whole q tiles, or with `q_rows` 32-row boxes of the rows in use packed across
+query blocks (`q_boxes`). With `k_tails`, a key block's last tile holding <= 32 valid keys goes to the transposed
+tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead. Both are off by default until timed on hardware.
+Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
 see `mosaic_gpu_fwd.mma_acc` for the one place where the interpreted body differs.
@@ -39,7 +42,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.sgm.api import register_backend
 from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
-from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call
+from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call, query_boxes
+from pallas_kernels.sgm.mosaic_gpu_tail import TAIL, dkv_tail_call, tail_plan
+from pallas_kernels.sgm.reference import check_q_rows, mask_padding_rows
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, LOG2E, TILE, StreamPlan, default_splits, forward_call,
                                                merge_splits, plan_stream)
 
@@ -60,6 +65,17 @@ def default_stages(head_dim):
 # Ping-pong consumers (StreamPlan.sched) on shared streams: off, as they gained nothing on an H200
 # (docs/benchmarks.md); SGM_MGPU_SCHED=1 turns them on for A/B timing.
 FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
+
+
+# With q_rows, dk/dv can stream only the rows in use as packed 32-row boxes (`mosaic_gpu_bwd.query_boxes`; the same
+# gradients up to fp32 summation order). Off by default until it is checked and timed on hardware: it was written
+# in a session without a GPU (checked in the interpreter and by lowering for sm_90 only). SGM_MGPU_Q_BOXES=1 or
+# `sgm_backward_mgpu(q_boxes=True)` turns it on.
+Q_BOXES = os.environ.get("SGM_MGPU_Q_BOXES", "0") == "1"
+# Key-block tails of <= 32 valid keys (DecMem's 19 past 128) go to the transposed tail kernel (`mosaic_gpu_tail`)
+# instead of a full 64-key dk/dv tile. Off by default for the same reason (no hardware run yet); SGM_MGPU_K_TAILS=1
+# or `sgm_backward_mgpu(k_tails=True)` turns it on.
+K_TAILS = os.environ.get("SGM_MGPU_K_TAILS", "0") == "1"
 
 
 def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
@@ -161,17 +177,25 @@ sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "sc
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
-                                             "interpret"))
+                                             "interpret", "q_rows", "q_boxes", "k_tails"))
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
-                      scale=None, stages=None, dq_plan_overrides=None, interpret=False):
+                      scale=None, stages=None, dq_plan_overrides=None, interpret=False, q_rows=None, q_boxes=None,
+                      k_tails=None):
     """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log). `stages`
-    sets both kernels' ring depth, `dq_plan_overrides` ((field, value) pairs) the dq kernel's plan (tuning)."""
+    sets both kernels' ring depth, `dq_plan_overrides` ((field, value) pairs) the dq kernel's plan (tuning).
+    q_rows (static): only the first q_rows rows of every query block are queries; the cotangent of the rows past
+    them is taken as zero (their dq is 0, they add nothing to dk, dv), which lets dk/dv skip them: `q_boxes` (default
+    Q_BOXES) streams only those rows, in packed 32-row boxes. `k_tails` (default K_TAILS): key blocks whose last
+    tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel."""
     dq_stages = stages  # None: the dq plan sizes its own ring
     B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
                                          stages)
+    q_rows = check_q_rows(q_rows, block_q, "mosaic_gpu SGM")
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
     d_out = d_out.astype(q.dtype)
+    if q_rows is not None:
+        d_out = mask_padding_rows(d_out, block_q, q_rows)
     f32 = jnp.float32
     delta = jnp.einsum("bqhd,bqhd->bhq", out.astype(f32), d_out.astype(f32))
     lse = lse.astype(f32)
@@ -187,11 +211,28 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
 
     rev, rev_cnt = reverse_block_lists(idx.reshape(B * H, Nq, -1), cnt.reshape(B * H, Nq), Nk)
     rev, rev_cnt = rev.reshape(B, H, Nk, Nq), rev_cnt.reshape(B, H, Nk)
-    nks, nqs = block_kv // TILE, block_q // TILE
+    dkv_rows = q_rows if (Q_BOXES if q_boxes is None else q_boxes) else None
+    nks, nqb = block_kv // TILE, query_boxes(block_q, dkv_rows)[1]
     kvalid = jnp.clip(lens[:, :, None] - jnp.arange(nks, dtype=jnp.int32) * TILE, 0, TILE).reshape(B, Nk * nks)
-    ksteps = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqs, 0).astype(jnp.int32)
-    dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, ksteps, block_kv=block_kv, **statics)
-    return dq, dk, dv
+    kboxes = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqb, 0).astype(jnp.int32)
+    if not (K_TAILS if k_tails is None else k_tails):
+        dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
+                          **statics)
+        return dq, dk, dv
+    start, valid, take = tail_plan(lens)  # [B, Nk]
+    tail_tile = jnp.arange(Nk, dtype=jnp.int32) * nks + start // TILE
+    mine = jnp.zeros((B, Nk * nks), bool).at[jnp.arange(B)[:, None], tail_tile].set(take)
+    kboxes = jnp.where(mine[:, None, :], 0, kboxes)  # the dk/dv kernel leaves these tiles to the tail kernel (zeros)
+    dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows, **statics)
+    tail_row = (jnp.arange(Nk, dtype=jnp.int32) * block_kv + start).astype(jnp.int32)
+    tboxes = jnp.where(take[:, None, :], rev_cnt * nqb, 0).astype(jnp.int32)
+    dkt, dvt = dkv_tail_call(q, k, v, d_out, lse2, delta, rev, tail_row, jnp.where(take, valid, 0).astype(jnp.int32),
+                             tboxes, q_rows=dkv_rows, **statics)
+    # the tails' 32 rows of every block taken (rows of other blocks are dropped: index Tk is out of range)
+    rows = jnp.where(take[..., None], tail_row[..., None] + jnp.arange(TAIL, dtype=jnp.int32), k.shape[1])
+    bi = jnp.arange(B)[:, None, None]
+    put = lambda x, t: x.at[bi, rows].set(t.transpose(0, 2, 4, 1, 3), mode="drop")  # [B, Nk, 32, H, D]
+    return dq, put(dk, dkt), put(dv, dvt)
 
 
 # ------------------------------------------------------------------------------------- sgm_attention registration
@@ -203,9 +244,10 @@ def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
-             interpret=False):
+             q_rows=None, interpret=False, q_boxes=None, k_tails=None):
     return sgm_backward_mgpu(q, k, v, out, lse, dout, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
-                             block_kv=block_kv, scale=scale, interpret=interpret)
+                             block_kv=block_kv, scale=scale, interpret=interpret, q_rows=q_rows, q_boxes=q_boxes,
+                             k_tails=k_tails)
 
 
 # Plugs into `sgm_attention(..., backend="mosaic_gpu")` (api.py imports this module lazily, so no import cycle).

@@ -10,11 +10,17 @@ dq: the forward's CTA layout and step machinery under its own StreamPlan (`mosai
     shared stream for 192-slot query blocks, else 2 with their own lists; 64-row steps); the consumer also holds
     dO, lse2 and Δ of its tile. Split plans write partial dq sums, added in XLA.
 dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer streaming (q, lse2) and (dO, Δ) of the
-    q tiles of every query block that selected the tile's key block (reverse lists, ascending). A key tile without
+    query blocks that selected the tile's key block (reverse lists, ascending), in 64-row steps. A key tile without
     valid keys, or never selected, runs no step and writes zeros; rows past the tile's valid count are masked.
+    The query side of a step is one 64-row q tile, or, when only the first `q_rows` rows of every query block are
+    queries (`query_boxes`), two 32-row boxes packed across query blocks: DecMem's 147 query rows of 192 slots then
+    cost 160 rows instead of 192. Rows past q_rows inside a box need no mask: their dO is zero (the caller's
+    contract), so they add exactly nothing to dK and dV; the half-filled last step of an odd box count is masked.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -115,19 +121,95 @@ def dq_call(q, k, v, do, lse2, delta, rows, code, nsteps, *, block_q, scale, pla
     return kernel(q, k, v, do, lse2, delta, rows, code, nsteps)
 
 
-def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv, scale, stages, interpret):
+def query_boxes(block_q, q_rows=None):
+    """(rows per q box, boxes per query block) that the dk/dv kernels stream: 64-row q tiles, or 32-row boxes when
+    the query rows in use (`q_rows`, default all) leave a whole 32-row box of a tile unused (147 of 192: 5 boxes,
+    160 rows, instead of 3 tiles)."""
+    rows = block_q if q_rows is None else q_rows
+    n64, n32 = -(-rows // TILE), -(-rows // 32)
+    return (32, n32) if n32 * 32 < n64 * TILE else (TILE, n64)
+
+
+class QStream:
+    """The query side of the dk/dv kernels (`dkv_call`, `mosaic_gpu_tail.dkv_tail_call`): 2 consumers, each owning
+    key rows of one key block, and a producer streaming, per consumer, 64-row steps of (q, lse2) and (dO, Δ) of the
+    query blocks that selected that key block (reverse lists, ascending): whole q tiles, or `nbox` = 2 boxes of 32
+    rows packed across query blocks (`query_boxes`). A step count is the box count rounded up, so the last step of an
+    odd box count is half filled: its second box repeats a real box and the consumer masks it (`used_rows`)."""
+
+    def __init__(self, block_q, q_rows, stages, head_dim, dtype, swizzle=128):
+        self.block_q, self.stages, self.d, self.dt, self.swizzle = block_q, stages, head_dim, dtype, swizzle
+        self.qbox, self.nqb = query_boxes(block_q, q_rows)
+        self.nbox = TILE // self.qbox  # q boxes per step
+
+    def steps(self, boxes):
+        return lax.div(boxes + (self.nbox - 1), jnp.int32(self.nbox))
+
+    def used_rows(self, t, boxes):
+        """Query rows of step t that hold boxes of the stream (TILE, or qbox on the half-filled last step)."""
+        last = (boxes - (self.steps(boxes) - 1) * self.nbox) * self.qbox
+        return jnp.where(t == self.steps(boxes) - 1, last, TILE)
+
+    def scratch(self):
+        """q and dO rings of the 2 consumers (slots c·S .. c·S+S−1), lse2 and Δ rings, their ready barriers (one
+        arrival per box) and consumed barriers (q, dO): in the order `producer` and the kernels take them."""
+        slots, f32 = 2 * self.stages, jnp.float32
+        ring = tiled_smem((slots, TILE, self.d), self.dt, self.swizzle)
+        return [ring, ring, plgpu.SMEM((slots, TILE), f32), plgpu.SMEM((slots, TILE), f32),
+                *[plgpu.Barrier(num_arrivals=self.nbox, num_barriers=slots)] * 4,
+                *[plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2]
+
+    def producer(self, b, h, streams, rev_ref, srcs, rings):
+        """The producer warpgroup. streams: per consumer (key block, box count, whether it runs); srcs = the GMEM refs
+        (q, lse2, dO, Δ); rings = the `scratch` refs (q, dO, lse2, Δ rings, then q, dO, lse2, Δ ready and q, dO
+        consumed barriers)."""
+        plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        q_ref, lse_ref, do_ref, delta_ref = srcs
+        q_smem, do_smem, lse_smem, delta_smem, q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done = rings
+        qbox, nqb, nbox, last = self.qbox, self.nqb, self.nbox, rev_ref.shape[-1] * self.nqb - 1
+
+        def rows_q(kb, t):  # box p of kb's stream: box p % nqb of the (p // nqb)-th query block listing kb
+            starts = []
+            for j in range(nbox):  # past the list (a half step, or the producer's lookahead): clamped
+                p = jnp.minimum(t * nbox + j, last)
+                qb = rev_ref[b, h, kb, lax.div(p, jnp.int32(nqb))]
+                starts.append(pl.multiple_of(qb * self.block_q + lax.rem(p, jnp.int32(nqb)) * qbox, qbox))
+            return starts
+
+        def boxes(src, dst, ready, starts, bi, rows_axis):
+            for j, r in enumerate(starts):
+                at = (b, pl.ds(r, qbox), h) if rows_axis == 1 else (b, h, pl.ds(r, qbox))
+                slot = dst.at[bi] if nbox == 1 else dst.at[bi, pl.ds(j * qbox, qbox)]
+                plgpu.copy_gmem_to_smem(src.at[at], slot, ready.at[bi])
+
+        def issue_q(starts, bi):
+            boxes(q_ref, q_smem, q_rdy, starts, bi, 1)
+            boxes(lse_ref, lse_smem, lse_rdy, starts, bi, 2)
+
+        def issue_do(starts, bi):
+            boxes(do_ref, do_smem, do_rdy, starts, bi, 1)
+            boxes(delta_ref, delta_smem, delta_rdy, starts, bi, 2)
+
+        specs = [(functools.partial(rows_q, kb), [(issue_q, q_done), (issue_do, do_done)]) for kb, _, _ in streams]
+        ring_producer(specs, [jnp.where(on, self.steps(nb), 0) for _, nb, on in streams], self.stages)
+
+
+def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv, scale, stages, interpret,
+             q_rows=None):
     """(dk, dv) `[B, Tk, H, D]` in k.dtype. rev int32 `[B, H, Nk, Nq]` (query blocks per key block, ascending),
-    kvalid int32 `[B, Tk/64]` valid keys per key tile, ksteps int32 `[B, H, Tk/64]` steps per key tile (= reverse
-    count × block_q/64, 0 for a tile without valid keys)."""
+    kvalid int32 `[B, Tk/64]` valid keys per key tile, kboxes int32 `[B, H, Tk/64]` q boxes per key tile (= reverse
+    count × `query_boxes(block_q, q_rows)[1]`; 0 for a tile without valid keys, or one left to another kernel: it
+    writes zeros). q_rows: only the first q_rows rows of every query block are streamed; dO must be zero past them."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     dt = k.dtype
-    nkt, nks, nqs, S = Tk // TILE, block_kv // TILE, block_q // TILE, stages
+    nkt, nks, S = Tk // TILE, block_kv // TILE, stages
+    qs = QStream(block_q, q_rows, stages, D, dt)
     c_log2 = float(scale) * LOG2E
 
     def sgm_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rev_ref, kvalid_ref, n_ref, dk_ref, dv_ref,
-                k_smem, v_smem, kv_bar, q_smem, do_smem, lse_smem, delta_smem,
-                q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done):
+                k_smem, v_smem, kv_bar, *rings):
+        q_smem, do_smem, lse_smem, delta_smem, q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done = rings
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
         pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
 
@@ -144,7 +226,8 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv
             def _():
                 rows_k = pl.ds(tile * TILE, TILE)
                 k_tile, v_tile = k_smem.at[wg], v_smem.at[wg]
-                n = n_ref[b, h, tile]
+                nb = n_ref[b, h, tile]
+                n = qs.steps(nb)
 
                 @pl.when(n > 0)  # a key tile nobody selected (or without valid keys) only writes zeros
                 def _():
@@ -162,6 +245,8 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv
                     plgpu.barrier_wait(lse_rdy.at[bi])
                     s_t = mma(k_tile, q_smem.at[bi].transpose((1, 0)), (TILE, TILE))  # [keys, queries]
                     s_t = mask_tail(s_t * c_log2, kval, axis=0)
+                    if qs.nbox > 1:  # the unused box of a half step holds a real (repeated) box: masked out
+                        s_t = mask_tail(s_t, qs.used_rows(t, nb), axis=1)
                     lse = plgpu.load(lse_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
                     p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
                     plgpu.barrier_wait(do_rdy.at[bi])
@@ -185,29 +270,12 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv
 
         @pl.when(wg == 2)
         def _producer():
-            plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
-            streams, counts = [], []
+            streams = []
             for c in range(2):
                 tile, active, kb = tile_of(c)
-                counts.append(jnp.where(active, n_ref[b, h, jnp.minimum(tile, nkt - 1)], 0))
+                streams.append((kb, n_ref[b, h, jnp.minimum(tile, nkt - 1)], active))
+            qs.producer(b, h, streams, rev_ref, (q_ref, lse_ref, do_ref, delta_ref), rings)
 
-                def rows_q(t, kb=kb):  # step t: q tile t % nqs of the (t // nqs)-th query block listing kb
-                    t = jnp.minimum(t, rev_ref.shape[-1] * nqs - 1)
-                    qb = rev_ref[b, h, kb, lax.div(t, jnp.int32(nqs))]
-                    return pl.ds(qb * block_q + lax.rem(t, jnp.int32(nqs)) * TILE, TILE)
-
-                def issue_q(r, bi):
-                    plgpu.copy_gmem_to_smem(q_ref.at[b, r, h], q_smem.at[bi], q_rdy.at[bi])
-                    plgpu.copy_gmem_to_smem(lse_ref.at[b, h, r], lse_smem.at[bi], lse_rdy.at[bi])
-
-                def issue_do(r, bi):
-                    plgpu.copy_gmem_to_smem(do_ref.at[b, r, h], do_smem.at[bi], do_rdy.at[bi])
-                    plgpu.copy_gmem_to_smem(delta_ref.at[b, h, r], delta_smem.at[bi], delta_rdy.at[bi])
-
-                streams.append((rows_q, [(issue_q, q_done), (issue_do, do_done)]))
-            ring_producer(streams, counts, S)
-
-    f32 = jnp.float32
     kv_out = jax.ShapeDtypeStruct(k.shape, dt)
     kernel = plgpu.kernel(
         sgm_dkv,
@@ -216,20 +284,11 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, ksteps, *, block_q, block_kv
             tiled_smem((2, TILE, D), dt),  # K tiles, reused to stage dK
             tiled_smem((2, TILE, D), dt),  # V tiles, reused to stage dV
             plgpu.Barrier(num_barriers=4),
-            tiled_smem((2 * S, TILE, D), dt),  # q rings
-            tiled_smem((2 * S, TILE, D), dt),  # dO rings
-            plgpu.SMEM((2 * S, TILE), f32),  # lse2 rings
-            plgpu.SMEM((2 * S, TILE), f32),  # delta rings
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
-            plgpu.Barrier(num_arrivals=1, num_barriers=2 * S),
+            *qs.scratch(),
         ],
         grid=(H, -(-nkt // 2), B),
         grid_names=("heads", "pair", "batch"),
         interpret=interpret_params(interpret),
         **_COMMON,
     )
-    return kernel(q, k, v, do, lse2, delta, rev, kvalid, ksteps)
+    return kernel(q, k, v, do, lse2, delta, rev, kvalid, kboxes)

@@ -189,9 +189,11 @@ def interpret_params(interpret):
     return interpret
 
 
-def tiled_smem(shape, dtype):
-    """SMEM buffer of 16-bit rows (last dim a multiple of 64) in the (8, 64)-tiled, 128 B-swizzled wgmma layout."""
-    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+def tiled_smem(shape, dtype, swizzle=128):
+    """SMEM buffer of 16-bit rows in the (8, swizzle/2)-tiled, swizzled wgmma layout (128 B: last dim a multiple of
+    64; the key-tail kernel uses 64 B for its 32-column tiles, as wgmma needs one swizzle for both SMEM operands)."""
+    return plgpu.SMEM(shape, dtype, transforms=(plgpu.TilingTransform((8, swizzle // 2)),
+                                                plgpu.SwizzleTransform(swizzle)))
 
 
 def mma(a, b, shape):

@@ -13,6 +13,10 @@ kv_block_idx[b, h, n, :kv_block_cnt[b, h, n]] (ascending); key block m holds kv_
 - `dense_masked_reference`: expands the lists to a token mask [B, H, Tq, Tk] and runs a dense masked softmax in fp32;
   independent ground truth for small sizes (O(Tq·Tk) memory).
 
+Padded query rows (`q_rows`, optional and static, every backward takes it): only the first q_rows rows of every
+query block are queries. Their forward is unchanged; the backward takes the cotangent of the rows past q_rows as
+zero (`mask_padding_rows`), so those rows get dq = 0 and add nothing to dk, dv, and a kernel may skip them.
+
 LSE convention: natural log of sum_j exp(scale · q·k_j) over the valid selected keys, fp32 [B, H, Tq]; −inf for a
 query row with no valid key (count 0, or only empty key blocks), whose output is exactly 0. A kernel storing a base-2
 LSE converts with lse_2 = lse · log2(e).
@@ -29,6 +33,24 @@ import jax
 import jax.numpy as jnp
 
 _HI = jax.lax.Precision.HIGHEST
+
+
+def check_q_rows(q_rows, block_q, where="sgm_attention"):
+    """q_rows as a Python int in [1, block_q], or None (also for q_rows == block_q: nothing is padding)."""
+    if q_rows is None:
+        return None
+    if not isinstance(q_rows, int) or isinstance(q_rows, bool) or not 1 <= q_rows <= block_q:
+        raise ValueError(f"{where}: q_rows must be a static int in [1, block_q = {block_q}] (the query rows in use "
+                         f"at the front of every query block), got {q_rows!r}")
+    return None if q_rows == block_q else q_rows
+
+
+def mask_padding_rows(x, block_q, q_rows):
+    """x [B, Tq, ...] with the rows past q_rows of every query block set to zero (q_rows None: x unchanged)."""
+    if q_rows is None:
+        return x
+    keep = (jnp.arange(x.shape[1]) % block_q) < q_rows
+    return jnp.where(keep.reshape((1, -1) + (1,) * (x.ndim - 2)), x, jnp.zeros((), x.dtype))
 
 
 def _blocks(x, block):
@@ -105,7 +127,7 @@ def sgm_reference(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q,
 
 
 def sgm_reference_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv,
-                      scale=None):
+                      scale=None, q_rows=None):
     """Explicit backward of `sgm_reference` (the formula kernels mirror), all in fp32:
 
         P  = exp(scale·q·kᵀ − lse) on valid keys, 0 elsewhere (lse = −inf rows: P = 0)
@@ -114,7 +136,8 @@ def sgm_reference_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, ls
         dQ = scale · dS·K;   dK = scale · dSᵀ·Q;   dV = Pᵀ·dO
 
     dK and dV are computed per gathered block and scatter-added back to their key blocks. Returns (dq, dk, dv) in
-    the dtypes of q, k, v."""
+    the dtypes of q, k, v. q_rows: see the module docstring (the cotangent past them is taken as zero)."""
+    dout = mask_padding_rows(dout, block_q, check_q_rows(q_rows, block_q, "sgm_reference_bwd"))
     b, tq, h, d = q.shape
     nq, nk = tq // block_q, k.shape[1] // block_kv
     scale = _scale(scale, d)

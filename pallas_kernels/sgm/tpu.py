@@ -46,6 +46,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.sgm.api import register_backend
+from pallas_kernels.sgm.reference import mask_padding_rows
 from pallas_kernels.sgm.lists import PAIR_FIRST, PAIR_FLAGS, PAIR_LAST, PAIR_VALID, pair_lists
 
 __all__ = ["sgm_forward_tpu", "sgm_backward_tpu", "SMEM_BUDGET"]
@@ -390,7 +391,8 @@ def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
-             interpret=False):
+             q_rows=None, interpret=False):
+    dout = mask_padding_rows(dout, block_q, q_rows)  # the padded rows' cotangent is zero; the kernel walks them all
     return sgm_backward_tpu(q, k, v, out, lse, dout, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                             block_kv=block_kv, scale=scale, interpret=interpret)
 
