@@ -13,6 +13,7 @@ Usage:
   python benchmarks/train_step.py                                   # H100/H200: frames 8..60, remat save_sgm
   python benchmarks/train_step.py --frames 60 --remat full,save_sgm # one length, two remat policies
   python benchmarks/train_step.py --stage dense_long                # the dense block-causal stage instead
+  python benchmarks/train_step.py --frames 60 --sgm-dkv default,packed  # A/B of the SGM dk/dv kernel variants
   python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
   # A small model (the world-tiny geometry) at 64x64, batch 32, with a profile of where the step's time goes:
   python benchmarks/train_step.py --stage decmem --frames 60 --batch 32 --size 64x64 --remat none \
@@ -55,6 +56,20 @@ from decmem_jax.train import metrics as metrics_lib  # noqa: E402
 from decmem_jax.train import state as state_lib  # noqa: E402
 
 
+# --sgm-dkv variants: (Q_BOXES, K_TAILS) of pallas_kernels/sgm/mosaic_gpu.py; None keeps the module's default
+SGM_DKV = {"default": None, "tiles": (False, False), "q_boxes": (True, False), "k_tails": (False, True),
+           "packed": (True, True)}
+
+
+def set_sgm_dkv(variant: str) -> None:
+    """Sets the Mosaic GPU dk/dv switches for the steps traced after this call (read when the backward is traced)."""
+    if SGM_DKV[variant] is None:
+        return
+    from pallas_kernels.sgm import mosaic_gpu
+
+    mosaic_gpu.Q_BOXES, mosaic_gpu.K_TAILS = SGM_DKV[variant]
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--stage", default="decmem", choices=configs_common.STAGES)
@@ -77,8 +92,16 @@ def parse_args(argv):
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="run each case in a child process, so its peak memory is its own (default: on, except with "
                         "--small); --no-isolate runs them all here (peak GB is then the peak so far)")
+    p.add_argument("--sgm-dkv", default="default",
+                   help="comma list of Mosaic GPU SGM dk/dv variants, each timed as its own case: default (the "
+                        "kernel module's defaults), tiles (whole q tiles, no tail kernel), q_boxes, k_tails, packed "
+                        "(both); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
+    args.sgm_dkv = [v for v in args.sgm_dkv.split(",") if v]
+    for v in args.sgm_dkv:
+        if v not in SGM_DKV:
+            p.error(f"--sgm-dkv {v!r}: expected a comma list of {', '.join(SGM_DKV)}")
     if args.isolate is None:
         args.isolate = not args.small
     args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
@@ -128,7 +151,8 @@ def make_config(args, frames: int, remat: str):
     return cfg
 
 
-def run_case(args, frames: int, remat: str) -> dict:
+def run_case(args, frames: int, remat: str, sgm_dkv: str = "default") -> dict:
+    set_sgm_dkv(sgm_dkv)
     cfg = make_config(args, frames, remat)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh), jax.devices()[:1])
     setup = loop.build(cfg, mesh)
@@ -137,7 +161,7 @@ def run_case(args, frames: int, remat: str) -> dict:
     setup.compile(loop.global_shapes(host, args.batch))
     batch = data_lib.to_global(host, setup.batch_shardings)
     flops = metrics_lib.step_flops(setup.dit_cfg, batch=args.batch, frames=frames, hw=hw, chunk=int(cfg.train.chunk))
-    res = {"frames": frames, "remat": remat, "tokens": flops["tokens_per_step"], "flops": {
+    res = {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, "tokens": flops["tokens_per_step"], "flops": {
         k: v for k, v in flops.items() if k != "formula"}}
 
     def bench():
@@ -152,7 +176,7 @@ def run_case(args, frames: int, remat: str) -> dict:
         if args.profile:
             from benchmarks.trace_summary import summarise
 
-            trace_dir = pathlib.Path(args.profile) / f"{args.stage}_{frames}_{remat}"
+            trace_dir = pathlib.Path(args.profile) / f"{args.stage}_{frames}_{remat}_{sgm_dkv}"
             with jax.profiler.trace(str(trace_dir), create_perfetto_trace=True):
                 for _ in range(3):
                     jax_block(call())
@@ -171,20 +195,20 @@ def run_case(args, frames: int, remat: str) -> dict:
     return res
 
 
-def run_case_isolated(argv, frames: int, remat: str):
-    """run_case in a child process: the same argv with one clip length and one policy (argparse keeps an option's
-    last value, so appending overrides them). Returns (row, the child's record or None). This process never touches
-    the GPU (a preallocating parent would starve the children)."""
-    record, code = run_child(pathlib.Path(__file__).resolve(),
-                             [*argv, "--frames", str(frames), "--remat", remat, "--no-isolate"], cwd=ROOT)
+def run_case_isolated(argv, frames: int, remat: str, sgm_dkv: str):
+    """run_case in a child process: the same argv with one clip length, policy and dk/dv variant (argparse keeps an
+    option's last value, so appending overrides them). Returns (row, the child's record or None). This process never
+    touches the GPU (a preallocating parent would starve the children)."""
+    record, code = run_child(pathlib.Path(__file__).resolve(), [*argv, "--frames", str(frames), "--remat", remat,
+                                                                "--sgm-dkv", sgm_dkv, "--no-isolate"], cwd=ROOT)
     if record is not None and record.get("cases"):
         return {**record["cases"][0], "isolated": True}, record
-    return {"frames": frames, "remat": remat, **child_failure(code)}, None
+    return {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, **child_failure(code)}, None
 
 
 def print_table(rows, dtype: str) -> None:
-    hdr = (f"{'frames':>6} {'tokens':>8} {'remat':8} {'dtype':8} {'step ms':>10} {'TFLOP':>8} {'TF/s':>8} {'MFU':>7} "
-           f"{'peak GB':>8}")
+    hdr = (f"{'frames':>6} {'tokens':>8} {'remat':8} {'sgm dk/dv':9} {'dtype':8} {'step ms':>10} {'TFLOP':>8} "
+           f"{'TF/s':>8} {'MFU':>7} {'peak GB':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         ok = r.get("status") == "ok"
@@ -192,8 +216,8 @@ def print_table(rows, dtype: str) -> None:
         ms = f"{r['median_ms']:.1f}" if ok else r.get("status", "?")
         tfs = f"{r['tflops_per_s']:.1f}" if ok else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-"
-        print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:8} {dtype:8} {ms:>10} {tf:>8.3g} {tfs:>8} "
-              f"{mfu:>7} {str(r.get('peak_gb')):>8}")
+        print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:8} {r.get('sgm_dkv', 'default'):9} {dtype:8} "
+              f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8}")
 
 
 def main(argv=None):
@@ -202,17 +226,18 @@ def main(argv=None):
     rows, child = [], None
     t0 = time.perf_counter()
     for remat in args.remat:
-        for frames in sorted(args.frames):
-            print(f"--- {args.stage}: {frames} latent frames, remat {remat} ...", flush=True)
-            if args.isolate:
-                row, record = run_case_isolated(argv, frames, remat)
-                child = child or record
-            else:
-                row = run_case(args, frames, remat)
-            rows.append(row)
-            if row.get("status") != "ok":
-                print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
-                break
+        for variant in args.sgm_dkv:
+            for frames in sorted(args.frames):
+                print(f"--- {args.stage}: {frames} latent frames, remat {remat}, SGM dk/dv {variant} ...", flush=True)
+                if args.isolate:
+                    row, record = run_case_isolated(argv, frames, remat, variant)
+                    child = child or record
+                else:
+                    row = run_case(args, frames, remat, variant)
+                rows.append(row)
+                if row.get("status") != "ok":
+                    print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
+                    break
     if args.isolate:  # what the children saw (this process has no devices)
         config, info, dtype = (child["config"], child["jax"], child["dtype"]) if child else (None, None, "?")
     else:
