@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.sgm import api
+from pallas_kernels.sgm import mosaic_gpu as mosaic_gpu_mod
 from pallas_kernels.sgm import mosaic_gpu_fwd
 from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
 from pallas_kernels.sgm.mosaic_gpu import dq_plan, forward_plan, sgm_backward_mgpu, sgm_forward_mgpu
@@ -494,7 +495,7 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
 
 
 @pytest.mark.parametrize("dtype, D, block", [(BF16, 128, 192), (F16, 64, 64), (BF16, 64, 128), (F16, 128, 64)])
-def test_mgpu_lowers_for_sm90(dtype, D, block):
+def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     """Lower (not compile) forward and backward for CUDA on the CPU: runs Pallas' Mosaic GPU lowering, the Mosaic GPU
     layout inference and dialect lowering for sm_90 and the SMEM budget check (232,448 B) -- what interpret mode
     cannot see. ptxas and the run itself need the GPU (benchmarks/sgm_kernel.py --check-only)."""
@@ -515,6 +516,14 @@ def test_mgpu_lowers_for_sm90(dtype, D, block):
                                        q_boxes=True, k_tails=True))
     assert packed.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
         "custom_call @mosaic_gpu") == 3
+    # the module defaults are read at each call, so flipping them at run time (train_step --sgm-dkv) takes effect
+    kernels = lambda: (jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block))
+                       .trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text()
+                       .count("custom_call @mosaic_gpu"))
+    monkeypatch.setattr(mosaic_gpu_mod, "K_TAILS", True)
+    assert kernels() == 3
+    monkeypatch.setattr(mosaic_gpu_mod, "K_TAILS", False)
+    assert kernels() == 2
     if block > 64:  # the ping-pong forward (shared streams only)
         pp = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("sched", True),)))
         assert pp.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1

@@ -176,8 +176,6 @@ def _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
 sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
-                                             "interpret", "q_rows", "q_boxes", "k_tails"))
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
                       scale=None, stages=None, dq_plan_overrides=None, interpret=False, q_rows=None, q_boxes=None,
                       k_tails=None):
@@ -186,7 +184,20 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
     q_rows (static): only the first q_rows rows of every query block are queries; the cotangent of the rows past
     them is taken as zero (their dq is 0, they add nothing to dk, dv), which lets dk/dv skip them: `q_boxes` (default
     Q_BOXES) streams only those rows, in packed 32-row boxes. `k_tails` (default K_TAILS): key blocks whose last
-    tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel."""
+    tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel.
+
+    The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS at run time (train_step's
+    --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
+    return _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
+                     block_kv=block_kv, scale=scale, stages=stages, dq_plan_overrides=dq_plan_overrides,
+                     interpret=interpret, q_rows=q_rows, q_boxes=Q_BOXES if q_boxes is None else bool(q_boxes),
+                     k_tails=K_TAILS if k_tails is None else bool(k_tails))
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
+                                             "interpret", "q_rows", "q_boxes", "k_tails"))
+def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale,
+              stages, dq_plan_overrides, interpret, q_rows, q_boxes, k_tails):
     dq_stages = stages  # None: the dq plan sizes its own ring
     B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
                                          stages)
@@ -211,18 +222,17 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
 
     rev, rev_cnt = reverse_block_lists(idx.reshape(B * H, Nq, -1), cnt.reshape(B * H, Nq), Nk)
     rev, rev_cnt = rev.reshape(B, H, Nk, Nq), rev_cnt.reshape(B, H, Nk)
-    dkv_rows = q_rows if (Q_BOXES if q_boxes is None else q_boxes) else None
+    dkv_rows = q_rows if q_boxes else None
     nks, nqb = block_kv // TILE, query_boxes(block_q, dkv_rows)[1]
     kvalid = jnp.clip(lens[:, :, None] - jnp.arange(nks, dtype=jnp.int32) * TILE, 0, TILE).reshape(B, Nk * nks)
     kboxes = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqb, 0).astype(jnp.int32)
-    if not (K_TAILS if k_tails is None else k_tails):
+    if not k_tails:
         dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
                           **statics)
         return dq, dk, dv
     start, valid, take = tail_plan(lens)  # [B, Nk]
-    tail_tile = jnp.arange(Nk, dtype=jnp.int32) * nks + start // TILE
-    mine = jnp.zeros((B, Nk * nks), bool).at[jnp.arange(B)[:, None], tail_tile].set(take)
-    kboxes = jnp.where(mine[:, None, :], 0, kboxes)  # the dk/dv kernel leaves these tiles to the tail kernel (zeros)
+    mine = (jnp.arange(nks) == (start // TILE)[..., None]) & take[..., None]  # [B, Nk, nks]: the tiles taken
+    kboxes = jnp.where(mine.reshape(B, 1, Nk * nks), 0, kboxes)  # the dk/dv kernel writes zeros there
     dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows, **statics)
     tail_row = (jnp.arange(Nk, dtype=jnp.int32) * block_kv + start).astype(jnp.int32)
     tboxes = jnp.where(take[:, None, :], rev_cnt * nqb, 0).astype(jnp.int32)

@@ -30,7 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, CtaTiles,
                                                interpret_params, kv_producer, launch_params, mask_boxes, mask_tail,
-                                               mma, mma_acc, ring_producer, ring_scratch, tiled_smem, zeros_acc)
+                                               mma, mma_acc, ring_producer, ring_scratch, store_out, tiled_smem,
+                                               zeros_acc)
 
 _COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
@@ -93,10 +94,7 @@ def dq_call(q, k, v, do, lse2, delta, rows, code, nsteps, *, block_q, scale, pla
                     return dq, cd_next
 
                 dq, _ = lax.fori_loop(0, n, step, (zeros_acc(D), code_at(0)))
-                q_tile[...] = (dq * scale).astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, cta.out(dq_ref, b, rows_q, h))
-                plgpu.wait_smem_to_gmem(0)
+                store_out(((dq * scale).astype(dt), q_tile, cta.out(dq_ref, b, rows_q, h)))
 
         @pl.when(wg == nc)
         def _producer():
@@ -261,12 +259,8 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
                     return dk, dv
 
                 dk, dv = lax.fori_loop(0, n, step, (zeros_acc(D), zeros_acc(D)))
-                k_tile[...] = (dk * scale).astype(dt)
-                v_tile[...] = dv.astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(k_tile, dk_ref.at[b, rows_k, h])
-                plgpu.copy_smem_to_gmem(v_tile, dv_ref.at[b, rows_k, h])
-                plgpu.wait_smem_to_gmem(0)
+                store_out(((dk * scale).astype(dt), k_tile, dk_ref.at[b, rows_k, h]),
+                          (dv.astype(dt), v_tile, dv_ref.at[b, rows_k, h]))
 
         @pl.when(wg == 2)
         def _producer():

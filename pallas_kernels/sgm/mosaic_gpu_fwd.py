@@ -226,6 +226,17 @@ def mma_acc(acc, a, b, interpret):
     return pl.run_state(body)(plgpu.ACC.init(acc))
 
 
+def store_out(*outs):
+    """Writes kernel results out: each (value, SMEM staging ref, GMEM destination ref) is staged, then one fence makes
+    the stores visible to TMA, the copies are issued, and the CTA waits for them."""
+    for value, stage, _ in outs:
+        stage[...] = value
+    plgpu.commit_smem()
+    for _, stage, dst in outs:
+        plgpu.copy_smem_to_gmem(stage, dst)
+    plgpu.wait_smem_to_gmem(0)
+
+
 def mask_tail(s, count, axis):
     """Logits past `count` along `axis` (1: key columns, 0: key rows of a transposed tile) -> −inf; skipped (via
     lax.cond) when the step is full, so full key blocks pay nothing."""
@@ -397,12 +408,10 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                 has = l_i > 0.0  # false only for a tile without steps
                 l_safe = jnp.where(has, l_i, 1.0)
                 inv = jnp.where(has, 1.0 / l_safe, 0.0)
-                q_tile[...] = (acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt)
-                lse_smem.at[wg][...] = jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(q_tile, cta.out(o_ref, b, rows_q, h))
-                plgpu.copy_smem_to_gmem(lse_smem.at[wg], cta.out(lse_ref, b, h, rows_q))
-                plgpu.wait_smem_to_gmem(0)
+                store_out(((acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt), q_tile,
+                           cta.out(o_ref, b, rows_q, h)),
+                          (jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf), lse_smem.at[wg],
+                           cta.out(lse_ref, b, h, rows_q)))
 
         @pl.when(wg == nc)
         def _producer():

@@ -27,7 +27,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm.mosaic_gpu_bwd import _COMMON, QStream
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, TILE, interpret_params, mask_tail, mma,
-                                               tiled_smem)
+                                               store_out, tiled_smem)
 
 TAIL = 32  # key rows of a tail: the N of its wgmmas
 SWIZZLE = 64  # bytes: 32 16-bit columns
@@ -127,13 +127,8 @@ def dkv_tail_call(q, k, v, do, lse2, delta, rev, tail_row, tail_valid, tboxes, *
 
                 zeros = plgpu.layout_cast(jnp.full((D, TAIL), 0.0, jnp.float32), plgpu.Layout.WGMMA)
                 dkt, dvt = lax.fori_loop(0, n, step, (zeros, zeros))
-                out_k, out_v = out_smem.at[wg, 0], out_smem.at[wg, 1]
-                out_k[...] = (dkt * scale).astype(dt)
-                out_v[...] = dvt.astype(dt)
-                plgpu.commit_smem()
-                plgpu.copy_smem_to_gmem(out_k, dk_ref.at[b, h, kb])
-                plgpu.copy_smem_to_gmem(out_v, dv_ref.at[b, h, kb])
-                plgpu.wait_smem_to_gmem(0)
+                store_out(((dkt * scale).astype(dt), out_smem.at[wg, 0], dk_ref.at[b, h, kb]),
+                          (dvt.astype(dt), out_smem.at[wg, 1], dv_ref.at[b, h, kb]))
 
         @pl.when(wg == 2)
         def _producer():
