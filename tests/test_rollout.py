@@ -250,3 +250,51 @@ def test_generate_yields_the_frames_the_cli_writes(clip, tmp_path, monkeypatch):
     again = np.concatenate([s.frames[0] for s in padded])
     diff = np.abs(again.astype(int) - cli[17:].astype(int))
     assert again.shape == (40, 64, 64, 3) and diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+
+def test_generate_pipelines_segments_and_keeps_their_frames(clip, monkeypatch):
+    """`generate` dispatches segment s + 1 before it fetches segment s's frames (so the device is not idle while the
+    caller writes them), and hands out the same frames, in order and truncated to num_frames, as one segment over
+    all the chunks (where nothing is pipelined; the decode split differently: float rounding)."""
+    import jax.numpy as jnp
+
+    from decmem_jax.models.conditioning import fixed_text_context
+    from decmem_jax.rollout import generate as generate_lib
+    from decmem_jax.rollout import settings as settings_lib
+    from decmem_jax.rollout.__main__ import load_inputs
+    from decmem_jax.rollout.load import build_models
+
+    c = tiny_config(steps=1)
+    frames, acts, poses = load_inputs(c, str(clip[0]), str(clip[1]), 40)
+    dit, vae, _ = build_models(c)
+    common = dict(frames=frames[None], actions=acts[None], poses=poses[None], seeds=[5], num_frames=40, chunk=4,
+                  text=jnp.asarray(fixed_text_context(dit.cfg.text_len, dit.cfg.text_dim, None)),
+                  settings=settings_lib.sampler_settings(c))
+    events = []
+    step, to_host = generate_lib.Rollout.step, generate_lib.to_host
+
+    def logged_step(self, conds, n):
+        events.append(f"step {self.chunks}")
+        return step(self, conds, n)
+
+    def logged_to_host(x):
+        events.append("fetch")
+        return to_host(x)
+
+    monkeypatch.setattr(generate_lib.Rollout, "step", logged_step)
+    monkeypatch.setattr(generate_lib, "to_host", logged_to_host)
+    segments = generate_lib.generate(dit, vae, segment_chunks=1, **common)
+    next(segments)  # the memory bank
+    assert events == []
+    got = []
+    for segment in segments:
+        got.append(segment)
+        events.append(f"yield {segment.chunks[0]}")
+    assert events == ["step 0", "step 1", "fetch", "yield 0", "step 2", "fetch", "yield 1", "fetch", "yield 2"]
+    assert [s.chunks for s in got] == [range(0, 1), range(1, 2), range(2, 3)]
+    assert [s.frames.shape[1] for s in got] == [16, 16, 8] and all(s.seconds > 0 for s in got)
+
+    whole = list(generate_lib.generate(dit, vae, segment_chunks=3, **common))[1]
+    assert whole.chunks == range(0, 3)
+    diff = np.abs(np.concatenate([s.frames[0] for s in got]).astype(int) - whole.frames[0].astype(int))
+    assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())

@@ -12,7 +12,11 @@ each decoded by the streaming VAE as soon as it lands: a generator of frames.
    the first generated frames follow on from the context.
 2. Chunks of `chunk` latents are generated `segment_chunks` per jitted `lax.scan` call (`engine.make_segment_fn`).
    Chunk i of row b draws `engine.chunk_noise(seeds[b], i)`: a row's noise depends neither on the segmentation nor
-   on the other rows of its batch. Each segment's latents are decoded before the next segment starts.
+   on the other rows of its batch. The segments are pipelined: segment s + 1 (denoising, commit, decode) is
+   dispatched before segment s's frames are fetched to the host and handed out, so the accelerator works on the next
+   segment while the caller writes frames, and its host work (the transfer, the finiteness check, the uint8
+   conversion, an mp4 encoder) no longer leaves the device idle between segments. The cost: one segment's float
+   pixels stay on the device a segment longer, and a caller that stops early has paid for one segment it never sees.
 
 Three callers, one procedure: `python -m decmem_jax.rollout` (one clip into an mp4) and the memory benchmark's
 `eval.variants.Roller` (a batch of clips, several models) iterate `generate`; the interactive `Session`, whose actions
@@ -67,6 +71,12 @@ def segment_noise(seeds: Sequence[int], first: int, n: int, shape) -> jax.Array:
                       for i in range(first, first + n)])
 
 
+def to_host(x) -> np.ndarray:
+    """A device array on the host (blocks until it is computed); one name for every fetch, so that a test can see
+    when the rollout waits for the device."""
+    return np.asarray(x)
+
+
 def warm_decoder(vae, latents: jax.Array, *, per_latent: bool = False):
     """(streaming decoder state after the context latents [B, L, h, w, z], their pixels as a list of device pieces
     [B, t, H, W, 3] in [-1, 1]). per_latent: one latent per call, the same compiled step that then decodes the
@@ -114,10 +124,15 @@ class Rollout:
         latents = new.transpose(1, 0, 2, 3, 4, 5).reshape(new.shape[1], n * self.chunk, *new.shape[3:])
         return latents, (result[2] if len(result) > 2 else None)
 
-    def decode(self, latents) -> np.ndarray:
-        """float32 pixels [B, 4n, H, W, 3] in [-1, 1] of the next latents [B, n, h, w, z] on the host."""
+    def decode_async(self, latents) -> jax.Array:
+        """float32 pixels [B, 4n, H, W, 3] in [-1, 1] of the next latents [B, n, h, w, z], as a device array: the
+        decode is dispatched, not awaited."""
         self.decoder, pixels = self._decode(self.decoder, latents)
-        return np.asarray(pixels)
+        return pixels
+
+    def decode(self, latents) -> np.ndarray:
+        """`decode_async`, fetched to the host."""
+        return to_host(self.decode_async(latents))
 
 
 @dataclasses.dataclass
@@ -127,7 +142,8 @@ class Segment:
     frames: np.ndarray | None  # [B, t, H, W, 3] uint8, or float32 in [-1, 1] with raw=True; the context's only with
     #                            include_context=True
     chunks: range  # the generated chunks it holds (0 = the first after the context); empty for the context
-    seconds: float  # wall time: the context's encode and prefill, or the segment's generation and decode
+    seconds: float  # wall time: the context's encode and prefill, or what the segment added to the generation's
+    #                 wall time (its generation and decode, pipelined with the caller's work on the previous one)
     selection: tuple | None = None  # numpy (ids [n, L, B, H, C*M, K], counts [n, L, B, H, C*M]), with_selection
 
     @property
@@ -216,7 +232,24 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
             every = embed_frames(dit, actions, poses, ctx_frames, n_run * frames_per_chunk, False)
             if every is not None:  # [B, n_run * C, dim] -> [n_run, B, C, dim]
                 every = every.reshape(every.shape[0], n_run, chunk, -1).transpose(1, 0, 2, 3)
-        done = 0
+        done, pending, t_ready = 0, None, time.perf_counter()
+
+        def finish(s, n, pixels, selection):
+            # The segment's frames on the host. Its wall time runs from the previous segment's frames (or the start
+            # of generation) to its own: with the segments pipelined, the sum over segments is the generation's
+            # wall time, and each one is what the segment adds to it.
+            nonlocal done, t_ready
+            pixels = to_host(pixels)
+            now = time.perf_counter()
+            seconds, t_ready = now - t_ready, now
+            if not np.isfinite(pixels).all():
+                raise RolloutError(f"non-finite frames generated in chunks {s}..{s + n - 1} (check the checkpoint "
+                                   f"and settings)")
+            take = min(pixels.shape[1], num_frames - done)
+            done += take
+            return Segment(out(pixels[:, :take]), range(s, s + n), seconds,
+                           None if selection is None else tuple(to_host(x) for x in selection))
+
         for s in range(0, n_chunks, segment_chunks):
             n = segment_chunks if pad_segments else min(segment_chunks, n_chunks - s)
             if embed_all:
@@ -225,16 +258,12 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
                 per_chunk = [embed_frames(dit, actions, poses, ctx_frames + frames_per_chunk * i, frames_per_chunk,
                                           False) for i in range(s, s + n)]
                 conds = None if per_chunk[0] is None else jnp.stack(per_chunk)
-            t_seg = time.perf_counter()
             new, selection = rollout.step(conds, n)
-            pixels = rollout.decode(new)
-            seconds = time.perf_counter() - t_seg
-            if not np.isfinite(pixels).all():
-                raise RolloutError(f"non-finite frames generated in chunks {s}..{s + n - 1} (check the checkpoint "
-                                   f"and settings)")
-            take = min(pixels.shape[1], num_frames - done)
-            done += take
-            yield Segment(out(pixels[:, :take]), range(s, s + n), seconds,
-                          None if selection is None else tuple(np.asarray(x) for x in selection))
+            dispatched = (s, n, rollout.decode_async(new), selection)
+            if pending is not None:  # the previous segment, fetched while the device works on this one
+                yield finish(*pending)
+            pending = dispatched
+        if pending is not None:
+            yield finish(*pending)
 
     return segments()

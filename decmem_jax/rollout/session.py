@@ -334,8 +334,14 @@ class Session:
             raise
         retrieval = self._retrieval(selection, history) if selection is not None else None
         pieces = []
+        ahead = self._rollout.decode_async(latents[:, :1])
         for i in range(model.chunk):
-            piece = self._rollout.decode(latents[:, i: i + 1])[0]
+            # The next latent's decode is dispatched before this one is fetched: the device decodes it while the
+            # host checks, converts and hands out this piece.
+            current = ahead
+            if i + 1 < model.chunk:
+                ahead = self._rollout.decode_async(latents[:, i + 1: i + 2])
+            piece = np.asarray(current)[0]
             if not np.isfinite(piece).all():
                 raise SessionError(f"chunk {self.chunks}: non-finite frames generated (check the checkpoint)")
             piece = video.from_model_range(piece)
