@@ -35,6 +35,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # training need
 import argparse  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
+import resource  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -48,6 +49,7 @@ from benchmarks.common import (child_failure, guarded, jax_block, jax_info, jax_
                                write_record)
 from configs import common as configs_common  # noqa: E402
 from decmem_jax.format import latent_size  # noqa: E402
+from decmem_jax.models.config import REMAT_POLICIES  # noqa: E402
 from decmem_jax.parallel import mesh as mesh_lib  # noqa: E402
 from decmem_jax.run_config import dit_config  # noqa: E402
 from decmem_jax.train import data as data_lib  # noqa: E402
@@ -106,6 +108,9 @@ def parse_args(argv):
         args.isolate = not args.small
     args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
     args.remat = [r for r in args.remat.split(",") if r]
+    for r in args.remat:
+        if r not in REMAT_POLICIES:
+            p.error(f"--remat {r!r}: expected a comma list of {', '.join(REMAT_POLICIES)}")
     args.model, args.memory = parse_fields(args.model, "--model"), parse_fields(args.memory, "--memory")
     if args.json is None:
         out_dir = os.environ.get("OUT")
@@ -191,6 +196,8 @@ def run_case(args, frames: int, remat: str, sgm_dkv: str = "default") -> dict:
 
     res.update(guarded(bench))
     res["peak_gb"] = jax_peak_gb()  # the process's peak: this case's own when isolated
+    # host memory: the offload_* policies' residuals live in pinned host buffers, which the device peak omits
+    res["host_peak_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     res["isolated"] = bool(args.isolate)
     return res
 
@@ -207,8 +214,8 @@ def run_case_isolated(argv, frames: int, remat: str, sgm_dkv: str):
 
 
 def print_table(rows, dtype: str) -> None:
-    hdr = (f"{'frames':>6} {'tokens':>8} {'remat':8} {'sgm dk/dv':9} {'dtype':8} {'step ms':>10} {'TFLOP':>8} "
-           f"{'TF/s':>8} {'MFU':>7} {'peak GB':>8}")
+    hdr = (f"{'frames':>6} {'tokens':>8} {'remat':14} {'sgm dk/dv':9} {'dtype':8} {'step ms':>10} {'TFLOP':>8} "
+           f"{'TF/s':>8} {'MFU':>7} {'peak GB':>8} {'host GB':>8}")
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         ok = r.get("status") == "ok"
@@ -216,8 +223,9 @@ def print_table(rows, dtype: str) -> None:
         ms = f"{r['median_ms']:.1f}" if ok else r.get("status", "?")
         tfs = f"{r['tflops_per_s']:.1f}" if ok else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-"
-        print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:8} {r.get('sgm_dkv', 'default'):9} {dtype:8} "
-              f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8}")
+        host = f"{r['host_peak_gb']:.1f}" if r.get("host_peak_gb") is not None else "-"
+        print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:14} {r.get('sgm_dkv', 'default'):9} {dtype:8} "
+              f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8} {host:>8}")
 
 
 def main(argv=None):

@@ -73,7 +73,8 @@ def train_config(stage: str) -> ml_collections.ConfigDict:
     c.train.eps = 1e-8
     c.train.weight_decay = 0.0
     c.train.clip = 1.0  # global gradient norm
-    # DiTConfig.remat: none | full | save_sgm | save_attention | save_qkv | dots | dots_no_batch. save_sgm = full, except
+    # DiTConfig.remat: none | full | save_sgm | save_attention | save_qkv | offload_qkv | offload_ffn | dots |
+    # dots_no_batch (docs/training.md). save_sgm = full, except
     # that the SGM kernel's output and LSE are kept: at 60 latents on an H200, 7.02 s instead of 7.57 per stage-3 step,
     # peak 72.5 GB instead of 71.1 (docs/benchmarks.md). On a 141 GB GPU save_attention is 5-7% faster again at 90 GB; the
     # default stays the one that fits an 80 GB H100.

@@ -4,6 +4,7 @@ Covers issue items (a)-(c) and (d) at the attention level; (d)-(f) at the model 
 integration."""
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -289,7 +290,8 @@ def test_cfg_branches_share_one_history_cache(model_inputs):
 def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
     """DiTConfig.remat="save_sgm" (the training default: SGM's output and LSE saved, the rest recomputed) and the
     policies that also save attention outputs (`save_attention`: cuDNN's, which the xla backend here does not call)
-    and q, k, v (`save_qkv`) against no remat and `full`, on a teacher-forcing loss through DecMem blocks with a
+    and q, k, v (`save_qkv`), and those that move q, k, v or the feed-forward's hidden layer to host memory
+    (`offload_qkv`, `offload_ffn`) against no remat and `full`, on a teacher-forcing loss through DecMem blocks with a
     non-zero gate."""
     latents, t, ctx, actions = model_inputs
     noisy = jnp.asarray(np.random.default_rng(3).standard_normal(latents.shape), jnp.float32)
@@ -299,7 +301,7 @@ def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
         return jnp.mean(v ** 2)
 
     res = {}
-    policies = ("full", "save_sgm", "save_attention", "save_qkv")
+    policies = ("full", "save_sgm", "save_attention", "save_qkv", "offload_qkv", "offload_ffn")
     for remat in ("none",) + policies:
         model = make_model(tiny_memory_config().replace(remat=remat), gate_scale=0.05)
         value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
@@ -309,6 +311,43 @@ def test_save_sgm_remat_gives_the_same_loss_and_gradients(model_inputs):
         assert abs(res[remat][0] - res["none"][0]) <= 1e-6 * abs(res["none"][0])
         for g, g0 in zip(res[remat][1], res["none"][1]):
             assert float(jnp.linalg.norm(g - g0)) <= 1e-5 * float(jnp.linalg.norm(g0)) + 1e-12
+
+
+def test_offload_policies_move_their_named_residuals_to_host_memory(model_inputs):
+    """`offload_qkv` / `offload_ffn` send exactly their named values (q, k, v: [.., heads, head_dim]; the
+    feed-forward's hidden layer: [.., ffn_dim]) to host memory in the gradient's program, one copy out and one back
+    per value (the test above checks the gradients); `save_qkv` sends nothing. A renamed checkpoint_name would
+    otherwise quietly turn an offload policy into recomputation."""
+    latents, t, ctx, actions = model_inputs
+    noisy = jnp.zeros_like(latents)
+
+    def host_copies(remat):
+        model = make_model(tiny_memory_config().replace(remat=remat), gate_scale=0.05)
+        graphdef, state = nnx.split(model)
+
+        def loss(state):
+            m = nnx.merge(graphdef, state)
+            return jnp.mean(m.teacher_forcing(latents, noisy, t, ctx, chunk_size=MC, actions=actions) ** 2)
+
+        jaxpr = jax.make_jaxpr(jax.grad(loss))(state)
+        shapes = []
+
+        def walk(jx):
+            for eqn in jx.eqns:
+                if eqn.primitive.name == "device_put":
+                    shapes.extend(v.aval.shape for v in eqn.outvars if "host" in str(v.aval).lower())
+                for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+                    walk(sub)
+
+        walk(jaxpr.jaxpr)
+        return model.cfg, shapes
+
+    cfg, shapes = host_copies("save_qkv")
+    assert shapes == []
+    cfg, shapes = host_copies("offload_ffn")
+    assert shapes and all(s[-1] == cfg.ffn_dim for s in shapes), shapes
+    cfg, shapes = host_copies("offload_qkv")
+    assert len(shapes) == 3 and all(s[-2:] == (cfg.num_heads, cfg.dim // cfg.num_heads) for s in shapes), shapes
 
 
 def test_save_attention_policy_names_the_installed_cudnn_forward_primitives():

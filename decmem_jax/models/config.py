@@ -19,7 +19,8 @@ from decmem_jax.format import (
     CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FRAMES_PER_LATENT, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
-REMAT_POLICIES = ("none", "full", "save_sgm", "save_attention", "save_qkv", "dots", "dots_no_batch")
+REMAT_POLICIES = ("none", "full", "save_sgm", "save_attention", "save_qkv", "offload_qkv", "offload_ffn", "dots",
+                  "dots_no_batch")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 

@@ -54,6 +54,21 @@ def _save_sgm_attention_qkv(prim, *avals, **params):
     return _save_sgm_attention(prim, *avals, **params) or _SAVE_QKV(prim, *avals, **params)
 
 
+def _offloading(on_device, names):
+    """A policy that keeps what `on_device` saves and moves the values named `names` to pinned host memory (copied
+    out during the forward pass, back in for the backward): residuals that do not fit next to the rest are kept
+    instead of recomputed, for the cost of the host link's traffic, which XLA overlaps with compute."""
+    host = jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=(), names_which_can_be_offloaded=names, offload_src="device",
+        offload_dst="pinned_host")
+
+    def policy(prim, *avals, **params):
+        # explicit branches: the policies' Recompute value is truthy, so `or` would not compose them
+        return True if on_device(prim, *avals, **params) else host(prim, *avals, **params)
+
+    return policy
+
+
 _REMAT_POLICIES = {
     "full": None,  # save nothing, recompute the block
     # save only the SGM kernel's output and LSE (named in pallas_kernels/sgm/api.py): the backward pass then runs the
@@ -64,6 +79,12 @@ _REMAT_POLICIES = {
     "save_attention": _save_sgm_attention,
     # save_attention + self-attention q, k, v after RoPE
     "save_qkv": _save_sgm_attention_qkv,
+    # save_attention on the device, self-attention q, k, v after RoPE on the host (about save_qkv's speed in
+    # save_attention's device memory, if the host link keeps up)
+    "offload_qkv": _offloading(_save_sgm_attention, ("attn_q", "attn_k", "attn_v")),
+    # save_qkv on the device, the feed-forward's hidden pre-activation (ffn_dim wide) on the host: the backward then
+    # recomputes neither its up-projection nor the GELU's input
+    "offload_ffn": _offloading(_save_sgm_attention_qkv, ("ffn_hidden",)),
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
@@ -122,7 +143,7 @@ class FeedForward(nnx.Module):
         self.fc2 = linear(cfg.ffn_dim, cfg.dim, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(self.fc1(x)))
+        return self.fc2(gelu_tanh(checkpoint_name(self.fc1(x), "ffn_hidden")))
 
 
 class MLP(nnx.Module):
