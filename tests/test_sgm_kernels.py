@@ -418,6 +418,37 @@ def test_mgpu_dkv_packed_query_boxes_and_key_tails(bq, bkv, q_rows, lens, D):
         api._REGISTRY.pop(name, None)
 
 
+def test_mgpu_dkv_takes_key_tiles_in_the_tile_map_order(monkeypatch):
+    """With key tails taken by the tail kernel, the dk/dv kernel's CTAs take the other tiles first (`dkv_tile_map`:
+    both consumers of a CTA then work), and the order only decides which CTA computes a tile: a random permutation
+    per batch row gives bitwise the same gradients (a producer streaming for other tiles than its consumers take
+    would deadlock or mix the tiles' query lists)."""
+    taken = jnp.asarray([[0, 0, 1, 0, 0, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(np.asarray(mosaic_gpu_mod.dkv_tile_map(taken)),
+                                  [[0, 1, 3, 4, 6, 8, 2, 5, 7], [1, 2, 3, 4, 5, 6, 7, 0, 8]])
+    c = make_case(70, B=2, H=2, D=64, bq=192, bkv=192, Nq=2, Nk=3, K=2, dtype=BF16)
+    c["kv_block_len"] = jnp.asarray([[147, 145, 192], [30, 147, 100]], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(71).normal(size=out.shape), BF16)
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
+                            q_boxes=True, k_tails=True, interpret=True)
+    first = bwd()
+    perms = np.stack([np.random.default_rng(72 + i).permutation(9) for i in range(2)]).astype(np.int32)
+    used = []
+    monkeypatch.setattr(mosaic_gpu_mod, "dkv_tile_map", lambda taken: used.append(1) or jnp.asarray(perms))
+    mosaic_gpu_mod._backward.clear_cache()  # a cached trace would not call it
+    again = bwd()
+    assert used
+    for nm, g, g2 in zip(("dq", "dk", "dv"), first, again):
+        assert np.array_equal(np.asarray(g), np.asarray(g2)), nm
+    _, _, vjp = oracle(c)
+    keep = (np.arange(out.shape[1]) % 192) < 147
+    want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+    for nm, g, w in zip(("dq", "dk", "dv"), again, want):
+        assert rel(g, w) <= GRAD_TOL[BF16], (nm, rel(g, w))
+
+
 def test_mgpu_merge_splits_is_exact():
     r = np.random.default_rng(3)
     lse = jnp.asarray(r.normal(0, 5, (3, 1, 2, 8)), jnp.float32).at[1, 0, 0].set(-jnp.inf).at[:, 0, 1, :2].set(-jnp.inf)
@@ -509,7 +540,6 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     texts = [fwd.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text(),
              bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text()]
     assert texts[0].count("custom_call @mosaic_gpu") == 1 and texts[1].count("custom_call @mosaic_gpu") == 2
-    # dk/dv streaming 32-row q boxes (two TMA boxes per ring slot of q, dO, lse2 and delta)
     # dk/dv streaming 32-row q boxes (two TMA boxes per ring slot of q, dO, lse2 and delta), and the transposed tail
     # kernel (64 B swizzle, transposed A operands, a [D, 32] accumulator)
     packed = jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block, q_rows=block // 2 + 3,

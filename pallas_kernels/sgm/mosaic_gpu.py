@@ -23,7 +23,8 @@ Backward: split and deterministic (no atomics). dq kernel: the forward's CTA mac
 kernel: each consumer owns one 64-row key tile and walks the query rows of the query blocks that selected its key
 block (reverse lists, ascending): whole q tiles, or with `q_rows` 32-row boxes of the rows in use packed across
 query blocks (`q_boxes`). With `k_tails`, a key block's last tile holding <= 32 valid keys goes to the transposed
-tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead. Both are off by default until timed on hardware.
+tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead, and the dk/dv kernel's CTAs take the remaining tiles
+first (`dkv_tile_map`), two per CTA. Both are off by default until timed on hardware.
 Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
@@ -233,7 +234,8 @@ def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len
     start, valid, take = tail_plan(lens)  # [B, Nk]
     mine = (jnp.arange(nks) == (start // TILE)[..., None]) & take[..., None]  # [B, Nk, nks]: the tiles taken
     kboxes = jnp.where(mine.reshape(B, 1, Nk * nks), 0, kboxes)  # the dk/dv kernel writes zeros there
-    dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows, **statics)
+    dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
+                      tile_map=dkv_tile_map(mine.reshape(B, Nk * nks)), **statics)
     tail_row = (jnp.arange(Nk, dtype=jnp.int32) * block_kv + start).astype(jnp.int32)
     tboxes = jnp.where(take[:, None, :], rev_cnt * nqb, 0).astype(jnp.int32)
     dkt, dvt = dkv_tail_call(q, k, v, d_out, lse2, delta, rev, tail_row, jnp.where(take, valid, 0).astype(jnp.int32),
@@ -243,6 +245,13 @@ def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len
     bi = jnp.arange(B)[:, None, None]
     put = lambda x, t: x.at[bi, rows].set(t.transpose(0, 2, 4, 1, 3), mode="drop")  # [B, Nk, 32, H, D]
     return dq, put(dk, dkt), put(dv, dvt)
+
+
+def dkv_tile_map(taken):
+    """The order in which the dk/dv kernel's CTAs take key tiles (`dkv_call`'s tile_map), from taken `[B, tiles]`
+    (tiles the tail kernel computes): the others first, in order, so that a CTA's two consumers both work (the two
+    full tiles of a 192-slot DecMem block share a CTA), then the taken ones, whose CTAs only write zeros."""
+    return jnp.argsort(taken, axis=-1, stable=True).astype(jnp.int32)
 
 
 # ------------------------------------------------------------------------------------- sgm_attention registration

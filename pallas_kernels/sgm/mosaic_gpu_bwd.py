@@ -193,27 +193,33 @@ class QStream:
 
 
 def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv, scale, stages, interpret,
-             q_rows=None):
+             q_rows=None, tile_map=None):
     """(dk, dv) `[B, Tk, H, D]` in k.dtype. rev int32 `[B, H, Nk, Nq]` (query blocks per key block, ascending),
     kvalid int32 `[B, Tk/64]` valid keys per key tile, kboxes int32 `[B, H, Tk/64]` q boxes per key tile (= reverse
     count × `query_boxes(block_q, q_rows)[1]`; 0 for a tile without valid keys, or one left to another kernel: it
-    writes zeros). q_rows: only the first q_rows rows of every query block are streamed; dO must be zero past them."""
+    writes zeros). q_rows: only the first q_rows rows of every query block are streamed; dO must be zero past them.
+    tile_map int32 `[B, Tk/64]`, a permutation of the key tiles (default: in order): consumer c of CTA p takes tile
+    tile_map[2p + c]. Putting the tiles left to another kernel last keeps them from idling one consumer of a CTA
+    whose other consumer works (with the key tails of 192-slot blocks taken, 2 of every 3 CTAs in order)."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     dt = k.dtype
     nkt, nks, S = Tk // TILE, block_kv // TILE, stages
     qs = QStream(block_q, q_rows, stages, D, dt)
     c_log2 = float(scale) * LOG2E
+    if tile_map is None:
+        tile_map = jnp.broadcast_to(jnp.arange(nkt, dtype=jnp.int32), (B, nkt))
 
-    def sgm_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rev_ref, kvalid_ref, n_ref, dk_ref, dv_ref,
+    def sgm_dkv(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, rev_ref, kvalid_ref, n_ref, map_ref, dk_ref, dv_ref,
                 k_smem, v_smem, kv_bar, *rings):
         q_smem, do_smem, lse_smem, delta_smem, q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done = rings
         b, h = lax.axis_index("batch"), lax.axis_index("heads")
         pair, wg = lax.axis_index("pair"), lax.axis_index("wg")
 
         def tile_of(c):  # key tile of consumer c, whether it exists, its key block
-            tile = pair * 2 + c
-            return tile, tile < nkt, lax.div(jnp.minimum(tile, nkt - 1), jnp.int32(nks))
+            slot = pair * 2 + c
+            tile = map_ref[b, jnp.minimum(slot, nkt - 1)]
+            return tile, slot < nkt, lax.div(tile, jnp.int32(nks))
 
         @pl.when(wg < 2)
         def _consumer():
@@ -267,7 +273,7 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
             streams = []
             for c in range(2):
                 tile, active, kb = tile_of(c)
-                streams.append((kb, n_ref[b, h, jnp.minimum(tile, nkt - 1)], active))
+                streams.append((kb, n_ref[b, h, tile], active))
             qs.producer(b, h, streams, rev_ref, (q_ref, lse_ref, do_ref, delta_ref), rings)
 
     kv_out = jax.ShapeDtypeStruct(k.shape, dt)
@@ -285,4 +291,4 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
         interpret=interpret_params(interpret),
         **_COMMON,
     )
-    return kernel(q, k, v, do, lse2, delta, rev, kvalid, kboxes)
+    return kernel(q, k, v, do, lse2, delta, rev, kvalid, kboxes, tile_map.astype(jnp.int32))
