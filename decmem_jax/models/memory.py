@@ -110,18 +110,30 @@ def pool_blocks(x: jax.Array, lengths: jax.Array, slots: int) -> jax.Array:
     return mean.transpose(0, 2, 1, 3)
 
 
-def select_blocks(q_pool: jax.Array, k_pool: jax.Array, candidates: jax.Array, top_k: int, *, ranked: bool = False):
+def _block_scores(q_pool: jax.Array, k_pool: jax.Array) -> jax.Array:
+    """q_pool [B, H, Nq, D] · k_pool [B or 1, H, Nk, D] -> [B, H, Nq, Nk] fp32; a batch-1 k_pool (the rollout's
+    history, shared by the CFG branches) is read once, not broadcast into a copy."""
+    hi = jax.lax.Precision.HIGHEST
+    if k_pool.shape[0] == 1 and q_pool.shape[0] != 1:
+        return jnp.einsum("bhqd,hkd->bhqk", q_pool, k_pool[0], precision=hi)
+    return jnp.einsum("bhqd,bhkd->bhqk", q_pool, k_pool, precision=hi)
+
+
+def select_blocks(q_pool: jax.Array, k_pool, candidates: jax.Array, top_k: int, *, ranked: bool = False):
     """Top-k key blocks per query block and head.
 
-    q_pool [B, H, Nq, D], k_pool [B, H, Nk, D]; candidates bool broadcastable to [B, H, Nq, Nk]. Returns
+    q_pool [B, H, Nq, D], k_pool [B, H, Nk, D], or a sequence of such parts (each of batch B or 1) that number the
+    key blocks one after another (the rollout's cached history, then the chunk's own blocks: their scores are
+    concatenated, which is smaller than the pooled keys); candidates bool broadcastable to [B, H, Nq, Nk]. Returns
     (idx int32 [B, H, Nq, K] ascending, padded with Nk-1; cnt int32 [B, H, Nq]) with K = min(top_k, Nk). Ties go to
     the lower block id (lax.top_k keeps the lower index first among equal values). Indices carry no gradient.
     ranked=True adds a third array: the same ids in descending score order (column 0 = the best block), padded with
     Nk-1 likewise; the kernels need ascending ids, diagnostics (top-1 retrieval precision) need the order.
     """
-    nk = k_pool.shape[2]
+    parts = list(k_pool) if isinstance(k_pool, (tuple, list)) else [k_pool]
+    nk = sum(part.shape[2] for part in parts)
     k = min(top_k, nk)
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q_pool, k_pool, precision=jax.lax.Precision.HIGHEST)
+    scores = jnp.concatenate([_block_scores(q_pool, part) for part in parts], axis=-1)
     scores = jax.lax.stop_gradient(scores / math.sqrt(q_pool.shape[-1]))
     scores = jnp.where(candidates, scores, -jnp.inf)
     values, indices = jax.lax.top_k(scores, k)
@@ -479,9 +491,8 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
         limit = length - max(wh, 0) if cfg.candidates == "outside_window" else length
         hist_ok = jnp.arange(cap_blocks) < limit * m
         own_ok = jnp.full((c * m,), cfg.candidates == "all")
-        pools = jnp.concatenate([jnp.broadcast_to(hpool, (b,) + hpool.shape[1:]), k_pool], axis=2)
-        idx, cnt, ranked = select_blocks(q_pool, pools, jnp.concatenate([hist_ok, own_ok])[None, None, None],
-                                         cfg.top_k, ranked=True)
+        cand = jnp.concatenate([hist_ok, own_ok])[None, None, None]
+        idx, cnt, ranked = select_blocks(q_pool, (hpool, k_pool), cand, cfg.top_k, ranked=True)
         # Selected ids are ascending and padded with an own-chunk id, so the history ids are a prefix.
         cnt_hist = jnp.minimum((idx < cap_blocks).sum(-1, dtype=jnp.int32), cnt)
         own_idx = jnp.clip(_take_suffix(idx, cnt_hist, cap_blocks), 0, c * m - 1)[..., : min(idx.shape[-1], c * m)]
