@@ -99,12 +99,16 @@ SWEEP = {
 # streaming only the 147 query rows in use as packed 32-row boxes instead of whole q tiles (the cotangent is zero
 # past them either way); k_tails=True, the 19-key tails of the key blocks through the transposed tail kernel instead
 # of full 64-key tiles. All variants must give the same gradients (up to fp32 summation order).
+# dkv_share=True, a dk/dv CTA's two tiles of one key block on one query stream.
 PACKED = dict(q_boxes=True, k_tails=True)
+SHARED = dict(PACKED, dkv_share=True)
 SWEEP_DQ = {
     "vsa": [],
-    "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, dict(consumers=2, share=1), {}, PACKED],
-    "decmem_cfg": [{}, PACKED, {}, PACKED],
+    "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, SHARED, dict(dkv_share=True),
+               dict(consumers=2, share=1), {}, PACKED, SHARED],
+    "decmem_cfg": [{}, PACKED, SHARED, {}, PACKED, SHARED],
 }
+DKV_SWITCHES = ("q_boxes", "k_tails", "dkv_share")  # sgm_backward_mgpu arguments, not dq plan fields
 
 
 def parse_args(argv):
@@ -217,9 +221,10 @@ def kernel_fns(interpret):
 
 def check_case(name, c, interpret, oracle="dense", determinism=False, packed=None):
     """Kernel fwd + grads vs an fp32 oracle on the same (16-bit-valued) inputs (packed: the dk/dv kernel's packed
-    query boxes and key tails on or off; None: the defaults, mosaic_gpu.Q_BOXES and K_TAILS)."""
+    query boxes, key tails and shared query streams on or off; None: the defaults, mosaic_gpu.Q_BOXES, K_TAILS and
+    DKV_SHARE)."""
     fwd, bwd = kernel_fns(interpret)
-    bwd = functools.partial(bwd, q_boxes=packed, k_tails=packed)
+    bwd = functools.partial(bwd, q_boxes=packed, k_tails=packed, dkv_share=packed)
     dt = jnp.dtype(c["q"].dtype)
     g = dict(block_q=c["bq"], block_kv=c["bkv"])
     lst = (c["idx"], c["cnt"], c["lens"])
@@ -397,7 +402,7 @@ def _sweep(label, name, plans, a, check, args, extra=None):
     for row in rows:
         p = row.get("plan", {})
         desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits", "sched"))
-        desc += "".join(f" {n}={row[n]}" for n in ("q_boxes", "k_tails") if n in row)
+        desc += "".join(f" {n}={row[n]}" for n in DKV_SWITCHES if n in row)
         ms = _ms(row)
         spread = "/".join(f"{x:.3f}" for x in row.get("round_medians_ms", []))
         print(f"  sweep {label}{name:7} {desc:62} {f'{ms:.3f} ms' if ms else row.get('status', '?')[:60]:>12} "
@@ -436,10 +441,10 @@ def sweep_dq(name, c, out, lse, cot, args):
     def check(over):
         row = {"dq_plan_overrides": over}
         over = dict(over)
-        dkv = {n: over.pop(n, None) for n in ("q_boxes", "k_tails")}
+        dkv = {n: over.pop(n, None) for n in DKV_SWITCHES}
         row["plan"] = dataclasses.asdict(mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over))
-        row["q_boxes"] = mg.Q_BOXES if dkv["q_boxes"] is None else dkv["q_boxes"]
-        row["k_tails"] = mg.K_TAILS if dkv["k_tails"] is None else dkv["k_tails"]
+        defaults = dict(q_boxes=mg.Q_BOXES, k_tails=mg.K_TAILS, dkv_share=mg.DKV_SHARE)
+        row.update({n: defaults[n] if dkv[n] is None else dkv[n] for n in DKV_SWITCHES})
         f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(
             *x, **g, q_rows=c.get("q_rows"), **dkv, dq_plan_overrides=over))
         grads = f(*a)

@@ -13,7 +13,7 @@ Usage:
   python benchmarks/train_step.py                                   # H100/H200: frames 8..60, remat save_sgm
   python benchmarks/train_step.py --frames 60 --remat full,save_sgm # one length, two remat policies
   python benchmarks/train_step.py --stage dense_long                # the dense block-causal stage instead
-  python benchmarks/train_step.py --frames 60 --sgm-dkv default,packed  # A/B of the SGM dk/dv kernel variants
+  python benchmarks/train_step.py --frames 60 --sgm-dkv tiles,packed,packed_shared  # SGM dk/dv kernel variants
   python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
   # A small model (the world-tiny geometry) at 64x64, batch 32, with a profile of where the step's time goes:
   python benchmarks/train_step.py --stage decmem --frames 60 --batch 32 --size 64x64 --remat none \
@@ -58,9 +58,10 @@ from decmem_jax.train import metrics as metrics_lib  # noqa: E402
 from decmem_jax.train import state as state_lib  # noqa: E402
 
 
-# --sgm-dkv variants: (Q_BOXES, K_TAILS) of pallas_kernels/sgm/mosaic_gpu.py; None keeps the module's default
-SGM_DKV = {"default": None, "tiles": (False, False), "q_boxes": (True, False), "k_tails": (False, True),
-           "packed": (True, True)}
+# --sgm-dkv variant -> (Q_BOXES, K_TAILS, DKV_SHARE) of pallas_kernels.sgm.mosaic_gpu; "default" keeps the module's
+SGM_DKV = {"default": None, "tiles": (False, False, False), "q_boxes": (True, False, False),
+           "k_tails": (False, True, False), "packed": (True, True, False), "shared": (False, False, True),
+           "packed_shared": (True, True, True)}
 
 
 def set_sgm_dkv(variant: str) -> None:
@@ -69,7 +70,7 @@ def set_sgm_dkv(variant: str) -> None:
         return
     from pallas_kernels.sgm import mosaic_gpu
 
-    mosaic_gpu.Q_BOXES, mosaic_gpu.K_TAILS = SGM_DKV[variant]
+    mosaic_gpu.Q_BOXES, mosaic_gpu.K_TAILS, mosaic_gpu.DKV_SHARE = SGM_DKV[variant]
 
 
 def parse_args(argv):
@@ -97,7 +98,8 @@ def parse_args(argv):
     p.add_argument("--sgm-dkv", default="default",
                    help="comma list of Mosaic GPU SGM dk/dv variants, each timed as its own case: default (the "
                         "kernel module's defaults), tiles (whole q tiles, no tail kernel), q_boxes, k_tails, packed "
-                        "(both); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS")
+                        "(both), shared (a CTA's two tiles of one key block on one query stream), packed_shared (all "
+                        "three); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS / DKV_SHARE")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
     args.sgm_dkv = [v for v in args.sgm_dkv.split(",") if v]

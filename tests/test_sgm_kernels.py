@@ -398,7 +398,8 @@ def test_mgpu_dkv_packed_query_boxes_and_key_tails(bq, bkv, q_rows, lens, D):
     bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=q_rows,
                             interpret=True)
     plain = bwd()  # the default: whole q tiles, no tail kernel
-    for variant in (dict(q_boxes=True), dict(k_tails=True), dict(q_boxes=True, k_tails=True)):
+    for variant in (dict(q_boxes=True), dict(k_tails=True), dict(q_boxes=True, k_tails=True),
+                    dict(q_boxes=True, k_tails=True, dkv_share=True)):
         got = bwd(**variant)
         for nm, g, w, p in zip(("dq", "dk", "dv"), got, want, plain):
             assert rel(g, w) <= GRAD_TOL[BF16], (variant, nm, rel(g, w))
@@ -522,6 +523,23 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
                                 q_boxes=True, k_tails=True, interpret=ip)
         for nm, g, w in zip(("dq", "dk", "dv"), got, want):
             assert rel(g, w) <= GRAD_TOL[BF16], (stages, nm)
+    # dk/dv with the two tiles of one key block on one query stream (dkv_share: 2 arrivals per consumed barrier, one
+    # from each consumer of a shared ring or two from the owner of its own): in tile order 192-slot blocks pair tiles
+    # (0, 1) (shared), (2, 3) across blocks (own rings), (4, 5) (shared); with key tails the tile map pairs (0, 1),
+    # (3, 4), then block 1's last tile with block 0's taken tail (own rings: step counts differ)
+    c = make_case(36, B=1, H=1, D=64, bq=64, bkv=192, Nq=3, Nk=2, K=2, dtype=BF16)
+    c["kv_block_cnt"] = jnp.asarray([[[2, 1, 2]]], jnp.int32)
+    c["kv_block_idx"] = jnp.asarray([[[[0, 1], [1, 1], [0, 1]]]], jnp.int32)
+    c["kv_block_len"] = jnp.asarray([[147, 192]], jnp.int32)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True)
+    _, _, vjp = oracle(c)
+    d_out = jnp.asarray(np.random.default_rng(37).normal(size=out.shape), BF16)
+    want = vjp(d_out.astype(jnp.float32))
+    for stages, variant in ((1, {}), (2, dict(k_tails=True))):
+        got = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), stages=stages,
+                                dkv_share=True, interpret=ip, **variant)
+        for nm, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert rel(g, w) <= GRAD_TOL[BF16], (stages, variant, nm)
     assert "RACE DETECTED" not in capfd.readouterr().out
 
 
@@ -542,10 +560,11 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     assert texts[0].count("custom_call @mosaic_gpu") == 1 and texts[1].count("custom_call @mosaic_gpu") == 2
     # dk/dv streaming 32-row q boxes (two TMA boxes per ring slot of q, dO, lse2 and delta), and the transposed tail
     # kernel (64 B swizzle, transposed A operands, a [D, 32] accumulator)
-    packed = jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block, q_rows=block // 2 + 3,
-                                       q_boxes=True, k_tails=True))
-    assert packed.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
-        "custom_call @mosaic_gpu") == 3
+    for share in (False, True):  # and with the two tiles of a key block on one query stream
+        packed = jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block, q_rows=block // 2 + 3,
+                                           q_boxes=True, k_tails=True, dkv_share=share))
+        assert packed.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
+            "custom_call @mosaic_gpu") == 3
     # the module defaults are read at each call, so flipping them at run time (train_step --sgm-dkv) takes effect
     kernels = lambda: (jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block))
                        .trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",)).as_text()
@@ -622,9 +641,10 @@ def test_mgpu_compiled_on_hardware(dtype, geo):
         keep = (np.arange(out.shape[1]) % 192) < 147
         _, _, vjp = oracle(c)
         want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
-        packed = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
-                                   q_boxes=True, k_tails=True)
-        first, again = packed(), packed()
-        for nm, g, w, g2 in zip(("dq", "dk", "dv"), first, want, again):
-            assert rel(g, w) <= GRAD_TOL[dtype], (nm, rel(g, w))
-            assert np.array_equal(np.asarray(g), np.asarray(g2)), nm
+        for share in (False, True):  # and the two full tiles of a key block on one query stream
+            packed = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
+                                       q_boxes=True, k_tails=True, dkv_share=share)
+            first, again = packed(), packed()
+            for nm, g, w, g2 in zip(("dq", "dk", "dv"), first, want, again):
+                assert rel(g, w) <= GRAD_TOL[dtype], (share, nm, rel(g, w))
+                assert np.array_equal(np.asarray(g), np.asarray(g2)), (share, nm)

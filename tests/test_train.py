@@ -276,13 +276,13 @@ def test_train_step_benchmark_isolated_case_runs_in_a_child(tmp_path):
     from benchmarks import train_step
 
     out = tmp_path / "train_step.json"
-    record = train_step.main(["--small", "--isolate", "--remat", "offload_ffn", "--sgm-dkv", "packed", "--repeats",
-                              "1", "--warmup", "1", "--json", str(out)])
+    record = train_step.main(["--small", "--isolate", "--remat", "offload_ffn", "--sgm-dkv", "packed_shared",
+                              "--repeats", "1", "--warmup", "1", "--json", str(out)])
     [case] = record["cases"]
     assert case["status"] == "ok" and case["isolated"] and "peak_gb" in case  # None on a CPU (no allocator stats)
     assert case["host_peak_gb"] > 0  # the child's own host memory (where offload_* policies keep residuals)
     assert case["remat"] == "offload_ffn" and case["frames"] == 8  # the parent's options reach the child
-    assert case["sgm_dkv"] == "packed"
+    assert case["sgm_dkv"] == "packed_shared"
     with pytest.raises(SystemExit):
         train_step.parse_args(["--sgm-dkv", "default,nope"])
     with pytest.raises(SystemExit):

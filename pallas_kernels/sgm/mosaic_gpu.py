@@ -24,7 +24,8 @@ kernel: each consumer owns one 64-row key tile and walks the query rows of the q
 block (reverse lists, ascending): whole q tiles, or with `q_rows` 32-row boxes of the rows in use packed across
 query blocks (`q_boxes`). With `k_tails`, a key block's last tile holding <= 32 valid keys goes to the transposed
 tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead, and the dk/dv kernel's CTAs take the remaining tiles
-first (`dkv_tile_map`), two per CTA. Both are off by default until timed on hardware.
+first (`dkv_tile_map`), two per CTA; with `dkv_share` the two tiles of one key block share a CTA's query stream.
+All three are off by default until timed on hardware.
 Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
@@ -77,6 +78,10 @@ Q_BOXES = os.environ.get("SGM_MGPU_Q_BOXES", "0") == "1"
 # instead of a full 64-key dk/dv tile. Off by default for the same reason (no hardware run yet); SGM_MGPU_K_TAILS=1
 # or `sgm_backward_mgpu(k_tails=True)` turns it on.
 K_TAILS = os.environ.get("SGM_MGPU_K_TAILS", "0") == "1"
+# A dk/dv CTA whose two key tiles belong to one key block (its full tiles, with K_TAILS and `dkv_tile_map`) streams
+# the block's query side once for both consumers (`mosaic_gpu_bwd.QStream`, share_pairs): half the q/dO traffic. Off
+# by default, not yet run on hardware; SGM_MGPU_DKV_SHARE=1 or `sgm_backward_mgpu(dkv_share=True)` turns it on.
+DKV_SHARE = os.environ.get("SGM_MGPU_DKV_SHARE", "0") == "1"
 
 
 def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
@@ -179,26 +184,28 @@ sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "sc
 
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
                       scale=None, stages=None, dq_plan_overrides=None, interpret=False, q_rows=None, q_boxes=None,
-                      k_tails=None):
+                      k_tails=None, dkv_share=None):
     """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log). `stages`
     sets both kernels' ring depth, `dq_plan_overrides` ((field, value) pairs) the dq kernel's plan (tuning).
     q_rows (static): only the first q_rows rows of every query block are queries; the cotangent of the rows past
     them is taken as zero (their dq is 0, they add nothing to dk, dv), which lets dk/dv skip them: `q_boxes` (default
     Q_BOXES) streams only those rows, in packed 32-row boxes. `k_tails` (default K_TAILS): key blocks whose last
-    tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel.
+    tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel. `dkv_share` (default
+    DKV_SHARE): a dk/dv CTA whose two tiles share a key block streams its query side once.
 
-    The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS at run time (train_step's
-    --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
+    The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS / DKV_SHARE at run time
+    (train_step's --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
     return _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                      block_kv=block_kv, scale=scale, stages=stages, dq_plan_overrides=dq_plan_overrides,
                      interpret=interpret, q_rows=q_rows, q_boxes=Q_BOXES if q_boxes is None else bool(q_boxes),
-                     k_tails=K_TAILS if k_tails is None else bool(k_tails))
+                     k_tails=K_TAILS if k_tails is None else bool(k_tails),
+                     dkv_share=DKV_SHARE if dkv_share is None else bool(dkv_share))
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
-                                             "interpret", "q_rows", "q_boxes", "k_tails"))
+                                             "interpret", "q_rows", "q_boxes", "k_tails", "dkv_share"))
 def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale,
-              stages, dq_plan_overrides, interpret, q_rows, q_boxes, k_tails):
+              stages, dq_plan_overrides, interpret, q_rows, q_boxes, k_tails, dkv_share):
     dq_stages = stages  # None: the dq plan sizes its own ring
     B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
                                          stages)
@@ -229,13 +236,13 @@ def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len
     kboxes = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqb, 0).astype(jnp.int32)
     if not k_tails:
         dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
-                          **statics)
+                          share_pairs=dkv_share, **statics)
         return dq, dk, dv
     start, valid, take = tail_plan(lens)  # [B, Nk]
     mine = (jnp.arange(nks) == (start // TILE)[..., None]) & take[..., None]  # [B, Nk, nks]: the tiles taken
     kboxes = jnp.where(mine.reshape(B, 1, Nk * nks), 0, kboxes)  # the dk/dv kernel writes zeros there
     dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
-                      tile_map=dkv_tile_map(mine.reshape(B, Nk * nks)), **statics)
+                      tile_map=dkv_tile_map(mine.reshape(B, Nk * nks)), share_pairs=dkv_share, **statics)
     tail_row = (jnp.arange(Nk, dtype=jnp.int32) * block_kv + start).astype(jnp.int32)
     tboxes = jnp.where(take[:, None, :], rev_cnt * nqb, 0).astype(jnp.int32)
     dkt, dvt = dkv_tail_call(q, k, v, d_out, lse2, delta, rev, tail_row, jnp.where(take, valid, 0).astype(jnp.int32),
@@ -263,10 +270,10 @@ def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
-             q_rows=None, interpret=False, q_boxes=None, k_tails=None):
+             q_rows=None, interpret=False, q_boxes=None, k_tails=None, dkv_share=None):
     return sgm_backward_mgpu(q, k, v, out, lse, dout, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                              block_kv=block_kv, scale=scale, interpret=interpret, q_rows=q_rows, q_boxes=q_boxes,
-                             k_tails=k_tails)
+                             k_tails=k_tails, dkv_share=dkv_share)
 
 
 # Plugs into `sgm_attention(..., backend="mosaic_gpu")` (api.py imports this module lazily, so no import cycle).

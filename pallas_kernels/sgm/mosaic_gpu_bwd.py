@@ -133,12 +133,33 @@ class QStream:
     key rows of one key block, and a producer streaming, per consumer, 64-row steps of (q, lse2) and (dO, Δ) of the
     query blocks that selected that key block (reverse lists, ascending): whole q tiles, or `nbox` = 2 boxes of 32
     rows packed across query blocks (`query_boxes`). A step count is the box count rounded up, so the last step of an
-    odd box count is half filled: its second box repeats a real box and the consumer masks it (`used_rows`)."""
+    odd box count is half filled: its second box repeats a real box and the consumer masks it (`used_rows`).
 
-    def __init__(self, block_q, q_rows, stages, head_dim, dtype, swizzle=128):
+    share_pairs: when both consumers own tiles of the same key block (the same reverse list), the producer streams
+    it once, into consumer 0's ring, which both read (`shared`): half the q/dO traffic. Every consumed barrier then
+    takes 2 arrivals: one from each consumer of a shared ring, or two from the one consumer of its own ring."""
+
+    def __init__(self, block_q, q_rows, stages, head_dim, dtype, swizzle=128, share_pairs=False):
         self.block_q, self.stages, self.d, self.dt, self.swizzle = block_q, stages, head_dim, dtype, swizzle
         self.qbox, self.nqb = query_boxes(block_q, q_rows)
         self.nbox = TILE // self.qbox  # q boxes per step
+        self.share_pairs = share_pairs
+
+    def shared(self, blocks, counts, active):
+        """Whether the two consumers (key blocks, q box counts, whether each runs) read one stream (share_pairs)."""
+        if not self.share_pairs:
+            return False
+        return active[0] & active[1] & (blocks[0] == blocks[1]) & (counts[0] == counts[1])
+
+    def ring(self, wg, shared):
+        """The ring (0 or 1) consumer wg reads."""
+        return wg if shared is False else jnp.where(shared, 0, wg)
+
+    def consumed(self, barrier, shared):
+        """A consumer is done with a ring slot (see share_pairs for the arrival count)."""
+        plgpu.barrier_arrive(barrier)
+        if self.share_pairs:
+            pl.when(jnp.logical_not(shared))(lambda: plgpu.barrier_arrive(barrier))
 
     def steps(self, boxes):
         return lax.div(boxes + (self.nbox - 1), jnp.int32(self.nbox))
@@ -155,13 +176,16 @@ class QStream:
         ring = tiled_smem((slots, TILE, self.d), self.dt, self.swizzle)
         return [ring, ring, plgpu.SMEM((slots, TILE), f32), plgpu.SMEM((slots, TILE), f32),
                 *[plgpu.Barrier(num_arrivals=self.nbox, num_barriers=slots)] * 4,
-                *[plgpu.Barrier(num_arrivals=1, num_barriers=slots)] * 2]
+                *[plgpu.Barrier(num_arrivals=2 if self.share_pairs else 1, num_barriers=slots)] * 2]
 
-    def producer(self, b, h, streams, rev_ref, srcs, rings):
+    def producer(self, b, h, streams, rev_ref, srcs, rings, shared=False):
         """The producer warpgroup. streams: per consumer (key block, box count, whether it runs); srcs = the GMEM refs
         (q, lse2, dO, Δ); rings = the `scratch` refs (q, dO, lse2, Δ rings, then q, dO, lse2, Δ ready and q, dO
-        consumed barriers)."""
+        consumed barriers); shared: consumer 1 reads consumer 0's stream (its own is not filled)."""
         plgpu.set_max_registers(PRODUCER_REGS, action="decrease")
+        if shared is not False:
+            (kb1, nb1, on1) = streams[1]
+            streams = [streams[0], (kb1, nb1, on1 & jnp.logical_not(shared))]
         q_ref, lse_ref, do_ref, delta_ref = srcs
         q_smem, do_smem, lse_smem, delta_smem, q_rdy, do_rdy, lse_rdy, delta_rdy, q_done, do_done = rings
         qbox, nqb, nbox, last = self.qbox, self.nqb, self.nbox, rev_ref.shape[-1] * self.nqb - 1
@@ -193,19 +217,20 @@ class QStream:
 
 
 def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv, scale, stages, interpret,
-             q_rows=None, tile_map=None):
+             q_rows=None, tile_map=None, share_pairs=False):
     """(dk, dv) `[B, Tk, H, D]` in k.dtype. rev int32 `[B, H, Nk, Nq]` (query blocks per key block, ascending),
     kvalid int32 `[B, Tk/64]` valid keys per key tile, kboxes int32 `[B, H, Tk/64]` q boxes per key tile (= reverse
     count × `query_boxes(block_q, q_rows)[1]`; 0 for a tile without valid keys, or one left to another kernel: it
     writes zeros). q_rows: only the first q_rows rows of every query block are streamed; dO must be zero past them.
     tile_map int32 `[B, Tk/64]`, a permutation of the key tiles (default: in order): consumer c of CTA p takes tile
     tile_map[2p + c]. Putting the tiles left to another kernel last keeps them from idling one consumer of a CTA
-    whose other consumer works (with the key tails of 192-slot blocks taken, 2 of every 3 CTAs in order)."""
+    whose other consumer works (with the key tails of 192-slot blocks taken, 2 of every 3 CTAs in order).
+    share_pairs: a CTA whose two tiles belong to one key block streams its query side once (`QStream`)."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     dt = k.dtype
     nkt, nks, S = Tk // TILE, block_kv // TILE, stages
-    qs = QStream(block_q, q_rows, stages, D, dt)
+    qs = QStream(block_q, q_rows, stages, D, dt, share_pairs=share_pairs)
     c_log2 = float(scale) * LOG2E
     if tile_map is None:
         tile_map = jnp.broadcast_to(jnp.arange(nkt, dtype=jnp.int32), (B, nkt))
@@ -221,10 +246,17 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
             tile = map_ref[b, jnp.minimum(slot, nkt - 1)]
             return tile, slot < nkt, lax.div(tile, jnp.int32(nks))
 
+        def pair_state():  # both consumers' (tile, whether it runs, key block), and whether they share one stream
+            tiles = [tile_of(c) for c in range(2)]
+            return tiles, qs.shared([kb for _, _, kb in tiles], [n_ref[b, h, t] for t, _, _ in tiles],
+                                    [on for _, on, _ in tiles])
+
         @pl.when(wg < 2)
         def _consumer():
             plgpu.set_max_registers(CONSUMER_REGS[2], action="increase")
             tile, active, _ = tile_of(wg)
+            shared = pair_state()[1]
+            ring = qs.ring(wg, shared)
 
             @pl.when(active)
             def _():
@@ -244,7 +276,7 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
 
                 def step(t, carry):
                     dk, dv = carry
-                    bi = wg * S + lax.rem(t, S)
+                    bi = ring * S + lax.rem(t, S)
                     plgpu.barrier_wait(q_rdy.at[bi])
                     plgpu.barrier_wait(lse_rdy.at[bi])
                     s_t = mma(k_tile, q_smem.at[bi].transpose((1, 0)), (TILE, TILE))  # [keys, queries]
@@ -258,10 +290,10 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
                     dv = mma_acc(dv, p_t.astype(dt), do_smem.at[bi], interpret)
                     dp_t = mma(v_tile, do_smem.at[bi].transpose((1, 0)), (TILE, TILE))
                     delta = plgpu.load(delta_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
-                    plgpu.barrier_arrive(do_done.at[bi])
+                    qs.consumed(do_done.at[bi], shared)
                     ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
                     dk = mma_acc(dk, ds_t.astype(dt), q_smem.at[bi], interpret)
-                    plgpu.barrier_arrive(q_done.at[bi])
+                    qs.consumed(q_done.at[bi], shared)
                     return dk, dv
 
                 dk, dv = lax.fori_loop(0, n, step, (zeros_acc(D), zeros_acc(D)))
@@ -270,11 +302,9 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
 
         @pl.when(wg == 2)
         def _producer():
-            streams = []
-            for c in range(2):
-                tile, active, kb = tile_of(c)
-                streams.append((kb, n_ref[b, h, tile], active))
-            qs.producer(b, h, streams, rev_ref, (q_ref, lse_ref, do_ref, delta_ref), rings)
+            tiles, shared = pair_state()
+            streams = [(kb, n_ref[b, h, tile], active) for tile, active, kb in tiles]
+            qs.producer(b, h, streams, rev_ref, (q_ref, lse_ref, do_ref, delta_ref), rings, shared)
 
     kv_out = jax.ShapeDtypeStruct(k.shape, dt)
     kernel = plgpu.kernel(
