@@ -298,3 +298,18 @@ def test_generate_pipelines_segments_and_keeps_their_frames(clip, monkeypatch):
     assert whole.chunks == range(0, 3)
     diff = np.abs(np.concatenate([s.frames[0] for s in got]).astype(int) - whole.frames[0].astype(int))
     assert diff.max() <= 2 and diff.mean() < 0.05, (diff.max(), diff.mean())
+
+    # non-finite frames in the second segment: the first is handed out, then one error names the second's chunks
+    fetched = []
+
+    def poisoned(x):
+        fetched.append(1)
+        x = to_host(x)
+        return np.full_like(x, np.nan) if len(fetched) == 2 else x
+
+    monkeypatch.setattr(generate_lib, "to_host", poisoned)
+    segments = generate_lib.generate(dit, vae, segment_chunks=1, **common)
+    next(segments)
+    assert next(segments).chunks == range(0, 1)
+    with pytest.raises(generate_lib.RolloutError, match=r"non-finite frames generated in chunks 1\.\.1"):
+        next(segments)
