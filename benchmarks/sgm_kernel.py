@@ -14,7 +14,11 @@ block-sparse attention, PyTorch FlexAttention), measured in the same run.
    vsa     S 49,152 as 768 blocks of 64 tokens, top-k 76 of 768 (90% sparse), q and kv the same length.
    decmem  3,520 query tokens in 24 blocks of 192 slots (147/145 valid) against 200 latents of history
            (1,200 key blocks of 192 slots, same valid counts), top-k 80.
-   decmem passes q_rows=147 as the model does (the 45 padding rows of a query block get no cotangent, so the dk/dv
+   decmem_cfg  the rollout's history call: 48 query blocks (both CFG branches) against the same 1,200.
+   decmem_train  a training step's call: 720 query blocks (a 60-latent clip's clean and noisy copies) against the
+           same 720 blocks, top-k 80: long reverse lists, as the training backward sees them (not in the default
+           --cases: its cuDNN dense peer takes ~0.2 s per forward).
+   The decmem cases pass q_rows=147 as the model does (the 45 padding rows of a query block get no cotangent, so dk/dv
    kernel may skip them: `q_boxes`; the peers, which have no such notion, process them).
    Timed: forward, and forward+backward (jax.vjp through sgm_attention); backward = difference. Every sample (ours,
    cuDNN, the peers) is --inner calls back to back under one host sync, reported per call: the device's time, not
@@ -81,10 +85,15 @@ CASES = {
     "full": {"vsa": dict(nq=768, nk=768, bq=64, bkv=64, topk=76, decmem=False),
              "decmem": dict(nq=24, nk=1200, bq=192, bkv=192, topk=80, decmem=True),
              # the rollout's history call: both CFG branches folded into the query blocks of one batch-1 cache
-             "decmem_cfg": dict(nq=48, nk=1200, bq=192, bkv=192, topk=80, decmem=True)},
+             "decmem_cfg": dict(nq=48, nk=1200, bq=192, bkv=192, topk=80, decmem=True),
+             # a stage-3 training step's call: the teacher-forcing sequence of a 60-latent clip (clean and noisy
+             # copies, 120 frames of 6 blocks) against itself; each key block is listed by ~80 query blocks (by ~1.6
+             # in decmem), so the backward's reverse lists are long, as in training
+             "decmem_train": dict(nq=720, nk=720, bq=192, bkv=192, topk=80, decmem=True)},
     "small": {"vsa": dict(nq=4, nk=4, bq=64, bkv=64, topk=2, decmem=False),
               "decmem": dict(nq=1, nk=6, bq=192, bkv=192, topk=3, decmem=True),
-              "decmem_cfg": dict(nq=2, nk=6, bq=192, bkv=192, topk=3, decmem=True)},
+              "decmem_cfg": dict(nq=2, nk=6, bq=192, bkv=192, topk=3, decmem=True),
+              "decmem_train": dict(nq=4, nk=4, bq=192, bkv=192, topk=3, decmem=True)},
 }
 
 # forward plan variants timed by --sweep (StreamPlan field overrides; {} = the automatic plan)
@@ -94,6 +103,7 @@ SWEEP = {
                dict(consumers=2, share=1, box=64, width=64, splits=1),  # = the first (e792bb1) kernel
                dict(sched=True), dict(sched=True, splits=2)],
     "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=True), {}],  # {} twice: the run's drift
+    "decmem_train": [{}, {}],
 }
 # backward variants timed by --sweep (the whole backward is timed): dq plan overrides; q_boxes=True, the dk/dv kernel
 # streaming only the 147 query rows in use as packed 32-row boxes instead of whole q tiles (the cotangent is zero
@@ -107,13 +117,14 @@ SWEEP_DQ = {
     "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, SHARED, dict(dkv_share=True),
                dict(consumers=2, share=1), {}, PACKED, SHARED],
     "decmem_cfg": [{}, PACKED, SHARED, {}, PACKED, SHARED],
+    "decmem_train": [{}, PACKED, SHARED, {}, PACKED, SHARED],
 }
 DKV_SWITCHES = ("q_boxes", "k_tails", "dkv_share")  # sgm_backward_mgpu arguments, not dq plan fields
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--cases", default="vsa,decmem", help="comma list of: vsa, decmem, decmem_cfg")
+    p.add_argument("--cases", default="vsa,decmem", help="comma list of: vsa, decmem, decmem_cfg, decmem_train")
     p.add_argument("--small", action="store_true", help="tiny shapes (with --interpret: a CPU smoke run)")
     p.add_argument("--interpret", action="store_true", help="run the kernel in the Mosaic GPU interpreter (CPU)")
     p.add_argument("--check-only", action="store_true", help="run the hardware correctness checks and stop")
