@@ -1,0 +1,102 @@
+"""The Mosaic GPU dk/dv kernel's variants that skip DecMem's padding and share its query stream (`q_boxes`,
+`k_tails` with the tile map, `dkv_share`), in the Mosaic GPU interpreter against the dense oracle and the default
+kernel. The other kernel tests, and the helpers and tolerances used here, are in tests/test_sgm_kernels.py; the race
+detector, sm_90 lowering and hardware tests there cover these variants too."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.sgm import api
+from pallas_kernels.sgm import mosaic_gpu as mosaic_gpu_mod
+from pallas_kernels.sgm.mosaic_gpu import sgm_backward_mgpu, sgm_forward_mgpu
+from tests.test_sgm_kernels import BF16, GRAD_TOL, lists_of, make_case, oracle, rel
+
+
+@pytest.mark.parametrize("bq, bkv, q_rows, lens, D", [
+    # one 32-row box per query block: two query blocks per step, odd box counts end in a half step
+    (64, 64, 20, [0, 20, 64, 32], 64),
+    # three boxes per query block (96 rows instead of 128), steps straddle query blocks; tails at tile 1 and tile 0
+    (128, 128, 70, [70, 128, 30, 100], 64),
+    # DecMem: 5 boxes (160 rows) instead of 3 tiles (192); tails of 19 and 17 keys past 128
+    (192, 192, 147, [147, 145, 192, 30], 128),
+], ids=["box1", "box3-straddle", "decmem147"])
+def test_mgpu_dkv_packed_query_boxes_and_key_tails(bq, bkv, q_rows, lens, D):
+    """The dk/dv variants that skip padding: with q_rows, packed 32-row query boxes (`mosaic_gpu_bwd.query_boxes`);
+    key blocks whose last tile holds <= 32 valid keys through the transposed tail kernel (`mosaic_gpu_tail`). Each
+    alone and both: dk, dv match the oracle's gradient for a cotangent that is zero past q_rows, dq is exactly 0 on
+    the padded rows whatever cotangent they were given, the default (neither) gives the same up to fp32 summation
+    order, and sgm_attention routes q_rows to the kernel."""
+    from pallas_kernels.sgm.mosaic_gpu_bwd import query_boxes
+
+    assert query_boxes(bq, q_rows)[0] == 32 and query_boxes(bq)[0] == 64
+    Nq = 5 if bq == 64 else 3
+    c = make_case(110 + bq, B=1, H=2, D=D, bq=bq, bkv=bkv, Nq=Nq, Nk=4, K=3, dtype=BF16)
+    r = np.random.default_rng(bq)  # full ascending lists, and counts that give key blocks odd box totals
+    c["kv_block_idx"] = jnp.asarray(np.sort(np.argsort(r.random((1, 2, Nq, 4)), -1)[..., :3], -1), jnp.int32)
+    c["kv_block_cnt"] = jnp.asarray(np.r_[3, 1, 3, 2, 3, 3, 0, 3, 1, 2][: 2 * Nq].reshape(1, 2, Nq), jnp.int32)
+    c["kv_block_len"] = jnp.asarray([lens], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(6).normal(size=out.shape), BF16)  # nonzero on the padded rows too
+    keep = (np.arange(out.shape[1]) % bq) < q_rows
+    _, _, vjp = oracle(c)
+    want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=q_rows,
+                            interpret=True)
+    plain = bwd()  # the default: whole q tiles, no tail kernel
+    for variant in (dict(q_boxes=True), dict(k_tails=True), dict(q_boxes=True, k_tails=True),
+                    dict(q_boxes=True, k_tails=True, dkv_share=True)):
+        got = bwd(**variant)
+        for nm, g, w, p in zip(("dq", "dk", "dv"), got, want, plain):
+            assert rel(g, w) <= GRAD_TOL[BF16], (variant, nm, rel(g, w))
+            assert rel(g, p) <= 2e-3, (variant, nm)  # the same sums in another grouping
+        assert not np.asarray(got[0], np.float32)[:, ~keep].any()  # padded rows: dq exactly 0
+    name = "mosaic_gpu_packed_test"
+    api.register_backend(name, functools.partial(api._REGISTRY["mosaic_gpu"].fwd, interpret=True),
+                         functools.partial(api._REGISTRY["mosaic_gpu"].bwd, interpret=True, q_boxes=True,
+                                           k_tails=True), tile=(64, 64))
+    try:
+        args = (c["kv_block_idx"], c["kv_block_cnt"], c["kv_block_len"])
+        via_api = jax.vjp(lambda q, k, v: api.sgm_attention(q, k, v, *args, block_q=bq, block_kv=bkv, backend=name,
+                                                            q_rows=q_rows), c["q"], c["k"], c["v"])[1](d_out)
+        for g, a in zip(got, via_api):
+            assert np.array_equal(np.asarray(g), np.asarray(a))
+    finally:
+        api._REGISTRY.pop(name, None)
+
+
+def test_mgpu_dkv_takes_key_tiles_in_the_tile_map_order(monkeypatch):
+    """With key tails taken by the tail kernel, the dk/dv kernel's CTAs take the other tiles first (`dkv_tile_map`:
+    both consumers of a CTA then work), and the order only decides which CTA computes a tile: a random permutation
+    per batch row gives bitwise the same gradients (a producer streaming for other tiles than its consumers take
+    would deadlock or mix the tiles' query lists)."""
+    taken = jnp.asarray([[0, 0, 1, 0, 0, 1, 0, 1, 0], [1, 0, 0, 0, 0, 0, 0, 0, 1]], bool)
+    np.testing.assert_array_equal(np.asarray(mosaic_gpu_mod.dkv_tile_map(taken)),
+                                  [[0, 1, 3, 4, 6, 8, 2, 5, 7], [1, 2, 3, 4, 5, 6, 7, 0, 8]])
+    c = make_case(70, B=2, H=2, D=64, bq=192, bkv=192, Nq=2, Nk=3, K=2, dtype=BF16)
+    c["kv_block_len"] = jnp.asarray([[147, 145, 192], [30, 147, 100]], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(71).normal(size=out.shape), BF16)
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
+                            q_boxes=True, k_tails=True, interpret=True)
+    first = bwd()
+    perms = np.stack([np.random.default_rng(72 + i).permutation(9) for i in range(2)]).astype(np.int32)
+    used = []
+    monkeypatch.setattr(mosaic_gpu_mod, "dkv_tile_map", lambda taken: used.append(1) or jnp.asarray(perms))
+    mosaic_gpu_mod._backward.clear_cache()  # a cached trace would not call it
+    again = bwd()
+    assert used
+    for nm, g, g2 in zip(("dq", "dk", "dv"), first, again):
+        assert np.array_equal(np.asarray(g), np.asarray(g2)), nm
+    _, _, vjp = oracle(c)
+    keep = (np.arange(out.shape[1]) % 192) < 147
+    want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+    for nm, g, w in zip(("dq", "dk", "dv"), again, want):
+        assert rel(g, w) <= GRAD_TOL[BF16], (nm, rel(g, w))
