@@ -2,7 +2,8 @@
 
 benchmarks/dit_forward.py: the comparison is a real check that the diffusers peer (with the KV-cache attention
 processor of benchmarks/wan_torch_cache.py) computes the same function as WanDiT's bidirectional forward and
-forward_chunk. benchmarks/rollout.py: DecMem and dense chunk steps against prefilled caches run end to end."""
+forward_chunk. benchmarks/rollout.py: DecMem and dense chunk steps against prefilled caches run end to end;
+benchmarks/rollout_e2e.py: the rollout library path with the VAE, pipelined and not."""
 
 from __future__ import annotations
 
@@ -58,6 +59,19 @@ def test_rollout_benchmark_small(tmp_path):
     assert rows[("dense", 8)]["keys_per_query"] > rows[("dense", 4)]["keys_per_query"]
     assert rows[("decmem", 8)]["decmem_over_dense"] > 0 and rows[("dense", 8)]["decmem_over_dense"] is None
     assert record["setup"]["dtype"] == "float32" and record["jax"]["platform"] == "cpu"
+
+
+def test_rollout_e2e_benchmark_small(tmp_path):
+    """benchmarks/rollout_e2e.py --small: the rollout library path with the VAE decode, pipelined and in the
+    unpipelined order, both timed, and the same frames either way (only the order of the work differs)."""
+    from benchmarks import rollout_e2e
+
+    out = tmp_path / "e2e.json"
+    record = rollout_e2e.main(["--small", "--chunks", "2", "--rounds", "1", "--no-mp4", "--json", str(out)])
+    assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(record["summary"]))
+    assert [r["order"] for r in record["rows"]] == ["pipelined", "sequential"]
+    assert all(r["status"] == "ok" and len(r["segment_s"]) == 1 for r in record["rows"])
+    assert record["summary"]["max_frame_diff"] == 0 and record["summary"]["sequential"]["s_per_chunk"] > 0
 
 
 def test_trace_summary_annotates_kernels_with_hlo_and_source(tmp_path):

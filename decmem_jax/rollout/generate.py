@@ -155,7 +155,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
              num_frames: int, chunk: int, segment_chunks: int, settings: engine.SamplerSettings | None = None,
              segment_fn=None, capacity: int = 0, pad_segments: bool = False, embed_all: bool = False,
              decoder=None, with_selection: bool = False, include_context: bool = False, raw: bool = False,
-             progress: Callable[[int], None] | None = None, shard=None) -> Iterator[Segment]:
+             progress: Callable[[int], None] | None = None, shard=None, pipeline: bool = True) -> Iterator[Segment]:
     """Rolls out B = len(seeds) rows for `num_frames` frames after their context (module docstring).
 
     frames uint8 [B, T, H, W, 3] or latents [B, L, h, w, z]: the context. actions int [B, T', 8] / poses float
@@ -174,6 +174,8 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     progress(n): called with the latents committed after each prefill chunk. shard: a mesh placement
     (`decmem_jax.parallel.rollout.RolloutMesh`, dit already sharded by it; a given segment_fn must be made with it):
     the cache is created on its mesh and the inputs are replicated there; the VAE stays on the default device.
+    pipeline=False: each segment's frames are fetched before the next segment is dispatched (the unpipelined order,
+    for comparison: benchmarks/rollout_e2e.py).
 
     Not a generator function itself: bad arguments raise here, before any work. Non-finite frames raise
     RolloutError naming the segment's chunks."""
@@ -263,6 +265,9 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
             if pending is not None:  # the previous segment, fetched while the device works on this one
                 yield finish(*pending)
             pending = dispatched
+            if not pipeline:
+                yield finish(*pending)
+                pending = None
         if pending is not None:
             yield finish(*pending)
 
