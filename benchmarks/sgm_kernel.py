@@ -266,7 +266,7 @@ def check_case(name, c, interpret, oracle="dense", determinism=False, packed=Non
     if not finite:
         bad.append("non-finite values in out/dq/dk/dv")
     if determinism:
-        again = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g)
+        again = bwd(c["q"], c["k"], c["v"], out, lse, cot, *lst, **g, **rows)
         same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(grads, again))
         errs["bitwise_repeat"] = same
         if not same:

@@ -550,7 +550,9 @@ def test_mgpu_compiled_on_hardware(dtype, geo):
     via_api = api.sgm_attention(c["q"], c["k"], c["v"], *(lst[n] for n in ("kv_block_idx", "kv_block_cnt",
                                                                            "kv_block_len")),
                                 block_q=c["block_q"], block_kv=c["block_kv"])
-    assert np.array_equal(np.asarray(via_api), np.asarray(out))
+    # the same kernel; split plans merge their partial outputs in XLA, which may round one element differently in
+    # another program (1 bf16 ulp seen on an H200); another backend would differ by ~1e-3 (the checks' errors)
+    assert rel(via_api, out) <= 2e-4, rel(via_api, out)
     if geo["bq"] == 192:  # DecMem's padding: q_rows = 147, packed query boxes and key tails, deterministic too
         c["kv_block_len"] = jnp.asarray(np.resize([147, 145, 192, 30], (1, geo["Nk"])), jnp.int32)
         lst = lists_of(c)

@@ -49,7 +49,7 @@ def test_mgpu_dkv_packed_query_boxes_and_key_tails(bq, bkv, q_rows, lens, D):
     want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
     bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=q_rows,
                             interpret=True)
-    plain = bwd()  # the default: whole q tiles, no tail kernel
+    plain = bwd(q_boxes=False, k_tails=False, dkv_share=False)  # whole q tiles, no tail kernel
     for variant in (dict(q_boxes=True), dict(k_tails=True), dict(q_boxes=True, k_tails=True),
                     dict(q_boxes=True, k_tails=True, dkv_share=True)):
         got = bwd(**variant)

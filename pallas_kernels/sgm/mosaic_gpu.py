@@ -25,7 +25,8 @@ block (reverse lists, ascending): whole q tiles, or with `q_rows` 32-row boxes o
 query blocks (`q_boxes`). With `k_tails`, a key block's last tile holding <= 32 valid keys goes to the transposed
 tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead, and the dk/dv kernel's CTAs take the remaining tiles
 first (`dkv_tile_map`), two per CTA; with `dkv_share` the two tiles of one key block share a CTA's query stream.
-All three are off by default until timed on hardware.
+Defaults, from their H200 timings: q_boxes on; k_tails and dkv_share on when the reverse lists are long (training),
+off when they are short (see Q_BOXES below).
 Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
@@ -69,19 +70,40 @@ def default_stages(head_dim):
 FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
 
 
-# With q_rows, dk/dv can stream only the rows in use as packed 32-row boxes (`mosaic_gpu_bwd.query_boxes`; the same
-# gradients up to fp32 summation order). Off by default until it is checked and timed on hardware: it was written
-# in a session without a GPU (checked in the interpreter and by lowering for sm_90 only). SGM_MGPU_Q_BOXES=1 or
-# `sgm_backward_mgpu(q_boxes=True)` turns it on.
-Q_BOXES = os.environ.get("SGM_MGPU_Q_BOXES", "0") == "1"
-# Key-block tails of <= 32 valid keys (DecMem's 19 past 128) go to the transposed tail kernel (`mosaic_gpu_tail`)
-# instead of a full 64-key dk/dv tile. Off by default for the same reason (no hardware run yet); SGM_MGPU_K_TAILS=1
-# or `sgm_backward_mgpu(k_tails=True)` turns it on.
-K_TAILS = os.environ.get("SGM_MGPU_K_TAILS", "0") == "1"
-# A dk/dv CTA whose two key tiles belong to one key block (its full tiles, with K_TAILS and `dkv_tile_map`) streams
-# the block's query side once for both consumers (`mosaic_gpu_bwd.QStream`, share_pairs): half the q/dO traffic. Off
-# by default, not yet run on hardware; SGM_MGPU_DKV_SHARE=1 or `sgm_backward_mgpu(dkv_share=True)` turns it on.
-DKV_SHARE = os.environ.get("SGM_MGPU_DKV_SHARE", "0") == "1"
+def _switch(name, default):
+    """An environment switch: "1" on, "0" off, "auto" decided per call from the lists' shape (`_long_lists`)."""
+    value = os.environ.get(name, default)
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"{name}={value!r}: expected 0, 1 or auto")
+    return "auto" if value == "auto" else value == "1"
+
+
+# The dk/dv variants, measured on an H200 on 2026-12-05 (docs/benchmarks.md, SGM section; whole backward):
+# - q_boxes: with q_rows, stream only the query rows in use as packed 32-row boxes (`mosaic_gpu_bwd.query_boxes`):
+#   3.165 ms against 3.27-3.30 in the DecMem benchmark geometry. On (SGM_MGPU_Q_BOXES=0 turns it off).
+# - k_tails: key-block tails of <= 32 valid keys (DecMem's 19 past 128) through the transposed tail kernel
+#   (`mosaic_gpu_tail`), the other tiles two per CTA (`dkv_tile_map`); and dkv_share: a CTA's two tiles of one key
+#   block on one query stream. With short reverse lists (the DecMem benchmark: each key block listed by ~1.6 query
+#   blocks) the tail kernel's own cost dominates: 4.41 ms (k_tails) and 4.24 (with q_boxes, with or without
+#   dkv_share) against 3.27; with a training step's long lists (720 query blocks against 720, each key block listed
+#   by ~80) 66.7 ms (q_boxes + k_tails) and 65.7-66.1 (+ dkv_share) against 74.3-75.3. So both are "auto": on
+#   when the lists average >= LONG_LISTS query blocks per key block (SGM_MGPU_K_TAILS / SGM_MGPU_DKV_SHARE = 0, 1
+#   or auto).
+Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
+K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
+DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
+LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: on is faster)
+
+
+def _long_lists(kv_block_idx, nk):
+    """Whether the reverse (key -> query block) lists are long: Nq·K / Nk >= LONG_LISTS (static shapes)."""
+    _, _, nq, kk = kv_block_idx.shape
+    return nq * kk >= LONG_LISTS * nk
+
+
+def _resolve(value, default, long_lists):
+    value = default if value is None else value
+    return long_lists if value == "auto" else bool(value)
 
 
 def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
@@ -191,15 +213,17 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
     them is taken as zero (their dq is 0, they add nothing to dk, dv), which lets dk/dv skip them: `q_boxes` (default
     Q_BOXES) streams only those rows, in packed 32-row boxes. `k_tails` (default K_TAILS): key blocks whose last
     tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel. `dkv_share` (default
-    DKV_SHARE): a dk/dv CTA whose two tiles share a key block streams its query side once.
+    DKV_SHARE): a dk/dv CTA whose two tiles share a key block streams its query side once. "auto" (the defaults of
+    the last two): on when the reverse lists are long (`_long_lists`).
 
     The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS / DKV_SHARE at run time
     (train_step's --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
+    long_lists = _long_lists(kv_block_idx, k.shape[1] // block_kv)
     return _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                      block_kv=block_kv, scale=scale, stages=stages, dq_plan_overrides=dq_plan_overrides,
-                     interpret=interpret, q_rows=q_rows, q_boxes=Q_BOXES if q_boxes is None else bool(q_boxes),
-                     k_tails=K_TAILS if k_tails is None else bool(k_tails),
-                     dkv_share=DKV_SHARE if dkv_share is None else bool(dkv_share))
+                     interpret=interpret, q_rows=q_rows, q_boxes=_resolve(q_boxes, Q_BOXES, long_lists),
+                     k_tails=_resolve(k_tails, K_TAILS, long_lists),
+                     dkv_share=_resolve(dkv_share, DKV_SHARE, long_lists))
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
