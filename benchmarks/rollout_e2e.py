@@ -71,7 +71,10 @@ def parse_args(argv):
     if args.chunks < 2 or args.rounds < 1:
         p.error("--chunks must be >= 2 (the first is untimed) and --rounds >= 1")
     geo = GEOMETRY["small" if args.small else "full"]
-    args.history = geo["chunk"] if args.history is None and args.small else (args.history or 56)
+    if args.history is None:
+        args.history = geo["chunk"] if args.small else 56
+    if args.history < 1:
+        p.error("--history must be >= 1 (the decoder is warmed on the context)")
     args.steps = args.steps or geo["steps"]
     args.attention = None
     if args.json is None:

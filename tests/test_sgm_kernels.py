@@ -490,6 +490,18 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     assert kernels() == 3
     monkeypatch.setattr(mosaic_gpu_mod, "K_TAILS", False)
     assert kernels() == 2
+    # "auto" (the default): the tail kernel only when the reverse lists are long (Nq·K >= LONG_LISTS·Nk; here 9
+    # against 40, then 42 against 40)
+    monkeypatch.setattr(mosaic_gpu_mod, "K_TAILS", "auto")
+    assert kernels() == 2
+    long_lists = sds((B, H, 14, K), jnp.int32), sds((B, H, 14), jnp.int32), lst[2]
+    q_long = sds((B, 14 * block, H, D), dtype)
+    assert (jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block))
+            .trace(q_long, k, k, q_long, sds((B, H, 14 * block), jnp.float32), q_long, *long_lists)
+            .lower(lowering_platforms=("cuda",)).as_text().count("custom_call @mosaic_gpu")) == 3
+    monkeypatch.setenv("SGM_MGPU_K_TAILS", "yes")
+    with pytest.raises(ValueError, match="SGM_MGPU_K_TAILS='yes': expected 0, 1 or auto"):
+        mosaic_gpu_mod._switch("SGM_MGPU_K_TAILS", "auto")
     if block > 64:  # the ping-pong forward (shared streams only)
         pp = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("sched", True),)))
         assert pp.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
