@@ -76,7 +76,7 @@ def parse_args(argv):
     if args.history < 1:
         p.error("--history must be >= 1 (the decoder is warmed on the context)")
     args.steps = args.steps or geo["steps"]
-    args.attention = None
+    args.attention, args.mesh = None, None  # rollout.model_config reads both (one device: cuDNN attention on a GPU)
     if args.json is None:
         out = os.environ.get("OUT")
         args.json = str(pathlib.Path(out) / "rollout_e2e.json") if out else "out/rollout_e2e.json"

@@ -267,3 +267,21 @@ def view_match(poses, tolerances=VIEW_TOLERANCES, xp=np):
     dyaw = xp.abs((a[..., 4] - b[..., 4] + 180.0) % 360.0 - 180.0)
     dpitch = xp.abs(a[..., 3] - b[..., 3])
     return (dist <= pos_tol) & (dyaw <= yaw_tol) & (dpitch <= pitch_tol)
+
+
+# Pixel ranges of the model (the VAE's input and output), here rather than in `video` so that code without mp4 I/O
+# (the rollout's frames in memory) needs no PyAV.
+def to_model_range(frames: np.ndarray) -> np.ndarray:
+    """uint8 frames (any shape) -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8:
+        raise ValueError(f"to_model_range expects uint8 frames, got dtype {frames.dtype}")
+    return frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
+
+
+def from_model_range(frames) -> np.ndarray:
+    """Float frames in [-1, 1] -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]; NaN/inf raise ValueError."""
+    x = np.asarray(frames, dtype=np.float32)
+    if not np.all(np.isfinite(x)):
+        raise ValueError("from_model_range got non-finite values (NaN/inf)")
+    return np.clip(np.rint((x + np.float32(1.0)) * np.float32(127.5)), 0, 255).astype(np.uint8)

@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from decmem_jax.errors import DecMemError
+from decmem_jax.format import from_model_range, to_model_range  # re-exported: pixel ranges need no av
 
 __all__ = ["VideoError", "VideoInfo", "probe", "read_video", "iter_frames", "VideoWriter", "write_video",
            "to_model_range", "from_model_range"]
@@ -357,18 +358,3 @@ def write_video(path, frames: np.ndarray | Iterable[np.ndarray], *, fps, **write
             w.write(chunk)
     return w.num_frames
 
-
-def to_model_range(frames: np.ndarray) -> np.ndarray:
-    """uint8 frames (any shape) -> float32 in [-1, 1] (``x / 127.5 - 1``)."""
-    frames = np.asarray(frames)
-    if frames.dtype != np.uint8:
-        raise ValueError(f"to_model_range expects uint8 frames, got dtype {frames.dtype}")
-    return frames.astype(np.float32) / np.float32(127.5) - np.float32(1.0)
-
-
-def from_model_range(frames) -> np.ndarray:
-    """Float frames in [-1, 1] -> uint8 ``round((x + 1) * 127.5)`` clipped to [0, 255]; NaN/inf raise ValueError."""
-    x = np.asarray(frames, dtype=np.float32)
-    if not np.all(np.isfinite(x)):
-        raise ValueError("from_model_range got non-finite values (NaN/inf)")
-    return np.clip(np.rint((x + np.float32(1.0)) * np.float32(127.5)), 0, 255).astype(np.uint8)

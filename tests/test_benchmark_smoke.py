@@ -61,11 +61,20 @@ def test_rollout_benchmark_small(tmp_path):
     assert record["setup"]["dtype"] == "float32" and record["jax"]["platform"] == "cpu"
 
 
-def test_rollout_e2e_benchmark_small(tmp_path):
+def test_rollout_e2e_benchmark_small(tmp_path, monkeypatch):
     """benchmarks/rollout_e2e.py --small: the rollout library path with the VAE decode, pipelined and in the
-    unpipelined order, both timed, and the same frames either way (only the order of the work differs)."""
-    from benchmarks import rollout_e2e
+    unpipelined order, both timed, and the same frames either way (only the order of the work differs). Without
+    PyAV, as on the GPU machine (--no-mp4 must not need it), and its model config as a GPU run builds it."""
+    import jax
 
+    from benchmarks import rollout, rollout_e2e
+
+    args = rollout_e2e.parse_args([])
+    with monkeypatch.context() as m:  # the branch a one-GPU run takes (cuDNN attention, no mesh)
+        m.setattr(jax, "default_backend", lambda: "gpu")
+        assert rollout.model_config("decmem", args).attention == "cudnn"
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
+    monkeypatch.delitem(sys.modules, "decmem_jax.video", raising=False)
     out = tmp_path / "e2e.json"
     record = rollout_e2e.main(["--small", "--chunks", "2", "--rounds", "1", "--no-mp4", "--json", str(out)])
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(record["summary"]))

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from decmem_jax import format as format_lib
 from decmem_jax.format import FRAMES_PER_LATENT, frames_for_latents, latents_for_frames
 from decmem_jax.rollout import engine
 from decmem_jax.rollout.load import RolloutError
@@ -43,10 +44,9 @@ from decmem_jax.rollout.load import RolloutError
 def encode(vae, frames: np.ndarray) -> jax.Array:
     """VAE latents [B, L, h, w, z] of uint8 frames [B, T, H, W, 3] (T = 1 + 4k; the streaming encoder, 4 frames a
     step, so a long context never sits in the encoder whole)."""
-    from decmem_jax import video
     from decmem_jax.models import vae_stream
 
-    pixels = jnp.asarray(video.to_model_range(frames))
+    pixels = jnp.asarray(format_lib.to_model_range(frames))
     return jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
 
 
@@ -179,8 +179,6 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
 
     Not a generator function itself: bad arguments raise here, before any work. Non-finite frames raise
     RolloutError naming the segment's chunks."""
-    from decmem_jax import video
-
     if (frames is None) == (latents is None):
         raise ValueError("generate: pass the context as frames or as latents (exactly one)")
     if settings is None and segment_fn is None:
@@ -204,7 +202,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     text = jnp.asarray(text) if shard is None else shard.replicate(jnp.asarray(text))
 
     def out(pixels):
-        return pixels if raw else video.from_model_range(pixels)
+        return pixels if raw else format_lib.from_model_range(pixels)
 
     def segments():
         # 1. The memory bank.
