@@ -73,8 +73,11 @@ def test_rollout_e2e_benchmark_small(tmp_path, monkeypatch):
     with monkeypatch.context() as m:  # the branch a one-GPU run takes (cuDNN attention, no mesh)
         m.setattr(jax, "default_backend", lambda: "gpu")
         assert rollout.model_config("decmem", args).attention == "cudnn"
-    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError
-    monkeypatch.delitem(sys.modules, "decmem_jax.video", raising=False)
+    import decmem_jax
+
+    monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError ...
+    monkeypatch.delitem(sys.modules, "decmem_jax.video", raising=False)  # ... and so does importing video again
+    monkeypatch.delattr(decmem_jax, "video", raising=False)
     out = tmp_path / "e2e.json"
     record = rollout_e2e.main(["--small", "--chunks", "2", "--rounds", "1", "--no-mp4", "--json", str(out)])
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(record["summary"]))
