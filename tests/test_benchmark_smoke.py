@@ -67,14 +67,13 @@ def test_rollout_e2e_benchmark_small(tmp_path, monkeypatch):
     PyAV, as on the GPU machine (--no-mp4 must not need it), and its model config as a GPU run builds it."""
     import jax
 
+    import decmem_jax
     from benchmarks import rollout, rollout_e2e
 
     args = rollout_e2e.parse_args([])
     with monkeypatch.context() as m:  # the branch a one-GPU run takes (cuDNN attention, no mesh)
         m.setattr(jax, "default_backend", lambda: "gpu")
         assert rollout.model_config("decmem", args).attention == "cudnn"
-    import decmem_jax
-
     monkeypatch.setitem(sys.modules, "av", None)  # `import av` now raises ImportError ...
     monkeypatch.delitem(sys.modules, "decmem_jax.video", raising=False)  # ... and so does importing video again
     monkeypatch.delattr(decmem_jax, "video", raising=False)
