@@ -98,12 +98,15 @@ CASES = {
 
 # forward plan variants timed by --sweep (StreamPlan field overrides; {} = the automatic plan)
 SWEEP = {
-    "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1)],
+    "vsa": [{}, dict(width=128), dict(consumers=3, share=1), dict(stages=1), dict(overlap=True)],
     "decmem": [{}, dict(splits=1), dict(splits=2), dict(splits=3), dict(box=64), dict(width=128, splits=2),
                dict(consumers=2, share=1, box=64, width=64, splits=1),  # = the first (e792bb1) kernel
-               dict(sched=True), dict(sched=True, splits=2)],
-    "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=True), {}],  # {} twice: the run's drift
-    "decmem_train": [{}, {}],
+               dict(sched=True), dict(sched=True, splits=2),
+               dict(overlap=True), dict(overlap=True, splits=2),  # QKᵀ of step t+1 beside P·V of step t
+               dict(overlap=True, width=128, splits=2)],  # a wider step: more work between the waits (registers?)
+    "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=True), {}, dict(overlap=True),
+                   dict(overlap=True, splits=3)],  # {} twice: the run's drift
+    "decmem_train": [{}, {}, dict(overlap=True)],
 }
 # backward variants timed by --sweep (the whole backward is timed): dq plan overrides; q_boxes=True, the dk/dv kernel
 # streaming only the 147 query rows in use as packed 32-row boxes instead of whole q tiles (the cotangent is zero
@@ -412,7 +415,8 @@ def _sweep(label, name, plans, a, check, args, extra=None):
             r.update(extra(r))
     for row in rows:
         p = row.get("plan", {})
-        desc = " ".join(f"{k}={p.get(k)}" for k in ("consumers", "share", "box", "width", "stages", "splits", "sched"))
+        fields = ("consumers", "share", "box", "width", "stages", "splits", "sched", "overlap")
+        desc = " ".join(f"{k}={p.get(k)}" for k in fields)
         desc += "".join(f" {n}={row[n]}" for n in DKV_SWITCHES if n in row)
         ms = _ms(row)
         spread = "/".join(f"{x:.3f}" for x in row.get("round_medians_ms", []))

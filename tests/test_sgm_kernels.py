@@ -325,6 +325,11 @@ def test_mgpu_forward_plan_choice_and_errors():
         plan(192, 192, box=48)
     with pytest.raises(ValueError, match="sched"):
         plan(64, 64, sched=True)  # own lists: step counts differ per consumer
+    with pytest.raises(ValueError, match="overlap and sched"):
+        plan(192, 192, sched=True, overlap=True)
+    with pytest.raises(ValueError, match="forward-kernel options"):
+        dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(overlap=True))
+    assert not plan(192, 192).overlap and plan(192, 192, overlap=True).overlap  # off by default (not yet timed)
     with pytest.raises(ValueError, match="SMEM"):
         forward_plan((1, 64, 1, 128), 64, 64, jnp.bfloat16, stages=3)
 
@@ -337,8 +342,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
     (192, 192, dict(sched=True, splits=2)),  # ping-pong: 3 consumers take turns through a schedule barrier
     (128, 64, dict(sched=True, splits=1)),  # ping-pong of 2 consumers on 128-row steps
+    (192, 192, dict(overlap=True, splits=2)),  # QKᵀ of step t+1 issued beside P·V of step t (in the interpreter:
+    (64, 64, dict(consumers=3, share=1, splits=2, overlap=True)),  # same protocol and arithmetic, no real overlap)
 ], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2", "sched3-split2",
-        "sched2-w128"])
+        "sched2-w128", "overlap3-split2", "overlap-own3-ragged"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
@@ -422,6 +429,10 @@ def test_mgpu_interpreter_race_detector_and_barrier_protocol(capfd):
     out_pp, _ = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2), ("sched", True)),
                                  stages=2, interpret=ip)
     assert rel(out_pp, ref_out) <= FWD_TOL[BF16]
+    # the overlapped loop: K of step t + 1 is waited for and released while V of step t is still held
+    out_ov, _ = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), plan=(("splits", 2), ("overlap", True)),
+                                 stages=2, interpret=ip)
+    assert rel(out_ov, ref_out) <= FWD_TOL[BF16]
     d_out = jnp.asarray(np.random.default_rng(33).normal(size=out.shape), BF16)
     dq = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lists_of(c), interpret=ip,
                            dq_plan_overrides=(("consumers", 3), ("share", 3), ("splits", 2)))[0]
@@ -505,6 +516,9 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     if block > 64:  # the ping-pong forward (shared streams only)
         pp = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("sched", True),)))
         assert pp.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
+    # the overlapped forward: accumulator refs live across the loop, a wgmma wait that leaves P·V in flight
+    ov = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, plan=(("overlap", True),)))
+    assert ov.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
 
 
 def test_mgpu_rejects_unsupported_inputs():

@@ -68,6 +68,10 @@ def default_stages(head_dim):
 # Ping-pong consumers (StreamPlan.sched) on shared streams: off, as they gained nothing on an H200
 # (docs/benchmarks.md); SGM_MGPU_SCHED=1 turns them on for A/B timing.
 FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
+# QKᵀ of the next step and P·V of this one in flight together in each consumer (StreamPlan.overlap,
+# FlashAttention-3's intra-warpgroup overlap): built 2026-12-05 without a GPU (checked in the interpreter and by sm_90
+# lowering), not yet timed, so off; SGM_MGPU_OVERLAP=1 turns it on for A/B timing.
+FWD_OVERLAP = os.environ.get("SGM_MGPU_OVERLAP", "0") == "1"
 
 
 def _switch(name, default):
@@ -109,10 +113,14 @@ def _resolve(value, default, long_lists):
 def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     """The forward kernel's StreamPlan for q `[B, Tq, H, D]`: `plan_stream`'s choice, `plan` (a dict of overrides,
     for tuning) applied on top, the step lists split over CTAs when the grid would be under 5 waves, and ping-pong
-    consumers (FWD_SCHED) on a shared stream."""
+    consumers (FWD_SCHED) on a shared stream, or the intra-consumer overlap (FWD_OVERLAP) where a plan asks for
+    neither."""
     p = _plan(q_shape, block_q, block_kv, dtype, stages, plan, {}, tiles=1, vectors=1, waves=5)
-    if "sched" not in dict(plan or {}) and p.share == p.consumers >= 2:
+    given = dict(plan or {})
+    if "sched" not in given and p.share == p.consumers >= 2 and not p.overlap:
         p = dataclasses.replace(p, sched=FWD_SCHED)
+    if "overlap" not in given and not p.sched:
+        p = dataclasses.replace(p, overlap=FWD_OVERLAP)
     return p
 
 
@@ -130,6 +138,9 @@ def dq_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     overrides on top, splits as in the forward but only under 3 waves (the 5-wave rule was measured for the forward
     only; partial dq sums added in XLA)."""
     defaults = DQ_SHARED3 if (block_q // TILE) % 3 == 0 else DQ_DEFAULTS
+    forward_only = sorted(k for k in ("sched", "overlap") if dict(plan or {}).get(k))
+    if forward_only:
+        raise ValueError(f"dq plan overrides {forward_only}: these are forward-kernel options, the dq kernel has none")
     return _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles=2, vectors=2, waves=3)
 
 

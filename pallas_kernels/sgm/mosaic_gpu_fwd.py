@@ -64,6 +64,9 @@ class StreamPlan:
     # wgmmas) through a schedule barrier that every consumer arrives on twice per step, odd consumers half a step
     # behind the even ones (forward only).
     sched: bool = False
+    # Intra-consumer overlap (forward only): each consumer issues QKᵀ of step t + 1 and P·V of step t back to back and
+    # runs the softmax of step t + 1 while P·V of step t is still on the tensor cores (`overlapped_steps`).
+    overlap: bool = False
 
     @property
     def streams(self):
@@ -105,6 +108,9 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
         raise ValueError(f"{where}: box must be 32 or 64 dividing block_kv, width a multiple of box in [64, 256]")
     if p.splits < 1:
         raise ValueError(f"{where}: splits must be >= 1")
+    if p.overlap and p.sched:
+        raise ValueError(f"{where}: overlap and sched (ping-pong) are not combined: the schedule barrier's two phases "
+                         "per step assume the plain step order")
     if p.sched and (p.share != p.consumers or p.consumers < 2):
         raise ValueError(f"{where}: sched (ping-pong) needs >= 2 consumers on one shared stream: their step counts "
                          "are equal, so every consumer reaches every schedule-barrier phase")
@@ -214,16 +220,21 @@ def mma_acc(acc, a, b, interpret):
     the interpreted kernels differ from the compiled ones; every barrier, TMA, SMEM-operand wgmma and all the
     softmax arithmetic run as on the GPU."""
     if interpret:
-        b_val = b[...]
-        # The interpreter models this plain load as a generic-proxy SMEM read, which the race detector orders before
-        # the producer's next TMA (async proxy) write into the slot only across a proxy fence. The hardware path
-        # reads `b` inside the wgmma (async proxy) and needs none.
-        plgpu.commit_smem()
-        return acc + lax.dot(a, b_val, preferred_element_type=jnp.float32)
+        return acc + smem_dot(a, b)
 
     def body(acc_ref):
         plgpu.wgmma(acc_ref, a, b)
     return pl.run_state(body)(plgpu.ACC.init(acc))
+
+
+def smem_dot(a, b):
+    """a @ b in fp32 with `b` read from SMEM: the interpret-mode stand-in for a wgmma with a register operand."""
+    b_val = b[...]
+    # The interpreter models this plain load as a generic-proxy SMEM read, which the race detector orders before the
+    # producer's next TMA (async proxy) write into the slot only across a proxy fence. The hardware path reads `b`
+    # inside the wgmma (async proxy) and needs none.
+    plgpu.commit_smem()
+    return lax.dot(a, b_val, preferred_element_type=jnp.float32)
 
 
 def store_out(*outs):
@@ -266,6 +277,85 @@ def mask_boxes(s, code, box, nbox):
     if ALWAYS_MASK:
         return apply(s)
     return lax.cond(code != full, apply, lambda x: x, s)
+
+
+def online_softmax(s, code, m_i, l_i, c_log2, plan, dt):
+    """One step of the base-2 online softmax of raw logits `s` [64, width]: (p in `dt`, new running max, new running
+    sum, the rescale factor alpha of everything accumulated before)."""
+    s = mask_boxes(s * c_log2, code, plan.box, plan.nbox)
+    m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
+    alpha = jnp.exp2(m_i - m_new)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+
+def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret):
+    """The forward's n >= 1 steps with QKᵀ and P·V in flight together (FlashAttention-3's intra-warpgroup overlap):
+    iteration t issues QKᵀ of step t, then P·V of step t − 1, waits for the first only (`wait_n=1`), runs step t's
+    softmax while P·V is still on the tensor cores, and rescales the output accumulator once that has landed. When
+    P_{t−1}·V_{t−1} is added the accumulator holds the earlier steps rescaled to m_{t−1}, as in the plain loop, so the
+    result is the plain loop's up to fp32 rounding. Costs a second logits accumulator live beside P (registers).
+    Returns (acc [64, d] fp32, m, l) as the plain loop does.
+
+    On hardware the output accumulator is a WGMMA accumulator ref that the P·V wgmmas add into asynchronously. The
+    GPU interpreter of jax 0.11.2 can neither store into accumulator refs nor take register operands (`mma_acc`), so
+    there the output is a value carried through the loop and P·V a dot computed on the spot: same barrier protocol,
+    same arithmetic, no overlap."""
+    slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done = ring
+    f32 = jnp.float32
+
+    def run(acc_o):  # acc_o: the output accumulator ref (hardware) or None (interpret)
+        def logits(t, p_prev=None, acc=None):
+            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1; waits for the QKᵀ only. Returns the
+            raw logits and (interpret mode) the updated output value."""
+            def body(acc_s):
+                bi = slot(t)
+                plgpu.barrier_wait(k_rdy.at[bi])
+                plgpu.wgmma(acc_s, q_tile, k_smem.at[bi].transpose((1, 0)))
+                if p_prev is None:
+                    return acc_s[...], acc
+                bv = slot(t - 1)
+                plgpu.barrier_wait(v_rdy.at[bv])
+                if acc_o is None:
+                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv])
+                plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
+                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc  # P·V may still run
+            return pl.run_scoped(body, plgpu.ACC((TILE, plan.width), f32))
+
+        acc = zeros_acc(d) if acc_o is None else None
+        s, _ = logits(0)
+        plgpu.barrier_arrive(k_done.at[slot(0)])
+        p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt)
+
+        def step(t, carry):
+            p, m_i, l_i, cd, acc = carry
+            cd_next = code_at(t + 1)
+            s, acc = logits(t, p, acc)
+            plgpu.barrier_arrive(k_done.at[slot(t)])
+            p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt)
+            scale = lambda x: x * lax.broadcast_in_dim(alpha, x.shape, [0])
+            if acc_o is None:
+                acc = scale(acc)
+            else:
+                plgpu.wgmma_wait(0)
+                acc_o[...] = scale(acc_o[...])
+            plgpu.barrier_arrive(v_done.at[slot(t - 1)])
+            return p, m_new, l_i, cd_next, acc
+
+        p, m_i, l_i, _, acc = lax.fori_loop(1, n, step, (p, m_i, l_i, code_at(1), acc))
+        bv = slot(n - 1)
+        plgpu.barrier_wait(v_rdy.at[bv])
+        if acc_o is None:
+            acc = acc + smem_dot(p, v_smem.at[bv])
+        else:
+            plgpu.wgmma(acc_o, p, v_smem.at[bv])
+            acc = acc_o[...]
+        plgpu.barrier_arrive(v_done.at[bv])
+        return acc, m_i, l_i
+
+    if interpret:
+        return run(None)
+    return pl.run_scoped(run, plgpu.ACC((TILE, d), f32))
 
 
 def row_vector(value):
@@ -353,6 +443,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                 rows_q = pl.ds(tile * TILE, TILE)
                 t0, n = cta.span(qb)
                 code_at = lambda t: code_ref[b, h, qb, jnp.minimum(t0 + t, last)]
+                slot = lambda t: stream * S + lax.rem(t, S)  # the ring slot of step t
 
                 @pl.when(n > 0)  # a tile without steps only writes zeros
                 def _():
@@ -376,17 +467,12 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                 def step(t, carry):
                     acc, m_i, l_i, cd = carry
                     cd_next = code_at(t + 1)  # GMEM latency hidden behind this step
-                    bi = stream * S + lax.rem(t, S)
+                    bi = slot(t)
                     plgpu.barrier_wait(k_rdy.at[bi])
                     s = logits(bi)
                     plgpu.barrier_arrive(k_done.at[bi])
-                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
-                    m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
-                    alpha = jnp.exp2(m_i - m_new)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
-                    l_i = l_i * alpha + p.sum(axis=1)
+                    p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
-                    p = p.astype(dt)
                     if plan.sched:  # softmax done: hand the tensor cores over, then wait for our turn
                         acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
                         plgpu.barrier_arrive(sched_bar[0])
@@ -398,20 +484,29 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                     plgpu.barrier_arrive(v_done.at[bi])
                     return acc, m_new, l_i, cd_next
 
-                carry = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0), code_at(0))
+                def finish(acc, m_i, l_i):
+                    has = l_i > 0.0  # false only for a tile without steps
+                    l_safe = jnp.where(has, l_i, 1.0)
+                    inv = jnp.where(has, 1.0 / l_safe, 0.0)
+                    store_out(((acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt), q_tile,
+                               cta.out(o_ref, b, rows_q, h)),
+                              (jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf), lse_smem.at[wg],
+                               cta.out(lse_ref, b, h, rows_q)))
+
+                empty = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0))
+                if plan.overlap:
+                    ring = (slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
+                    pl.when(n > 0)(lambda: finish(*overlapped_steps(
+                        n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret)))
+                    pl.when(n == 0)(lambda: finish(*empty))
+                    return
                 odd = lax.rem(wg, 2) == 1
                 if plan.sched:  # odd consumers start half a step behind ...
                     pl.when(odd)(sync)
-                acc, m_i, l_i, _ = lax.fori_loop(0, n, step, carry)
+                acc, m_i, l_i, _ = lax.fori_loop(0, n, step, (*empty, code_at(0)))
                 if plan.sched:  # ... and even ones end with the phase the odd ones began with
                     pl.when(jnp.logical_not(odd))(sync)
-                has = l_i > 0.0  # false only for a tile without steps
-                l_safe = jnp.where(has, l_i, 1.0)
-                inv = jnp.where(has, 1.0 / l_safe, 0.0)
-                store_out(((acc * lax.broadcast_in_dim(inv, acc.shape, [0])).astype(dt), q_tile,
-                           cta.out(o_ref, b, rows_q, h)),
-                          (jnp.where(has, m_i * LN2 + jnp.log(l_safe), -jnp.inf), lse_smem.at[wg],
-                           cta.out(lse_ref, b, h, rows_q)))
+                finish(acc, m_i, l_i)
 
         @pl.when(wg == nc)
         def _producer():
