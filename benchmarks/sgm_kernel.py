@@ -147,6 +147,9 @@ def parse_args(argv):
     p.add_argument("--sweep-cases", default=None,
                    help="with --sweep: comma list of cases to sweep (default: all timed cases)")
     p.add_argument("--sweep-fwd", default=None, help="with --sweep: indices into SWEEP[case] to time (default all)")
+    p.add_argument("--sweep-bwd", default=None,
+                   help="with --sweep: indices into SWEEP_DQ[case] to time (default all; '' for none: a forward-only "
+                        "tuning run)")
     p.add_argument("--sweep", action="store_true",
                    help="also time the forward under alternative kernel plans (SWEEP), each checked against the "
                         "default plan's output first")
@@ -163,6 +166,14 @@ def parse_args(argv):
         if c not in CASES["full"]:
             p.error(f"unknown case {c!r}; expected vsa and/or decmem")
     args.heads = args.heads or (1 if args.small else 12)
+    swept = args.cases if args.sweep_cases is None else [c for c in args.sweep_cases.split(",") if c]
+    for flag, table, given in (("--sweep-fwd", SWEEP, args.sweep_fwd), ("--sweep-bwd", SWEEP_DQ, args.sweep_bwd)):
+        try:  # bad indices fail here, not after the checks and timings that come before the sweep
+            for c in swept:
+                pick(table[c], given)
+        except (ValueError, IndexError, KeyError):
+            p.error(f"{flag} {given!r}: expected comma-separated indices into the plan list of each swept case "
+                    f"({', '.join(f'{c}: {len(table[c])} plans' for c in swept)})")
     if args.json is None:
         out_dir = os.environ.get("OUT")
         args.json = str(pathlib.Path(out_dir) / "sgm_kernel.json") if out_dir else "out/sgm_kernel.json"
@@ -431,7 +442,7 @@ def sweep_case(name, c, ref_out, args):
     g = dict(block_q=c["bq"], block_kv=c["bkv"])
     a = (c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"])
     fl = flop_counts(c)["fwd"]
-    picks = SWEEP[name] if args.sweep_fwd is None else [SWEEP[name][int(i)] for i in args.sweep_fwd.split(",") if i]
+    picks = pick(SWEEP[name], args.sweep_fwd)
 
     def check(over):
         row = {"plan_overrides": over}
@@ -470,7 +481,12 @@ def sweep_dq(name, c, out, lse, cot, args):
             row["status"] = f"mismatch vs the automatic plan: {max(errs):.2e}"
             return row, None
         return row, f
-    return _sweep("dq ", name, SWEEP_DQ[name], a, check, args)
+    return _sweep("dq ", name, pick(SWEEP_DQ[name], args.sweep_bwd), a, check, args)
+
+
+def pick(plans, indices):
+    """The plans at the comma-separated `indices` (None: all)."""
+    return plans if indices is None else [plans[int(i)] for i in indices.split(",") if i]
 
 
 def run_case(name, geo, args, backend):
@@ -494,7 +510,7 @@ def run_case(name, geo, args, backend):
         res[peer] = bench(c, ours_out, cot, args) if ours_out is not None else {"status": "skipped (ours failed)"}
     if args.sweep and ours_out is not None and (args.sweep_cases is None or name in args.sweep_cases.split(",")):
         res["sweep"] = sweep_case(name, c, ours_out, args)
-        if SWEEP_DQ[name]:
+        if pick(SWEEP_DQ[name], args.sweep_bwd):
             out, lse = mg.sgm_forward_mgpu(c["q"], c["k"], c["v"], c["idx"], c["cnt"], c["lens"], block_q=c["bq"],
                                            block_kv=c["bkv"], interpret=args.interpret)
             res["sweep_dq"] = sweep_dq(name, c, out, lse, cot, args)

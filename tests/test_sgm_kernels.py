@@ -323,6 +323,8 @@ def test_mgpu_forward_plan_choice_and_errors():
         plan(192, 192, consumers=2, share=2)
     with pytest.raises(ValueError, match="box must be 32 or 64"):
         plan(192, 192, box=48)
+    with pytest.raises(ValueError, match="at most 4 boxes per step"):
+        plan(128, 192, width=160)  # 5 boxes of 32
     with pytest.raises(ValueError, match="sched"):
         plan(64, 64, sched=True)  # own lists: step counts differ per consumer
     with pytest.raises(ValueError, match="overlap and sched"):

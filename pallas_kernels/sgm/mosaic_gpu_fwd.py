@@ -106,6 +106,9 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
         raise ValueError(f"{where}: a shared stream needs block_q/64 = {nqs} divisible by consumers")
     if p.box not in (32, 64) or block_kv % p.box or p.width % p.box or not 64 <= p.width <= 256:
         raise ValueError(f"{where}: box must be 32 or 64 dividing block_kv, width a multiple of box in [64, 256]")
+    if CODE_BASE ** p.nbox > 2 ** 31:
+        raise ValueError(f"{where}: at most 4 boxes per step (width / box = {p.nbox}): a step's valid counts are "
+                         f"packed base {CODE_BASE} into one int32")
     if p.splits < 1:
         raise ValueError(f"{where}: splits must be >= 1")
     if p.overlap and p.sched:
