@@ -35,8 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from decmem_jax import format as format_lib
-from decmem_jax.format import FRAMES_PER_LATENT, frames_for_latents, latents_for_frames
+from decmem_jax.format import (FRAMES_PER_LATENT, frames_for_latents, from_model_range, latents_for_frames,
+                               to_model_range)
 from decmem_jax.rollout import engine
 from decmem_jax.rollout.load import RolloutError
 
@@ -46,7 +46,7 @@ def encode(vae, frames: np.ndarray) -> jax.Array:
     step, so a long context never sits in the encoder whole)."""
     from decmem_jax.models import vae_stream
 
-    pixels = jnp.asarray(format_lib.to_model_range(frames))
+    pixels = jnp.asarray(to_model_range(frames))
     return jnp.concatenate(list(vae_stream.stream_encode(vae, pixels, chunk=4)), axis=1)
 
 
@@ -202,7 +202,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
     text = jnp.asarray(text) if shard is None else shard.replicate(jnp.asarray(text))
 
     def out(pixels):
-        return pixels if raw else format_lib.from_model_range(pixels)
+        return pixels if raw else from_model_range(pixels)
 
     def segments():
         # 1. The memory bank.
