@@ -17,7 +17,9 @@ they are asked for. Backend functions (all keyword arguments static Python value
         -> (dq, dk, dv)
 
 `q_rows` reaches bwd only when a caller passes it (a static int < block_q): the rows of a query block past it are
-padding, whose cotangent the backend must take as zero (`reference.mask_padding_rows`) and may skip.
+padding, whose cotangent the backend must take as zero (`reference.mask_padding_rows`) and may skip. It reaches fwd
+only in the forward-only form (return_lse=True) and only for a backend registered with fwd_q_rows=True, which may
+then skip those rows (returning out 0 and LSE −inf for them) or compute them as usual.
 
 `lse` is a residual passed back unchanged to the same backend's bwd; report it as the natural-log LSE fp32
 [B, H, Tq] (−inf for rows without a valid key) so it can be checked against `sgm_reference`. Indices reach the
@@ -56,6 +58,7 @@ class Backend:
     head_dims: tuple[int, ...] | None = None  # supported head dims (None: any)
     dtypes: tuple = _DTYPES
     platforms: tuple[str, ...] | None = None  # JAX platforms it runs on (None: any)
+    fwd_q_rows: bool = False  # fwd takes q_rows (forward-only calls; see the module docstring)
 
 
 _REGISTRY: dict[str, Backend] = {}
@@ -64,7 +67,7 @@ _import_errors: dict[str, str] = {}
 
 def register_backend(name: str, fwd: Callable, bwd: Callable | None, *, tile: tuple[int, int] = (1, 1),
                      head_dims: tuple[int, ...] | None = None, dtypes=_DTYPES,
-                     platforms: tuple[str, ...] | None = None) -> Backend:
+                     platforms: tuple[str, ...] | None = None, fwd_q_rows: bool = False) -> Backend:
     """Registers (or replaces) a backend under `name`; see the module docstring for the fwd/bwd signatures."""
     if name == "auto":
         raise ValueError("backend name 'auto' is reserved")
@@ -72,7 +75,8 @@ def register_backend(name: str, fwd: Callable, bwd: Callable | None, *, tile: tu
     if len(tile) != 2 or min(tile) < 1:
         raise ValueError(f"tile must be two positive ints (block_q, block_kv multiples), got {tile}")
     entry = Backend(name, fwd, bwd, tile, None if head_dims is None else tuple(head_dims),
-                    tuple(jnp.dtype(d) for d in dtypes), None if platforms is None else tuple(platforms))
+                    tuple(jnp.dtype(d) for d in dtypes), None if platforms is None else tuple(platforms),
+                    bool(fwd_q_rows))
     if name in _REGISTRY:
         log.info("sgm backend %r re-registered", name)
     _REGISTRY[name] = entry
@@ -236,9 +240,11 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     forward-only: differentiating it raises.
 
     q_rows (static int, optional): only the first q_rows rows of every query block are queries, the rest padding (a
-    block-major layout whose blocks hold fewer tokens than block_q). Their outputs are computed as usual, but the
-    backward takes their cotangent as zero: they get dq = 0 and add nothing to dk, dv, so kernels may skip them
-    (the Mosaic GPU dk/dv kernel streams 160 of DecMem's 192 rows). Exact when the caller drops those rows.
+    block-major layout whose blocks hold fewer tokens than block_q). Differentiable form: their outputs are computed
+    as usual, but the backward takes their cotangent as zero: they get dq = 0 and add nothing to dk, dv, so kernels
+    may skip them (the Mosaic GPU dk/dv kernel streams 160 of DecMem's 192 rows). return_lse=True: they get out
+    0 and LSE −inf from a backend that skips them in the forward (the Mosaic GPU forward can pack the partial q
+    tiles, `mosaic_gpu.forward_packed`), or are computed as usual. Exact when the caller drops those rows.
 
     Index values are checked when concrete. Traced indices are not checked: ids are clamped into [0, Nk), counts
     clipped to [0, K] and lengths to [0, block_kv], so bad values give wrong results rather than errors.
@@ -263,20 +269,22 @@ def sgm_attention(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q:
     cnt = jnp.clip(jnp.asarray(kv_block_cnt, jnp.int32), 0, kk)
     lens = jnp.clip(jnp.asarray(kv_block_len, jnp.int32), 0, block_kv)
     if return_lse:
-        return _sgm_with_lse(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name)
+        return _sgm_with_lse(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name, q_rows)
     return _sgm(q, k, v, idx, cnt, lens, int(block_q), int(block_kv), float(scale), entry.name, q_rows)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))
-def _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
-    return _REGISTRY[name].fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9, 10))
+def _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows):
+    entry = _REGISTRY[name]
+    rows = {"q_rows": q_rows} if q_rows is not None and entry.fwd_q_rows else {}
+    return entry.fwd(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale, **rows)
 
 
-def _sgm_with_lse_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name):
-    return _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name), None
+def _sgm_with_lse_fwd(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows):
+    return _sgm_with_lse(q, k, v, idx, cnt, lens, block_q, block_kv, scale, name, q_rows), None
 
 
-def _sgm_with_lse_bwd(block_q, block_kv, scale, name, res, cotangents):
+def _sgm_with_lse_bwd(block_q, block_kv, scale, name, q_rows, res, cotangents):
     raise NotImplementedError("sgm_attention(return_lse=True) is forward-only (inference merges); differentiate "
                               "sgm_attention with return_lse=False")
 

@@ -17,7 +17,10 @@ rowsum(dO·O) and the LSE base conversion.
 Plans (`forward_plan`, `dq_plan`; `mosaic_gpu_fwd.StreamPlan`): the forward shares one K/V stream among the q tiles
 of a query block when it has 2 or 3 of them (DecMem's 192-slot blocks), uses 32-row key boxes for blocks larger
 than 64, and splits short grids; dq shares a stream among 3 consumers for 192-slot query blocks (DQ_SHARED3) and
-otherwise keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS); both measured.
+otherwise keeps 2 consumers with their own lists and 64-row steps (DQ_DEFAULTS); both measured. A forward-only
+caller that passes q_rows (the rollout) may have the padding rows skipped: `forward_packed` runs a block's whole q
+tiles as usual and packs the partial last tiles of up to 3 neighbouring blocks into one tile over the union of
+their lists (Q_TAILS).
 
 Backward: split and deterministic (no atomics). dq kernel: the forward's CTA machinery under its own plan. dk/dv
 kernel: each consumer owns one 64-row key tile and walks the query rows of the query blocks that selected its key
@@ -44,12 +47,12 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.sgm.api import register_backend
-from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps
+from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_steps, union_lists
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call, query_boxes
 from pallas_kernels.sgm.mosaic_gpu_tail import TAIL, dkv_tail_call, tail_plan
 from pallas_kernels.sgm.reference import check_q_rows, mask_padding_rows
-from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, LOG2E, TILE, StreamPlan, default_splits, forward_call,
-                                               merge_splits, plan_stream)
+from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, GROUP_BASE, GROUP_BITS, LOG2E, TILE, StreamPlan, default_splits,
+                                               forward_call, merge_splits, plan_stream)
 
 __all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "dq_plan", "default_stages", "SUPPORTED_DTYPES",
            "SUPPORTED_HEAD_DIMS", "StreamPlan"]
@@ -97,6 +100,9 @@ Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: on is faster)
+# Packed q tails in the forward, when a caller passes q_rows (`forward_packed`): not yet timed, so off by default
+# (SGM_MGPU_Q_TAILS=1 turns it on).
+Q_TAILS = _switch("SGM_MGPU_Q_TAILS", "0")
 
 
 def _long_lists(kv_block_idx, nk):
@@ -195,24 +201,98 @@ def _sanitize(idx, cnt, lens, nk, block_kv):
 
 
 def _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None, stages=None,
-             plan=None, interpret=False):
+             plan=None, interpret=False, q_rows=None, q_tails=None):
     """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`).
     `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `StreamPlan`, hashable for jit)
-    overrides the automatic plan; both are for tuning."""
+    overrides the automatic plan; both are for tuning. q_rows (static): only the first q_rows rows of each query
+    block are queries; with q_tails (default Q_TAILS) the rows past it are skipped (out 0, LSE −inf) and the partial
+    last q tiles are packed (`forward_packed`); without, q_rows changes nothing."""
     B, Tq, H, D, Nq, Nk, _ = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, stages)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
-    p = forward_plan(q.shape, block_q, block_kv, q.dtype, stages=stages, plan=dict(plan or ()))
     idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
-    rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, p)
-    out, lse = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p, interpret=interpret)
+    q_rows = check_q_rows(q_rows, block_q, "sgm_forward_mgpu")
+    if q_rows is not None and (Q_TAILS if q_tails is None else q_tails):
+        return forward_packed(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, q_rows=q_rows,
+                              scale=scale, stages=stages, plan=plan, interpret=interpret)
+    return _forward_lists(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, scale=scale, stages=stages,
+                          plan=plan, interpret=interpret)
+
+
+def _forward_lists(q, k, v, idx, cnt, lens, *, block_q, block_kv, scale, stages, plan, interpret, union=None):
+    """One forward launch over sanitised lists (or, with union = (groups, rows, bits), over `lists.union_lists`
+    of packed tails), splits merged."""
+    p = forward_plan(q.shape, block_q, block_kv, q.dtype, stages=stages, plan=dict(plan or ()))
+    if union is None:
+        rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, p)
+        groups = None
+    else:
+        *groups, bits = union
+        rows, valid, nsteps, box_bits = subtile_steps(idx, cnt, lens, block_kv=block_kv, sub=p.box, payload=bits)
+        rows, code, nsteps = group_steps(rows, valid, nsteps, p.nbox, base=CODE_BASE, bits=box_bits,
+                                         bits_base=GROUP_BASE)
+    out, lse = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p, interpret=interpret,
+                            row_groups=None if groups is None else tuple(groups))
     return merge_splits(out, lse) if p.splits > 1 else (out, lse)
+
+
+def packed_rows(q_rows):
+    """(rows run as whole q tiles, tail rows packed, tails per packed tile) of query blocks with q_rows rows in use:
+    the tail (q_rows mod 64) is packed when at least two fit in a tile (at most 3: the codes carry 3 group bits per
+    box), else it gets a tile of its own."""
+    full, tail = divmod(q_rows, TILE)
+    if tail and TILE // tail < 2:
+        return (full + 1) * TILE, 0, 0
+    return full * TILE, tail, (min(TILE // tail, GROUP_BITS) if tail else 0)
+
+
+def forward_packed(q, k, v, idx, cnt, lens, *, block_q, block_kv, q_rows, scale, stages=None, plan=None,
+                   interpret=False):
+    """The forward without the padding rows of partly used query blocks (sanitised lists; q_rows < block_q).
+
+    DecMem's blocks hold 147 queries in 192 slots: 2 whole q tiles and a third with 19 rows in use, which costs a
+    whole tile's tensor-core work. Here the whole tiles run as query blocks of 64·(q_rows // 64) rows (plan and
+    `plan` overrides as usual), and the tails of `64 // tail` consecutive query blocks share ONE 64-row tile that
+    walks the union of their lists once, each block's rows masked to its own selections (`lists.union_lists`,
+    `mosaic_gpu_fwd.mask_row_groups`). The tails then cost the union of the lists instead of their sum: in the
+    rollout benchmark's geometry 107 of 240 key blocks for three neighbouring blocks of a frame (their pooled
+    queries select much the same memory). Rows past q_rows: out 0, LSE −inf."""
+    B, Tq, H, D = q.shape
+    nq = Tq // block_q
+    main, tail, groups = packed_rows(q_rows)
+    blocks = q.reshape(B, nq, block_q, H, D)
+    outs, lses = [], []
+    if main:
+        q_main = blocks[:, :, :main].reshape(B, nq * main, H, D)
+        o, l = _forward_lists(q_main, k, v, idx, cnt, lens, block_q=main, block_kv=block_kv, scale=scale,
+                              stages=stages, plan=plan, interpret=interpret)
+        outs.append(o.reshape(B, nq, main, H, D))
+        lses.append(l.reshape(B, H, nq, main))
+    if tail:
+        ng = -(-nq // groups)
+        q_tail = jnp.pad(blocks[:, :, main:main + tail], ((0, 0), (0, ng * groups - nq), (0, 0), (0, 0), (0, 0)))
+        q_tail = jnp.pad(q_tail.reshape(B, ng, groups * tail, H, D),
+                         ((0, 0), (0, 0), (0, TILE - groups * tail), (0, 0), (0, 0))).reshape(B, ng * TILE, H, D)
+        uidx, ucnt, ubits = union_lists(idx, cnt, groups)
+        o, l = _forward_lists(q_tail, k, v, uidx, ucnt, lens, block_q=TILE, block_kv=block_kv, scale=scale,
+                              stages=stages, plan=None, interpret=interpret, union=(groups, tail, ubits))
+        o = o.reshape(B, ng, TILE, H, D)[:, :, :groups * tail].reshape(B, ng * groups, tail, H, D)
+        l = l.reshape(B, H, ng, TILE)[..., :groups * tail].reshape(B, H, ng * groups, tail)
+        outs.append(o[:, :nq])
+        lses.append(l[:, :, :nq])
+    pad = block_q - main - tail
+    if pad:
+        outs.append(jnp.zeros((B, nq, pad, H, D), q.dtype))
+        lses.append(jnp.full((B, H, nq, pad), -jnp.inf, jnp.float32))
+    out = jnp.concatenate(outs, axis=2).reshape(B, Tq, H, D)
+    return out, jnp.concatenate(lses, axis=3).reshape(B, H, Tq)
 
 
 # The public entry point is jitted; sgm_attention calls `_forward` as is (`_api_fwd`): inside the model's jit a
 # nested one adds nothing, and the traced program then holds the kernel call directly next to the names api.py gives
 # its outputs for remat policies (with or without the nested jit, the policy kept them in a traced test; the H200
 # measurement of remat="save_sgm" in docs/benchmarks.md ran this way).
-sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret"))
+sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret",
+                                                     "q_rows", "q_tails"))
 
 
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
@@ -299,9 +379,10 @@ def dkv_tile_map(taken):
 # ------------------------------------------------------------------------------------- sgm_attention registration
 
 
-def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale, interpret=False):
+def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale, q_rows=None,
+             interpret=False, q_tails=None):
     return _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q, block_kv=block_kv,
-                    scale=scale, interpret=interpret)
+                    scale=scale, interpret=interpret, q_rows=q_rows, q_tails=q_tails)
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
@@ -313,4 +394,4 @@ def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, 
 
 # Plugs into `sgm_attention(..., backend="mosaic_gpu")` (api.py imports this module lazily, so no import cycle).
 register_backend("mosaic_gpu", _api_fwd, _api_bwd, tile=(TILE, TILE), head_dims=SUPPORTED_HEAD_DIMS,
-                 dtypes=SUPPORTED_DTYPES, platforms=("gpu",))
+                 dtypes=SUPPORTED_DTYPES, platforms=("gpu",), fwd_q_rows=True)

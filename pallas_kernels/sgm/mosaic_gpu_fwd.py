@@ -49,6 +49,8 @@ PRODUCER_REGS = 40
 CONSUMER_REGS = {1: 232, 2: 232, 3: 152}  # per consumer thread: 65,536 registers over the CTA, multiples of 8
 SMEM_BUDGET = 232_448 - 4096  # sm_90 opt-in maximum minus room for barriers and buffer alignment (~2.8 KB seen)
 CODE_BASE = 128  # valid counts (0..64) of a step's boxes packed base 128 into one int32
+GROUP_BITS = 3  # row groups of a packed-tails q tile (mosaic_gpu.forward_packed) at most; one bit each per box,
+GROUP_BASE = 2 ** GROUP_BITS  # packed base 8 above the boxes' valid counts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -282,17 +284,24 @@ def mask_boxes(s, code, box, nbox):
     return lax.cond(code != full, apply, lambda x: x, s)
 
 
-def online_softmax(s, code, m_i, l_i, c_log2, plan, dt):
+def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
     """One step of the base-2 online softmax of raw logits `s` [64, width]: (p in `dt`, new running max, new running
-    sum, the rescale factor alpha of everything accumulated before)."""
-    s = mask_boxes(s * c_log2, code, plan.box, plan.nbox)
-    m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
-    alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    sum, the rescale factor alpha of everything accumulated before). row_groups: a packed-tails tile
+    (`mask_row_groups`), whose rows may see no key in a step."""
+    if row_groups is None:
+        s = mask_boxes(s * c_log2, code, plan.box, plan.nbox)
+        m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
+        m_use = m_new
+    else:
+        s = mask_row_groups(s * c_log2, code, plan.box, plan.nbox, *row_groups)
+        m_new = jnp.maximum(m_i, s.max(axis=1))  # −inf for a row that has seen no key yet
+        m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # exp2(−inf − 0) = 0, not NaN
+    alpha = jnp.exp2(m_i - m_use)
+    p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
 
 
-def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret):
+def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, row_groups=None):
     """The forward's n >= 1 steps with QKᵀ and P·V in flight together (FlashAttention-3's intra-warpgroup overlap):
     iteration t issues QKᵀ of step t, then P·V of step t − 1, waits for the first only (`wait_n=1`), runs step t's
     softmax while P·V is still on the tensor cores, and rescales the output accumulator once that has landed. When
@@ -328,14 +337,15 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret):
         acc = zeros_acc(d) if acc_o is None else None
         s, _ = logits(0)
         plgpu.barrier_arrive(k_done.at[slot(0)])
-        p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt)
+        p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt,
+                                        row_groups)
 
         def step(t, carry):
             p, m_i, l_i, cd, acc = carry
             cd_next = code_at(t + 1)
             s, acc = logits(t, p, acc)
             plgpu.barrier_arrive(k_done.at[slot(t)])
-            p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt)
+            p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups)
             scale = lambda x: x * lax.broadcast_in_dim(alpha, x.shape, [0])
             if acc_o is None:
                 acc = scale(acc)
@@ -359,6 +369,25 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret):
     if interpret:
         return run(None)
     return pl.run_scoped(run, plgpu.ACC((TILE, d), f32))
+def mask_row_groups(s, code, box, nbox, groups, rows):
+    """Key columns of a step of a packed-tails q tile (`mosaic_gpu_qtails`): rows g·rows .. g·rows + rows − 1 are
+    the tail of the group's g-th query block and see column j·box + i iff i < valid_j and bit g of box j's bits is
+    set (`lists.group_steps` with bits); rows past groups·rows see nothing. Always applied: most union entries were
+    selected by only some of the blocks."""
+    col = plgpu.broadcasted_iota(jnp.int32, s.shape, 1, layout=plgpu.Layout.WGMMA)
+    row = plgpu.broadcasted_iota(jnp.int32, s.shape, 0, layout=plgpu.Layout.WGMMA)
+    bits = lax.div(code, jnp.int32(CODE_BASE ** nbox))
+    ok = None
+    for j in range(nbox):
+        vj = lax.rem(lax.div(code, jnp.int32(CODE_BASE ** j)), jnp.int32(CODE_BASE))
+        bj = lax.rem(lax.div(bits, jnp.int32(GROUP_BASE ** j)), jnp.int32(GROUP_BASE))
+        limit = jnp.zeros_like(row)
+        for g in range(groups):  # valid keys of box j for the rows of group g: vj if the group selected it, else 0
+            seen = vj * lax.rem(lax.div(bj, jnp.int32(2 ** g)), jnp.int32(2))
+            limit = jnp.where(jnp.logical_and(row >= g * rows, row < (g + 1) * rows), seen, limit)
+        in_box = jnp.logical_and(col >= j * box, col < j * box + limit)
+        ok = in_box if ok is None else jnp.logical_or(ok, in_box)
+    return jnp.where(ok, s, -jnp.inf)
 
 
 def row_vector(value):
@@ -417,10 +446,14 @@ def kv_producer(streams, rows_ref, b, h, k, v, stages, box):
     ring_producer(specs, [n for _, _, n in streams], stages)
 
 
-def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret):
+def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret, row_groups=None):
     """Launches the forward kernel. rows `[B, H, Nq, M, nbox]` / code `[B, H, Nq, M]` / nsteps `[B, H, Nq]`:
     `lists.group_steps` of `lists.subtile_steps(sub=plan.box)`. Returns (out, lse), each with a leading split axis
-    when plan.splits > 1 (partial results: see merge_splits)."""
+    when plan.splits > 1 (partial results: see merge_splits).
+
+    row_groups = (groups, rows): packed q tails (64-row query blocks whose rows come in `groups` groups of `rows`
+    with their own selections; the codes carry each box's group bits, `mask_row_groups`). A row may then see no key
+    in a step, or in a whole split, so the running max is guarded against −inf."""
     B, Tq, H, D = q.shape
     dt = q.dtype
     nc, S, W, nsplit = plan.consumers, plan.stages, plan.width, plan.splits
@@ -474,7 +507,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                     plgpu.barrier_wait(k_rdy.at[bi])
                     s = logits(bi)
                     plgpu.barrier_arrive(k_done.at[bi])
-                    p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt)
+                    p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups)
                     acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
                     if plan.sched:  # softmax done: hand the tensor cores over, then wait for our turn
                         acc, l_i, m_new, p = lax.optimization_barrier((acc, l_i, m_new, p))
@@ -500,7 +533,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                 if plan.overlap:
                     ring = (slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
                     pl.when(n > 0)(lambda: finish(*overlapped_steps(
-                        n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret)))
+                        n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret, row_groups)))
                     pl.when(n == 0)(lambda: finish(*empty))
                     return
                 odd = lax.rem(wg, 2) == 1
