@@ -7,7 +7,7 @@ group of three (0: independent random lists; the rollout benchmark's real lists 
 frame select 107 distinct blocks of 240). Every case first checks the packed output against the padded kernel on
 the rows in use (and that the padding rows are 0 with LSE -inf), then times both (median of `--repeats` samples of
 `--inner` back-to-back calls). `--plans` also times the packed forward under plan overrides of its whole-tile part
-(e.g. `width=64;box=64,width=64;sched=1`), to tune it.
+(e.g. `overlap=1,width=64;box=64,sched=1`), to tune it.
 
   python3 benchmarks/sgm_qtails.py                     # H100/H200
   python3 benchmarks/sgm_qtails.py --small --interpret # CPU smoke run in the Mosaic GPU interpreter (seconds)
@@ -33,17 +33,19 @@ GEOMETRY = {"full": dict(B=1, H=12, D=128, NQ=48, NK=360, K=80, BQ=192, rows=147
             "small": dict(B=1, H=1, D=64, NQ=6, NK=12, K=4, BQ=192, rows=147, lens=(147, 147, 146))}
 
 
+FIELDS = ("width", "box", "consumers", "share", "splits", "stages", "sched", "overlap")  # StreamPlan overrides
+
+
 def parse_plans(text):
-    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; sched a bool)."""
+    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; sched, overlap bools)."""
     plans = []
     for spec in filter(None, text.split(",")):
         items = []
         for kv in spec.split(";"):
             key, _, value = kv.partition("=")
-            if key not in ("width", "box", "consumers", "share", "splits", "stages", "sched") or not value.isdigit():
-                raise ValueError(f"--plans: bad entry {kv!r} (expected field=int with field in width, box, consumers, "
-                                 "share, splits, stages, sched)")
-            items.append((key, bool(int(value)) if key == "sched" else int(value)))
+            if key not in FIELDS or not value.isdigit():
+                raise ValueError(f"--plans: bad entry {kv!r} (expected field=int with field in {', '.join(FIELDS)})")
+            items.append((key, bool(int(value)) if key in ("sched", "overlap") else int(value)))
         plans.append(tuple(items))
     return plans
 

@@ -78,14 +78,21 @@ def test_packed_rows_split():
     assert packed_rows(128) == (128, 0, 0) and packed_rows(20) == (0, 20, 3)
 
 
-@pytest.mark.parametrize("bq, q_rows, nq, dtype", [(192, 147, 4, BF16), (128, 80, 3, F16), (64, 21, 5, BF16)],
-                         ids=["decmem-ragged-group", "tail16-fp16", "tails-only"])
-def test_forward_packed_matches_the_oracle(bq, q_rows, nq, dtype):
+@pytest.mark.parametrize("bq, q_rows, nq, dtype, overlap", [(192, 147, 4, BF16, False), (128, 80, 3, F16, False),
+                                                             (64, 21, 5, BF16, False), (192, 147, 4, BF16, True)],
+                         ids=["decmem-ragged-group", "tail16-fp16", "tails-only", "decmem-overlap"])
+def test_forward_packed_matches_the_oracle(bq, q_rows, nq, dtype, overlap, monkeypatch):
     """Rows in use against the dense oracle (count-0 blocks inside a group included: their rows get 0 and −inf);
-    rows past q_rows: out 0, LSE −inf; the whole and the packed parts both present (or only the tails)."""
+    rows past q_rows: out 0, LSE −inf; the whole and the packed parts both present (or only the tails). overlap:
+    both parts under the intra-consumer overlap plan (the tails' rows that see no key in a step included)."""
     c = make_case(40 + bq, B=2, H=2, D=64, bq=bq, bkv=bq, Nq=nq, Nk=5, K=3, dtype=dtype)
     c["kv_block_cnt"] = c["kv_block_cnt"].at[1, 0, 1].set(0)
-    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), q_rows=q_rows, q_tails=True, interpret=True)
+    plan = None
+    if overlap:  # the whole tiles by their plan override, the tails by the module default (read when traced)
+        monkeypatch.setattr(mosaic_gpu_mod, "FWD_OVERLAP", True)
+        plan = (("overlap", True),)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), q_rows=q_rows, q_tails=True, plan=plan,
+                                interpret=True)
     ref_out, ref_lse, _ = oracle(c)
     keep = (np.arange(nq * bq) % bq) < q_rows
     o, l = np.asarray(out, np.float32), np.asarray(lse)
@@ -138,8 +145,11 @@ def test_forward_packed_lowers_for_sm90(D, block, q_rows):
     B, H, Nq, Nk, K = 1, 2, 4, 5, 3
     q, k = sds((B, Nq * block, H, D), jnp.bfloat16), sds((B, Nk * block, H, D), jnp.bfloat16)
     lst = (sds((B, H, Nq, K), jnp.int32), sds((B, H, Nq), jnp.int32), sds((B, Nk), jnp.int32))
-    f = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, q_rows=q_rows, q_tails=True))
-    assert f.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("custom_call @mosaic_gpu") == 2
+    for plan in (None, (("overlap", True),)):  # and the whole tiles with the intra-consumer overlap
+        f = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block, q_rows=q_rows, q_tails=True,
+                                      plan=plan))
+        assert f.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
+            "custom_call @mosaic_gpu") == 2
 
 
 def test_sgm_qtails_benchmark_small(tmp_path):
