@@ -69,6 +69,7 @@ from benchmarks.common import guarded, jax_block, jax_info, timed, write_record 
 from benchmarks.sgm_peers import bench_cudnn_bsa, bench_flex, bench_vsa, rel  # noqa: E402
 from benchmarks.sgm_peers import ms_of as _ms  # noqa: E402
 from benchmarks.sgm_sweep import SWEEP, SWEEP_DQ, pick, sweep_case, sweep_dq  # noqa: E402
+from pallas_kernels import interpreter  # noqa: E402
 from pallas_kernels.sgm import api  # noqa: E402
 from pallas_kernels.sgm import mosaic_gpu as mg  # noqa: E402
 from pallas_kernels.sgm.reference import (dense_masked_reference, mask_padding_rows, sgm_reference,  # noqa: E402
@@ -432,6 +433,8 @@ def print_table(results):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.interpret:  # before JAX's first computation: the flag the interpreter needs on few cores
+        interpreter.enable()
     platform = jax.default_backend()
     if not args.interpret and platform != "gpu":
         print(f"error: the Mosaic GPU kernel needs an sm_90 GPU, JAX platform is {platform!r}; on a CPU use "

@@ -8,6 +8,7 @@ tests/test_sgm_kernels.py."""
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -18,16 +19,8 @@ from pallas_kernels.sgm import api
 from pallas_kernels.sgm import mosaic_gpu as mosaic_gpu_mod
 from pallas_kernels.sgm.lists import group_steps, subtile_steps, union_lists
 from pallas_kernels.sgm.mosaic_gpu import packed_rows, sgm_forward_mgpu
+from pallas_kernels.sgm.mosaic_gpu_fwd import interpret_params
 from tests.test_sgm_kernels import BF16, F16, FWD_TOL, lists_of, make_case, oracle, rel
-
-
-@pytest.fixture(autouse=True)
-def _no_splits(monkeypatch):
-    """One CTA per tile group: the packed forward's two launches with split step lists hang the Mosaic GPU
-    interpreter now and then (3 of 5 runs of the small benchmark on 2 cores; 0 of 5 without splits; threads stuck in
-    XLA:CPU executions beside barrier waits, never on the GPU). Splits themselves are tested in
-    tests/test_sgm_kernels.py."""
-    monkeypatch.setattr(mosaic_gpu_mod, "default_splits", lambda n_ctas, n_sms=None, waves=5: 1)
 
 
 def test_union_lists_against_sets():
@@ -167,3 +160,22 @@ def test_sgm_qtails_benchmark_small(tmp_path):
     assert [v["status"] for v in row["variants"].values()] == ["ok", "ok"]
     with pytest.raises(SystemExit):
         sgm_qtails.parse_args(["--plans", "width=x"])
+
+
+def test_interpreter_flag(monkeypatch):
+    """pallas_kernels.interpreter: enable() adds the scheduler flag once, keeping the flags already set; this test
+    session has it (conftest); an interpreted kernel without it warns once, naming the flag."""
+    from pallas_kernels import interpreter
+
+    env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+    assert interpreter.enable(env) is env and interpreter.enable(env)["XLA_FLAGS"].split() == [
+        "--xla_dump_to=/tmp/x", interpreter.FLAG]
+    assert interpreter.enable({})["XLA_FLAGS"] == interpreter.FLAG and interpreter.enabled()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    monkeypatch.setattr(interpreter, "_warned", False)
+    with pytest.warns(RuntimeWarning, match="concurrency_optimized_scheduler=false"):
+        interpret_params(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        interpret_params(True)  # once only
+        assert interpret_params(False) is False

@@ -40,6 +40,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels import interpreter
+
 TILE = 64  # rows of a q tile and of a backward key step; also the wgmma M
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -195,6 +197,7 @@ def interpret_params(interpret):
     uninitialised SMEM is NaN-filled and out-of-bounds reads raise)."""
     if interpret is None or interpret is False:
         return False
+    interpreter.check()
     if interpret is True:
         return plgpu.InterpretGPUParams()
     return interpret
