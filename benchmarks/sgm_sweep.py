@@ -31,17 +31,20 @@ SWEEP = {
 # streaming only the 147 query rows in use as packed 32-row boxes instead of whole q tiles (the cotangent is zero
 # past them either way); k_tails=True, the 19-key tails of the key blocks through the transposed tail kernel instead
 # of full 64-key tiles. All variants must give the same gradients (up to fp32 summation order).
-# dkv_share=True, a dk/dv CTA's two tiles of one key block on one query stream.
+# dkv_share=True, a dk/dv CTA's two tiles of one key block on one query stream. dkv_overlap=True / overlap=True (a dq
+# plan field), the dk/dv / dq consumers' wgmmas in flight during their own exp2 and dS arithmetic.
 PACKED = dict(q_boxes=True, k_tails=True)
 SHARED = dict(PACKED, dkv_share=True)
+# each backward kernel's intra-consumer overlap alone, then both (on top of the case's defaults)
+OVERLAPS = (dict(dkv_overlap=True), dict(overlap=True), dict(overlap=True, dkv_overlap=True))
 SWEEP_DQ = {
     "vsa": [],
     "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, SHARED, dict(dkv_share=True),
-               dict(consumers=2, share=1), {}, PACKED, SHARED],
-    "decmem_cfg": [{}, PACKED, SHARED, {}, PACKED, SHARED],
-    "decmem_train": [{}, PACKED, SHARED, {}, PACKED, SHARED],
+               dict(consumers=2, share=1), {}, PACKED, SHARED, *OVERLAPS, {}],
+    "decmem_cfg": [{}, PACKED, SHARED, {}, PACKED, SHARED, *OVERLAPS, {}],
+    "decmem_train": [{}, PACKED, SHARED, {}, PACKED, SHARED, *OVERLAPS, {}],
 }
-DKV_SWITCHES = ("q_boxes", "k_tails", "dkv_share")  # sgm_backward_mgpu arguments, not dq plan fields
+DKV_SWITCHES = ("q_boxes", "k_tails", "dkv_share", "dkv_overlap")  # sgm_backward_mgpu arguments, not dq plan fields
 
 
 
@@ -124,7 +127,7 @@ def sweep_dq(name, c, out, lse, cot, args, *, tol):
         over = dict(over)
         dkv = {n: over.pop(n, None) for n in DKV_SWITCHES}
         row["plan"] = dataclasses.asdict(mg.dq_plan(c["q"].shape, c["bq"], c["bkv"], c["q"].dtype, plan=over))
-        defaults = dict(q_boxes=mg.Q_BOXES, k_tails=mg.K_TAILS, dkv_share=mg.DKV_SHARE)
+        defaults = dict(q_boxes=mg.Q_BOXES, k_tails=mg.K_TAILS, dkv_share=mg.DKV_SHARE, dkv_overlap=mg.DKV_OVERLAP)
         row.update({n: defaults[n] if dkv[n] is None else dkv[n] for n in DKV_SWITCHES})
         f = jax.jit(lambda *x, over=tuple(sorted(over.items())): mg.sgm_backward_mgpu(
             *x, **g, q_rows=c.get("q_rows"), **dkv, dq_plan_overrides=over))

@@ -58,10 +58,12 @@ from decmem_jax.train import metrics as metrics_lib  # noqa: E402
 from decmem_jax.train import state as state_lib  # noqa: E402
 
 
-# --sgm-dkv variant -> (Q_BOXES, K_TAILS, DKV_SHARE) of pallas_kernels.sgm.mosaic_gpu; "default" keeps the module's
-SGM_DKV = {"default": None, "tiles": (False, False, False), "q_boxes": (True, False, False),
-           "k_tails": (False, True, False), "packed": (True, True, False), "shared": (False, False, True),
-           "packed_shared": (True, True, True)}
+# --sgm-dkv variant -> (Q_BOXES, K_TAILS, DKV_SHARE, DKV_OVERLAP) of pallas_kernels.sgm.mosaic_gpu; "default" keeps
+# the module's defaults
+SGM_DKV = {"default": None, "tiles": (False, False, False, False), "q_boxes": (True, False, False, False),
+           "k_tails": (False, True, False, False), "packed": (True, True, False, False),
+           "shared": (False, False, True, False), "packed_shared": (True, True, True, False),
+           "packed_shared_overlap": (True, True, True, True)}
 
 
 def set_sgm_dkv(variant: str) -> None:
@@ -70,7 +72,7 @@ def set_sgm_dkv(variant: str) -> None:
         return
     from pallas_kernels.sgm import mosaic_gpu
 
-    mosaic_gpu.Q_BOXES, mosaic_gpu.K_TAILS, mosaic_gpu.DKV_SHARE = SGM_DKV[variant]
+    mosaic_gpu.Q_BOXES, mosaic_gpu.K_TAILS, mosaic_gpu.DKV_SHARE, mosaic_gpu.DKV_OVERLAP = SGM_DKV[variant]
 
 
 def parse_args(argv):
@@ -99,7 +101,8 @@ def parse_args(argv):
                    help="comma list of Mosaic GPU SGM dk/dv variants, each timed as its own case: default (the "
                         "kernel module's defaults), tiles (whole q tiles, no tail kernel), q_boxes, k_tails, packed "
                         "(both), shared (a CTA's two tiles of one key block on one query stream), packed_shared (all "
-                        "three); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS / DKV_SHARE")
+                        "three), packed_shared_overlap (and the consumers' wgmmas in flight during their "
+                        "arithmetic); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS / DKV_SHARE / DKV_OVERLAP")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
     args.sgm_dkv = [v for v in args.sgm_dkv.split(",") if v]

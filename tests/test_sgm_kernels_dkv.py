@@ -100,3 +100,101 @@ def test_mgpu_dkv_takes_key_tiles_in_the_tile_map_order(monkeypatch):
     want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
     for nm, g, w in zip(("dq", "dk", "dv"), again, want):
         assert rel(g, w) <= GRAD_TOL[BF16], (nm, rel(g, w))
+
+
+@pytest.mark.parametrize("stages, variant", [(1, dict(q_boxes=False)), (2, dict(q_boxes=True, dkv_share=True)),
+                                             (2, dict(q_boxes=True, k_tails=True, dkv_share=True))],
+                         ids=["tiles-ring1", "boxes-shared-ring2", "boxes-tails-shared-ring2"])
+def test_mgpu_dkv_overlap_matches_the_plain_loop(stages, variant, capfd, monkeypatch):
+    """The overlapped dk/dv loop (`mosaic_gpu_bwd.overlapped_dkv`), under the interpreter's race detector: it
+    releases step t − 1's ring slot before awaiting step t's (with a ring of depth 1 they are the same slot: the
+    other order deadlocks), and gives the plain loop's dk, dv bit for bit (the interpreter computes the same products
+    in the same order), within the oracle's bound; consumers with different step counts, half steps of packed boxes
+    and a count-0 query block included."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    from pallas_kernels.sgm import mosaic_gpu_bwd
+
+    ip = plgpu.InterpretGPUParams(detect_races=True)
+    c = make_case(120 + stages, B=1, H=1, D=64, bq=192, bkv=192, Nq=3, Nk=2, K=2, dtype=BF16)
+    c["kv_block_cnt"] = jnp.asarray([[[2, 1, 0]]], jnp.int32)
+    c["kv_block_idx"] = jnp.asarray([[[[0, 1], [1, 1], [0, 1]]]], jnp.int32)
+    c["kv_block_len"] = jnp.asarray([[147, 192]], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(123).normal(size=out.shape), BF16)
+    keep = (np.arange(out.shape[1]) % 192) < 147
+    _, _, vjp = oracle(c)
+    want = vjp(jnp.where(keep[None, :, None, None], d_out, 0).astype(jnp.float32))
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147,
+                            stages=stages, interpret=ip, **variant)
+    plain = bwd(dkv_overlap=False)
+    calls = []
+    real = mosaic_gpu_bwd.overlapped_dkv
+    monkeypatch.setattr(mosaic_gpu_bwd, "overlapped_dkv", lambda *a: calls.append(1) or real(*a))
+    got = bwd(dkv_overlap=True)
+    assert calls  # the overlapped loop was traced
+    for nm, g, p, w in zip(("dq", "dk", "dv"), got, plain, want):
+        assert np.array_equal(np.asarray(g), np.asarray(p)), nm
+        assert rel(g, w) <= GRAD_TOL[BF16], (nm, rel(g, w))
+    assert "RACE DETECTED" not in capfd.readouterr().out
+
+
+@pytest.mark.parametrize("bq, over", [(192, (("splits", 2),)), (64, ()), (192, (("stages", 1), ("splits", 1)))],
+                         ids=["shared3-split2", "own-lists", "shared3-ring1"])
+def test_mgpu_dq_overlap_matches_the_plain_loop(bq, over, capfd):
+    """The overlapped dq loop (`mosaic_gpu_bwd.overlapped_dq`, plan `overlap`) under the race detector: 3 consumers
+    on one shared K/V stream split over 2 CTAs, 2 consumers with their own lists and different step counts (one
+    query block without any), and a ring of depth 1 (step t − 1's K slot must be released before step t's is
+    awaited). dq equals the plain loop's bit for bit in the interpreter and the oracle's within its bound."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    ip = plgpu.InterpretGPUParams(detect_races=True)
+    c = make_case(130 + bq, B=1, H=1, D=64, bq=bq, bkv=bq, Nq=3, Nk=3, K=2, dtype=BF16)
+    c["kv_block_cnt"] = jnp.asarray([[[2, 1, 0]]], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    _, _, vjp = oracle(c)
+    d_out = jnp.asarray(np.random.default_rng(131).normal(size=out.shape), BF16)
+    want = vjp(d_out.astype(jnp.float32))[0]
+    bwd = functools.partial(sgm_backward_mgpu, c["q"], c["k"], c["v"], out, lse, d_out, **lst, interpret=ip)
+    plain = bwd(dq_plan_overrides=over)[0]
+    got = bwd(dq_plan_overrides=over + (("overlap", True),))[0]
+    assert np.array_equal(np.asarray(got), np.asarray(plain))
+    assert rel(got, want) <= GRAD_TOL[BF16]
+    assert "RACE DETECTED" not in capfd.readouterr().out
+
+
+def test_mgpu_backward_overlap_lowers_with_wgmmas_in_flight(monkeypatch):
+    """Lowered for sm_90 on the CPU (D = 128, DecMem's blocks): the overlapped dk/dv kernel commits its four wgmmas
+    per step as the plain loop does, but waits with one in flight twice (Sᵀ while dPᵀ runs, dPᵀ while dV runs) and
+    fully once per step, where the plain loop waits fully after each of the four; the overlapped dq kernel (three
+    wgmmas) waits for S with dP in flight and leaves dq·K running into the next step. Read from the Mosaic GPU
+    modules before serialisation (jax 0.11.2's `_run_serde_pass`)."""
+    import collections
+    import re
+
+    from jax.experimental.mosaic.gpu import core as mgpu_core
+
+    modules = []
+    serde = mgpu_core._run_serde_pass
+    monkeypatch.setattr(mgpu_core, "_run_serde_pass", lambda m, **kw: modules.append(str(m)) or serde(m, **kw))
+    sds = jax.ShapeDtypeStruct
+    B, H, Nq, Nk, K, D, block = 1, 2, 3, 5, 3, 128, 192
+    q, k = sds((B, Nq * block, H, D), BF16), sds((B, Nk * block, H, D), BF16)
+    lst = (sds((B, H, Nq, K), jnp.int32), sds((B, H, Nq), jnp.int32), sds((B, Nk), jnp.int32))
+    lse = sds((B, H, Nq * block), jnp.float32)
+    found = {}
+    for overlap in (False, True):
+        modules.clear()
+        bwd = jax.jit(functools.partial(sgm_backward_mgpu, block_q=block, block_kv=block, q_rows=147,
+                                        q_boxes=True, k_tails=False, dkv_overlap=overlap,
+                                        dq_plan_overrides=(("overlap", overlap),)))
+        bwd.trace(q, k, k, q, lse, q, *lst).lower(lowering_platforms=("cuda",))
+        assert len(modules) == 2  # dq, dk/dv
+        for name, text in zip(("dq", "dkv"), modules):
+            waits = collections.Counter(re.findall(r"wgmma\.wait_group\.sync\.aligned (\d+)", text))
+            found[name, overlap] = (text.count("wgmma.commit_group"), waits)
+    assert found["dkv", False] == (4, {"0": 4}) and found["dq", False] == (3, {"0": 3})
+    # per step one full wait and two partial (dk/dv) or one partial, one full (dq); plus one full after the loop
+    assert found["dkv", True] == (4, {"0": 2, "1": 2}) and found["dq", True] == (3, {"0": 3, "1": 1})

@@ -29,7 +29,8 @@ query blocks (`q_boxes`). With `k_tails`, a key block's last tile holding <= 32 
 tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead, and the dk/dv kernel's CTAs take the remaining tiles
 first (`dkv_tile_map`), two per CTA; with `dkv_share` the two tiles of one key block share a CTA's query stream.
 Defaults, from their H200 timings: q_boxes on; k_tails and dkv_share on when the reverse lists are long (training),
-off when they are short (see Q_BOXES below).
+off when they are short (see Q_BOXES below). Both backward kernels can keep their wgmmas in flight during their own
+arithmetic (DKV_OVERLAP, DQ_OVERLAP: off until timed).
 Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
@@ -51,8 +52,8 @@ from pallas_kernels.sgm.lists import group_steps, reverse_block_lists, subtile_s
 from pallas_kernels.sgm.mosaic_gpu_bwd import dkv_call, dq_call, query_boxes
 from pallas_kernels.sgm.mosaic_gpu_tail import TAIL, dkv_tail_call, tail_plan
 from pallas_kernels.sgm.reference import check_q_rows, mask_padding_rows
-from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, GROUP_BASE, GROUP_BITS, LOG2E, TILE, StreamPlan, default_splits,
-                                               forward_call, merge_splits, plan_stream)
+from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, GROUP_BASE, GROUP_BITS, LOG2E, TILE, StreamPlan,
+                                               default_splits, forward_call, merge_splits, plan_stream)
 
 __all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "dq_plan", "default_stages", "SUPPORTED_DTYPES",
            "SUPPORTED_HEAD_DIMS", "StreamPlan"]
@@ -99,6 +100,12 @@ def _switch(name, default):
 Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
+# dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic
+# (`mosaic_gpu_bwd.overlapped_dkv`): built 2026-12-05 without a GPU (interpreter, race detector, sm_90 lowering),
+# not yet timed, so off; SGM_MGPU_DKV_OVERLAP=1 turns it on for A/B timing. The same for the dq kernel
+# (`mosaic_gpu_bwd.overlapped_dq`, its plan's `overlap`): SGM_MGPU_DQ_OVERLAP=1, or the plan override.
+DKV_OVERLAP = _switch("SGM_MGPU_DKV_OVERLAP", "0")
+DQ_OVERLAP = os.environ.get("SGM_MGPU_DQ_OVERLAP", "0") == "1"
 LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: on is faster)
 # Packed q tails in the forward, when a caller passes q_rows (`forward_packed`): not yet timed, so off by default
 # (SGM_MGPU_Q_TAILS=1 turns it on).
@@ -142,11 +149,11 @@ DQ_SHARED3 = dict(consumers=3, share=3, width=64, box=64)
 def dq_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     """The dq kernel's StreamPlan: DQ_SHARED3 for query blocks of 3 (or 3n) q tiles, else DQ_DEFAULTS, `plan`
     overrides on top, splits as in the forward but only under 3 waves (the 5-wave rule was measured for the forward
-    only; partial dq sums added in XLA)."""
-    defaults = DQ_SHARED3 if (block_q // TILE) % 3 == 0 else DQ_DEFAULTS
-    forward_only = sorted(k for k in ("sched", "overlap") if dict(plan or {}).get(k))
-    if forward_only:
-        raise ValueError(f"dq plan overrides {forward_only}: these are forward-kernel options, the dq kernel has none")
+    only; partial dq sums added in XLA), the overlap (`mosaic_gpu_bwd.overlapped_dq`) as DQ_OVERLAP says unless
+    `plan` does."""
+    defaults = dict(DQ_SHARED3 if (block_q // TILE) % 3 == 0 else DQ_DEFAULTS, overlap=DQ_OVERLAP)
+    if dict(plan or {}).get("sched"):
+        raise ValueError("dq plan override sched: ping-pong is a forward-kernel option, the dq kernel has none")
     return _plan(q_shape, block_q, block_kv, dtype, stages, plan, defaults, tiles=2, vectors=2, waves=3)
 
 
@@ -297,7 +304,7 @@ sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "sc
 
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,
                       scale=None, stages=None, dq_plan_overrides=None, interpret=False, q_rows=None, q_boxes=None,
-                      k_tails=None, dkv_share=None):
+                      k_tails=None, dkv_share=None, dkv_overlap=None):
     """Gradients (dq, dk, dv) of sgm_forward_mgpu's output (lse is the forward's residual, natural log). `stages`
     sets both kernels' ring depth, `dq_plan_overrides` ((field, value) pairs) the dq kernel's plan (tuning).
     q_rows (static): only the first q_rows rows of every query block are queries; the cotangent of the rows past
@@ -305,22 +312,25 @@ def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_b
     Q_BOXES) streams only those rows, in packed 32-row boxes. `k_tails` (default K_TAILS): key blocks whose last
     tile holds <= 32 valid keys get that tail's dk, dv from the transposed tail kernel. `dkv_share` (default
     DKV_SHARE): a dk/dv CTA whose two tiles share a key block streams its query side once. "auto" (the defaults of
-    the last two): on when the reverse lists are long (`_long_lists`).
+    the last two): on when the reverse lists are long (`_long_lists`). `dkv_overlap` (default DKV_OVERLAP): the dk/dv
+    consumers overlap their arithmetic with their own wgmmas (`mosaic_gpu_bwd.overlapped_dkv`).
 
-    The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS / DKV_SHARE at run time
-    (train_step's --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
+    The defaults are read here, outside the jit, so that changing Q_BOXES / K_TAILS / DKV_SHARE / DKV_OVERLAP at run
+    time (train_step's --sgm-dkv) changes the static arguments and retraces instead of reusing a cached trace."""
     long_lists = _long_lists(kv_block_idx, k.shape[1] // block_kv)
     return _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                      block_kv=block_kv, scale=scale, stages=stages, dq_plan_overrides=dq_plan_overrides,
                      interpret=interpret, q_rows=q_rows, q_boxes=_resolve(q_boxes, Q_BOXES, long_lists),
                      k_tails=_resolve(k_tails, K_TAILS, long_lists),
-                     dkv_share=_resolve(dkv_share, DKV_SHARE, long_lists))
+                     dkv_share=_resolve(dkv_share, DKV_SHARE, long_lists),
+                     dkv_overlap=_resolve(dkv_overlap, DKV_OVERLAP, long_lists))
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "block_kv", "scale", "stages", "dq_plan_overrides",
-                                             "interpret", "q_rows", "q_boxes", "k_tails", "dkv_share"))
+                                             "interpret", "q_rows", "q_boxes", "k_tails", "dkv_share",
+                                             "dkv_overlap"))
 def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale,
-              stages, dq_plan_overrides, interpret, q_rows, q_boxes, k_tails, dkv_share):
+              stages, dq_plan_overrides, interpret, q_rows, q_boxes, k_tails, dkv_share, dkv_overlap):
     dq_stages = stages  # None: the dq plan sizes its own ring
     B, Tq, H, D, Nq, Nk, stages = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv,
                                          stages)
@@ -351,13 +361,14 @@ def _backward(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len
     kboxes = jnp.where(kvalid[:, None, :] > 0, jnp.repeat(rev_cnt, nks, axis=-1) * nqb, 0).astype(jnp.int32)
     if not k_tails:
         dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
-                          share_pairs=dkv_share, **statics)
+                          share_pairs=dkv_share, overlap=dkv_overlap, **statics)
         return dq, dk, dv
     start, valid, take = tail_plan(lens)  # [B, Nk]
     mine = (jnp.arange(nks) == (start // TILE)[..., None]) & take[..., None]  # [B, Nk, nks]: the tiles taken
     kboxes = jnp.where(mine.reshape(B, 1, Nk * nks), 0, kboxes)  # the dk/dv kernel writes zeros there
     dk, dv = dkv_call(q, k, v, d_out, lse2, delta, rev, kvalid, kboxes, block_kv=block_kv, q_rows=dkv_rows,
-                      tile_map=dkv_tile_map(mine.reshape(B, Nk * nks)), share_pairs=dkv_share, **statics)
+                      tile_map=dkv_tile_map(mine.reshape(B, Nk * nks)), share_pairs=dkv_share,
+                      overlap=dkv_overlap, **statics)
     tail_row = (jnp.arange(Nk, dtype=jnp.int32) * block_kv + start).astype(jnp.int32)
     tboxes = jnp.where(take[:, None, :], rev_cnt * nqb, 0).astype(jnp.int32)
     dkt, dvt = dkv_tail_call(q, k, v, d_out, lse2, delta, rev, tail_row, jnp.where(take, valid, 0).astype(jnp.int32),
@@ -386,10 +397,10 @@ def _api_fwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, bloc
 
 
 def _api_bwd(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, out, lse, dout, *, block_q, block_kv, scale,
-             q_rows=None, interpret=False, q_boxes=None, k_tails=None, dkv_share=None):
+             q_rows=None, interpret=False, q_boxes=None, k_tails=None, dkv_share=None, dkv_overlap=None):
     return sgm_backward_mgpu(q, k, v, out, lse, dout, kv_block_idx, kv_block_cnt, kv_block_len, block_q=block_q,
                              block_kv=block_kv, scale=scale, interpret=interpret, q_rows=q_rows, q_boxes=q_boxes,
-                             k_tails=k_tails, dkv_share=dkv_share)
+                             k_tails=k_tails, dkv_share=dkv_share, dkv_overlap=dkv_overlap)
 
 
 # Plugs into `sgm_attention(..., backend="mosaic_gpu")` (api.py imports this module lazily, so no import cycle).

@@ -16,6 +16,8 @@ dk/dv: 2 consumers × one 64-row key tile each (K, V resident) + 1 producer stre
     queries (`query_boxes`), two 32-row boxes packed across query blocks: DecMem's 147 query rows of 192 slots then
     cost 160 rows instead of 192. Rows past q_rows inside a box need no mask: their dO is zero (the caller's
     contract), so they add exactly nothing to dK and dV; the half-filled last step of an odd box count is masked.
+overlap (both kernels, off by default): `overlapped_dkv`, `overlapped_dq` keep a consumer's wgmmas in flight during
+    its own arithmetic instead of waiting for each in turn.
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, CtaTiles,
                                                interpret_params, kv_producer, launch_params, mask_boxes, mask_tail,
-                                               mma, mma_acc, ring_producer, ring_scratch, store_out, tiled_smem,
-                                               zeros_acc)
+                                               mma, mma_acc, ring_producer, ring_scratch, smem_dot, store_out,
+                                               tiled_smem, zeros_acc)
 
 _COMMON = dict(num_threads=3, thread_name="wg", compiler_params=plgpu.CompilerParams(approx_math=True))
 
@@ -77,23 +79,32 @@ def dq_call(q, k, v, do, lse2, delta, rows, code, nsteps, *, block_q, scale, pla
                 lse = plgpu.load(lse_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                 delta = plgpu.load(delta_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
+                slot = lambda t: stream * S + lax.rem(t, S)
+
+                def probs(s, cd):  # P of a step from raw logits
+                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
+                    return jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+
+                dscores = lambda p, dp: p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
+
                 def step(t, carry):
                     dq, cd = carry
                     cd_next = code_at(t + 1)  # prefetch, as in the forward
-                    bi = stream * S + lax.rem(t, S)
+                    bi = slot(t)
                     plgpu.barrier_wait(k_rdy.at[bi])
-                    s = mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W))
-                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    p = probs(mma(q_tile, k_smem.at[bi].transpose((1, 0)), (TILE, W)), cd)
                     plgpu.barrier_wait(v_rdy.at[bi])
                     dp = mma(do_tile, v_smem.at[bi].transpose((1, 0)), (TILE, W))
                     plgpu.barrier_arrive(v_done.at[bi])
-                    ds = p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
-                    dq = mma_acc(dq, ds.astype(dt), k_smem.at[bi], interpret)
+                    dq = mma_acc(dq, dscores(p, dp).astype(dt), k_smem.at[bi], interpret)
                     plgpu.barrier_arrive(k_done.at[bi])
                     return dq, cd_next
 
-                dq, _ = lax.fori_loop(0, n, step, (zeros_acc(D), code_at(0)))
+                if plan.overlap:
+                    ring = (slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
+                    dq = overlapped_dq(n, code_at, (q_tile, do_tile), ring, probs, dscores, dt, D, interpret)
+                else:
+                    dq, _ = lax.fori_loop(0, n, step, (zeros_acc(D), code_at(0)))
                 store_out(((dq * scale).astype(dt), q_tile, cta.out(dq_ref, b, rows_q, h)))
 
         @pl.when(wg == nc)
@@ -217,7 +228,7 @@ class QStream:
 
 
 def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv, scale, stages, interpret,
-             q_rows=None, tile_map=None, share_pairs=False):
+             q_rows=None, tile_map=None, share_pairs=False, overlap=False):
     """(dk, dv) `[B, Tk, H, D]` in k.dtype. rev int32 `[B, H, Nk, Nq]` (query blocks per key block, ascending),
     kvalid int32 `[B, Tk/64]` valid keys per key tile, kboxes int32 `[B, H, Tk/64]` q boxes per key tile (= reverse
     count × `query_boxes(block_q, q_rows)[1]`; 0 for a tile without valid keys, or one left to another kernel: it
@@ -225,7 +236,8 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
     tile_map int32 `[B, Tk/64]`, a permutation of the key tiles (default: in order): consumer c of CTA p takes tile
     tile_map[2p + c]. Putting the tiles left to another kernel last keeps them from idling one consumer of a CTA
     whose other consumer works (with the key tails of 192-slot blocks taken, 2 of every 3 CTAs in order).
-    share_pairs: a CTA whose two tiles belong to one key block streams its query side once (`QStream`)."""
+    share_pairs: a CTA whose two tiles belong to one key block streams its query side once (`QStream`).
+    overlap: each consumer keeps the tensor cores busy through its softmax and dS arithmetic (`overlapped_dkv`)."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     dt = k.dtype
@@ -273,30 +285,47 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
                     plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
 
                 kval = kvalid_ref[b, tile]
+                slot = lambda t: ring * S + lax.rem(t, S)
 
-                def step(t, carry):
-                    dk, dv = carry
-                    bi = ring * S + lax.rem(t, S)
-                    plgpu.barrier_wait(q_rdy.at[bi])
-                    plgpu.barrier_wait(lse_rdy.at[bi])
-                    s_t = mma(k_tile, q_smem.at[bi].transpose((1, 0)), (TILE, TILE))  # [keys, queries]
+                def probs(s_t, t, bi):  # Pᵀ of step t from raw logits [keys, queries]
                     s_t = mask_tail(s_t * c_log2, kval, axis=0)
                     if qs.nbox > 1:  # the unused box of a half step holds a real (repeated) box: masked out
                         s_t = mask_tail(s_t, qs.used_rows(t, nb), axis=1)
                     lse = plgpu.load(lse_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
-                    p_t = jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                    return jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+
+                def delta_of(bi):  # Δ of step t's queries (read before the slot's dO side is released)
+                    return plgpu.load(delta_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
+
+                def dscores(p_t, dp_t, delta):  # dSᵀ
+                    return p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
+
+                def release(bi):
+                    qs.consumed(do_done.at[bi], shared)
+                    qs.consumed(q_done.at[bi], shared)
+
+                def step(t, carry):
+                    dk, dv = carry
+                    bi = slot(t)
+                    plgpu.barrier_wait(q_rdy.at[bi])
+                    plgpu.barrier_wait(lse_rdy.at[bi])
+                    p_t = probs(mma(k_tile, q_smem.at[bi].transpose((1, 0)), (TILE, TILE)), t, bi)
                     plgpu.barrier_wait(do_rdy.at[bi])
                     plgpu.barrier_wait(delta_rdy.at[bi])
                     dv = mma_acc(dv, p_t.astype(dt), do_smem.at[bi], interpret)
                     dp_t = mma(v_tile, do_smem.at[bi].transpose((1, 0)), (TILE, TILE))
-                    delta = plgpu.load(delta_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
+                    delta = delta_of(bi)
                     qs.consumed(do_done.at[bi], shared)
-                    ds_t = p_t * (dp_t - lax.broadcast_in_dim(delta, dp_t.shape, [1]))
-                    dk = mma_acc(dk, ds_t.astype(dt), q_smem.at[bi], interpret)
+                    dk = mma_acc(dk, dscores(p_t, dp_t, delta).astype(dt), q_smem.at[bi], interpret)
                     qs.consumed(q_done.at[bi], shared)
                     return dk, dv
 
-                dk, dv = lax.fori_loop(0, n, step, (zeros_acc(D), zeros_acc(D)))
+                if overlap:
+                    math = (probs, delta_of, dscores)
+                    dk, dv = overlapped_dkv(n, slot, (k_tile, v_tile), (q_smem, do_smem),
+                                            (q_rdy, lse_rdy, do_rdy, delta_rdy), math, release, dt, D, interpret)
+                else:
+                    dk, dv = lax.fori_loop(0, n, step, (zeros_acc(D), zeros_acc(D)))
                 store_out(((dk * scale).astype(dt), k_tile, dk_ref.at[b, rows_k, h]),
                           (dv.astype(dt), v_tile, dv_ref.at[b, rows_k, h]))
 
@@ -322,3 +351,123 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
         **_COMMON,
     )
     return kernel(q, k, v, do, lse2, delta, rev, kvalid, kboxes, tile_map.astype(jnp.int32))
+
+
+def overlapped_dkv(n, slot, kv, rings, ready, math, release, dt, d, interpret):
+    """A dk/dv consumer's n steps with its wgmmas in flight during its own arithmetic: step t issues Sᵀ = K·qᵀ and
+    dPᵀ = V·dOᵀ back to back (both read SMEM only), waits for Sᵀ alone (`wait_n=1`) and computes Pᵀ while dPᵀ runs,
+    issues dV += Pᵀ·dO, waits for dPᵀ and computes dSᵀ while dV runs, then issues dK += dSᵀ·q without waiting. The
+    next step first waits for everything (`wgmma_wait(0)`), so P and dS of a step are dead before the next step's
+    logits are allocated: the live registers peak as in the plain loop (dK, dV, two logits tiles) but for P's
+    16-bit copy, which dV reads while dSᵀ is computed (16 registers a thread at 64 x 64); and the slot of
+    step t − 1 is released (its q and dO read by those wgmmas) before step t's slot is awaited, which a ring of depth
+    1 needs. The plain loop waits for each of its four wgmmas in turn, so a consumer's exp2 and dS arithmetic never
+    overlap its own tensor-core work. Same products, same fp32 accumulation order: the plain loop's result up to
+    rounding. Returns (dk, dv) fp32 [64, d].
+
+    math = (probs(s, t, slot), delta_of(slot), dscores(p, dp, delta)); release(slot): the consumer is done with a
+    ring slot. In the GPU interpreter (no register wgmma operands, no stores into accumulator refs: `mma_acc`) dK and
+    dV are values carried through the loop and their products dots on the spot: same barrier protocol and
+    arithmetic, no overlap."""
+    k_tile, v_tile = kv
+    q_smem, do_smem = rings
+    q_rdy, lse_rdy, do_rdy, delta_rdy = ready
+    probs, delta_of, dscores = math
+    f32 = jnp.float32
+
+    def run(acc_dk=None, acc_dv=None):
+        def step(t, carry):
+            settle(t, slot, release, interpret)
+            bi = slot(t)
+            plgpu.barrier_wait(q_rdy.at[bi])
+            plgpu.barrier_wait(do_rdy.at[bi])
+
+            def body(acc_s, acc_dp):
+                plgpu.wgmma(acc_s, k_tile, q_smem.at[bi].transpose((1, 0)))
+                plgpu.wgmma(acc_dp, v_tile, do_smem.at[bi].transpose((1, 0)))
+                s_t = read(acc_s, 1, interpret)
+                plgpu.barrier_wait(lse_rdy.at[bi])
+                p_t = probs(s_t, t, bi)
+                plgpu.barrier_wait(delta_rdy.at[bi])
+                delta = delta_of(bi)
+                if interpret:
+                    dk, dv = carry
+                    dv = dv + smem_dot(p_t.astype(dt), do_smem.at[bi])
+                    dk = dk + smem_dot(dscores(p_t, acc_dp[...], delta).astype(dt), q_smem.at[bi])
+                    return dk, dv
+                plgpu.wgmma(acc_dv, p_t.astype(dt), do_smem.at[bi])
+                dp_t = read(acc_dp, 1, interpret)  # dV may still run
+                plgpu.wgmma(acc_dk, dscores(p_t, dp_t, delta).astype(dt), q_smem.at[bi])
+                return carry
+
+            return pl.run_scoped(body, plgpu.ACC((TILE, TILE), f32), plgpu.ACC((TILE, TILE), f32))
+
+        carry = lax.fori_loop(0, n, step, (zeros_acc(d), zeros_acc(d)) if interpret else ())
+        settle(n, slot, release, interpret)
+        if interpret:
+            return carry
+        return plgpu.wgmma_accumulator_load(acc_dk, wait_n=None), plgpu.wgmma_accumulator_load(acc_dv, wait_n=None)
+
+    if interpret:
+        return run()
+    return pl.run_scoped(run, plgpu.ACC((TILE, d), f32), plgpu.ACC((TILE, d), f32))
+
+
+def overlapped_dq(n, code_at, tiles, ring, probs, dscores, dt, d, interpret):
+    """A dq consumer's n steps with its wgmmas in flight during its own arithmetic, as `overlapped_dkv` does for
+    dk/dv: step t issues S = q·Kᵀ and dP = dO·Vᵀ back to back, waits for S alone and computes P while dP runs, then
+    issues dq += dS·K without waiting; the next step first waits for it (so the live registers peak as in the plain
+    loop) and releases step t − 1's K slot before awaiting step t's (a ring of depth 1 needs that order). The V slot
+    is released as soon as dP has landed. Returns dq fp32 [64, d]: the plain loop's up to rounding (same products,
+    same order). probs(s, code), dscores(p, dp): the plain loop's arithmetic. Interpreter: dq a carried value, its
+    product a dot on the spot (`mma_acc`)."""
+    q_tile, do_tile = tiles
+    slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done = ring
+    f32, width = jnp.float32, k_smem.shape[1]
+    release = lambda bi: plgpu.barrier_arrive(k_done.at[bi])  # the V slot goes as soon as dP has landed
+
+    def run(acc_dq=None):
+        def step(t, carry):
+            dq, cd = carry
+            cd_next = code_at(t + 1)
+            settle(t, slot, release, interpret)
+            bi = slot(t)
+            plgpu.barrier_wait(k_rdy.at[bi])
+            plgpu.barrier_wait(v_rdy.at[bi])
+
+            def body(acc_s, acc_dp):
+                plgpu.wgmma(acc_s, q_tile, k_smem.at[bi].transpose((1, 0)))
+                plgpu.wgmma(acc_dp, do_tile, v_smem.at[bi].transpose((1, 0)))
+                p = probs(read(acc_s, 1, interpret), cd)
+                dp = read(acc_dp, 0, interpret)
+                plgpu.barrier_arrive(v_done.at[bi])
+                ds = dscores(p, dp).astype(dt)
+                if interpret:
+                    return dq + smem_dot(ds, k_smem.at[bi])
+                plgpu.wgmma(acc_dq, ds, k_smem.at[bi])
+                return dq
+
+            return pl.run_scoped(body, plgpu.ACC((TILE, width), f32), plgpu.ACC((TILE, width), f32)), cd_next
+
+        dq, _ = lax.fori_loop(0, n, step, (zeros_acc(d) if interpret else (), code_at(0)))
+        settle(n, slot, release, interpret)
+        return dq if interpret else plgpu.wgmma_accumulator_load(acc_dq, wait_n=None)
+
+    if interpret:
+        return run()
+    return pl.run_scoped(run, plgpu.ACC((TILE, d), f32))
+
+
+def settle(t, slot, release, interpret):
+    """The start of overlapped step t (t = n: after the loop): wait for every wgmma in flight (the previous step's
+    accumulating products), after which their register operands and step t − 1's ring slot are free, and release
+    that slot (`release(slot)`; nothing at t = 0). The interpreter runs every product on the spot: nothing to wait
+    for there."""
+    if not interpret:
+        plgpu.wgmma_wait(0)
+    pl.when(t > 0)(lambda: release(slot(t - 1)))
+
+
+def read(acc, wait_n, interpret):
+    """An accumulator's value once at most `wait_n` wgmmas are in flight (the interpreter: a plain read)."""
+    return acc[...] if interpret else plgpu.wgmma_accumulator_load(acc, wait_n=wait_n)

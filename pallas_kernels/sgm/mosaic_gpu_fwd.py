@@ -68,8 +68,9 @@ class StreamPlan:
     # wgmmas) through a schedule barrier that every consumer arrives on twice per step, odd consumers half a step
     # behind the even ones (forward only).
     sched: bool = False
-    # Intra-consumer overlap (forward only): each consumer issues QKᵀ of step t + 1 and P·V of step t back to back and
-    # runs the softmax of step t + 1 while P·V of step t is still on the tensor cores (`overlapped_steps`).
+    # Intra-consumer overlap: each consumer issues QKᵀ of step t + 1 and P·V of step t back to back and runs the
+    # softmax of step t + 1 while P·V of step t is still on the tensor cores (forward: `overlapped_steps`); dq: its
+    # wgmmas in flight during its own arithmetic (`mosaic_gpu_bwd.overlapped_dq`).
     overlap: bool = False
 
     @property
