@@ -496,7 +496,10 @@ def chunk_decmem_attention(q, k, v, gate, layout: BlockLayout, cfg: MemoryConfig
         # Selected ids are ascending and padded with an own-chunk id, so the history ids are a prefix.
         cnt_hist = jnp.minimum((idx < cap_blocks).sum(-1, dtype=jnp.int32), cnt)
         own_idx = jnp.clip(_take_suffix(idx, cnt_hist, cap_blocks), 0, c * m - 1)[..., : min(idx.shape[-1], c * m)]
-        o_sgm = both((idx, cnt_hist), (own_idx, cnt - cnt_hist))
+        if cfg.candidates == "all":
+            o_sgm = both((idx, cnt_hist), (own_idx, cnt - cnt_hist))
+        else:  # the chunk's own blocks are never candidates: no own-block SGM call (it would attend to nothing)
+            o_sgm = layout.from_blocks(_history_attention(qb, hk, hv, idx, cnt_hist, hist_len, layout, cfg)[0])
         o = (o_alm.astype(jnp.float32) + gate.astype(jnp.float32) * o_sgm.astype(jnp.float32)).astype(q.dtype)
         return o, (jnp.where(ranked < cap_blocks, ranked, length * m + ranked - cap_blocks), cnt)
 
