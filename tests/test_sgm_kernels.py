@@ -332,15 +332,19 @@ def test_mgpu_forward_plan_choice_and_errors():
     with pytest.raises(ValueError, match="forward-kernel option"):
         dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(sched=True))
     assert dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(overlap=True)).overlap
-    assert not plan(192, 192).overlap and plan(192, 192, overlap=True).overlap  # off by default (not yet timed)
+    # the overlap's "auto" default: on for shared streams of <= 256 logit columns (3 x 64, 2 x 128), off for own
+    # lists and for 3 consumers of 128 (spilled on an H100); a plan override wins
+    assert plan(192, 192).overlap and plan(128, 128).overlap and not plan(192, 192, width=128).overlap
+    assert not plan(64, 64).overlap and not plan(192, 192, overlap=False).overlap and plan(64, 64, overlap=True).overlap
+    assert not plan(192, 192, sched=True).overlap
     with pytest.raises(ValueError, match="SMEM"):
         forward_plan((1, 64, 1, 128), 64, 64, jnp.bfloat16, stages=3)
 
 
 @pytest.mark.parametrize("bq, bkv, over", [
-    (192, 192, dict(splits=1)),  # 3 consumers on one stream of 2 x 32-row boxes
+    (192, 192, dict(splits=1, overlap=False)),  # 3 consumers on one stream of 2 x 32-row boxes, the plain loop
     (192, 192, dict(box=64, splits=3)),  # 64-row boxes; 3 splits merged by LSE (some splits empty)
-    (128, 64, {}),  # 2 consumers on one stream of 128-row steps (2 boxes of 64), auto splits
+    (128, 64, dict(overlap=False)),  # 2 consumers on one stream of 128-row steps (2 boxes of 64), auto splits
     (64, 128, dict(width=128, splits=1)),  # own lists, 128-row steps of 4 x 32-row boxes
     (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
     (192, 192, dict(sched=True, splits=2)),  # ping-pong: 3 consumers take turns through a schedule barrier

@@ -30,7 +30,8 @@ tail kernel (`mosaic_gpu_tail.py`, keys on the N side) instead, and the dk/dv ke
 first (`dkv_tile_map`), two per CTA; with `dkv_share` the two tiles of one key block share a CTA's query stream.
 Defaults, from their H200 timings: q_boxes on; k_tails and dkv_share on when the reverse lists are long (training),
 off when they are short (see Q_BOXES below). Both backward kernels can keep their wgmmas in flight during their own
-arithmetic (DKV_OVERLAP, DQ_OVERLAP: off until timed).
+arithmetic (DKV_OVERLAP, DQ_OVERLAP: off, as they did not pay on an H100); the forward's overlap (FWD_OVERLAP) is on
+for shared streams.
 Logits are recomputed exactly as in the forward (raw operands, one fp32 multiply).
 
 `interpret=True` (or a `plgpu.InterpretGPUParams`) runs the same kernel bodies in the Mosaic GPU interpreter on CPU;
@@ -72,10 +73,6 @@ def default_stages(head_dim):
 # Ping-pong consumers (StreamPlan.sched) on shared streams: off, as they gained nothing on an H200
 # (docs/benchmarks.md); SGM_MGPU_SCHED=1 turns them on for A/B timing.
 FWD_SCHED = os.environ.get("SGM_MGPU_SCHED", "0") == "1"
-# QKᵀ of the next step and P·V of this one in flight together in each consumer (StreamPlan.overlap,
-# FlashAttention-3's intra-warpgroup overlap): built 2026-12-05 without a GPU (checked in the interpreter and by sm_90
-# lowering), not yet timed, so off; SGM_MGPU_OVERLAP=1 turns it on for A/B timing.
-FWD_OVERLAP = os.environ.get("SGM_MGPU_OVERLAP", "0") == "1"
 
 
 def _switch(name, default):
@@ -98,16 +95,26 @@ def _switch(name, default):
 #   when the lists average >= LONG_LISTS query blocks per key block (SGM_MGPU_K_TAILS / SGM_MGPU_DKV_SHARE = 0, 1
 #   or auto).
 Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
+# QKᵀ of the next step and P·V of this one in flight together in each forward consumer (StreamPlan.overlap,
+# FlashAttention-3's intra-warpgroup overlap). Timed on an H100 on 2026-12-05 (docs/benchmarks.md): the DecMem
+# forward 0.822 ms against 0.826-0.880 plain, the rollout geometry's 1.360-1.366 against 1.471-1.478, the training
+# geometry's 19.82 against 21.03, the rollout at 56 latents 2.249 s per chunk against 2.295; with 3 consumers and
+# 128-key steps it spills (2.86 ms). "auto" (the default): on for shared streams whose consumers hold at most 256
+# logit columns together (3 x 64, 2 x 128: the measured wins), off for own-list plans (not timed);
+# SGM_MGPU_OVERLAP=0 / 1 forces it.
+FWD_OVERLAP = _switch("SGM_MGPU_OVERLAP", "auto")
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 # dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic
-# (`mosaic_gpu_bwd.overlapped_dkv`): built 2026-12-05 without a GPU (interpreter, race detector, sm_90 lowering),
-# not yet timed, so off; SGM_MGPU_DKV_OVERLAP=1 turns it on for A/B timing. The same for the dq kernel
-# (`mosaic_gpu_bwd.overlapped_dq`, its plan's `overlap`): SGM_MGPU_DQ_OVERLAP=1, or the plan override.
+# (`mosaic_gpu_bwd.overlapped_dkv`), and the same for the dq kernel (`mosaic_gpu_bwd.overlapped_dq`, its plan's
+# `overlap`). Timed on an H100 on 2026-12-05 (whole backward): dk/dv 3.127 ms against 3.157-3.184 in the DecMem
+# geometry but 67.6 against 63.0-64.0 in the training geometry; dq 5.01 against 3.16-3.18 (its 3 consumers at 152
+# registers cannot hold the extra logits tile). Both off; SGM_MGPU_DKV_OVERLAP=1 / SGM_MGPU_DQ_OVERLAP=1 turn them on.
 DKV_OVERLAP = _switch("SGM_MGPU_DKV_OVERLAP", "0")
 DQ_OVERLAP = os.environ.get("SGM_MGPU_DQ_OVERLAP", "0") == "1"
 LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: on is faster)
-# Packed q tails in the forward, when a caller passes q_rows (`forward_packed`): not yet timed, so off by default
+# Packed q tails in the forward, when a caller passes q_rows (`forward_packed`): 5-16% slower than the padded
+# forward on an H200 (plain loops) and no faster with the overlap on an H100 (2026-12-05), so off by default
 # (SGM_MGPU_Q_TAILS=1 turns it on).
 Q_TAILS = _switch("SGM_MGPU_Q_TAILS", "0")
 
@@ -133,8 +140,13 @@ def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
     if "sched" not in given and p.share == p.consumers >= 2 and not p.overlap:
         p = dataclasses.replace(p, sched=FWD_SCHED)
     if "overlap" not in given and not p.sched:
-        p = dataclasses.replace(p, overlap=FWD_OVERLAP)
+        p = dataclasses.replace(p, overlap=_overlap_default(p) if FWD_OVERLAP == "auto" else FWD_OVERLAP)
     return p
+
+
+def _overlap_default(p):
+    """FWD_OVERLAP's "auto": shared streams whose consumers hold <= 256 logit columns together (see FWD_OVERLAP)."""
+    return p.share == p.consumers >= 2 and p.consumers * p.width <= 256
 
 
 # dq plans. Query blocks of 3 q tiles (DecMem's 192 slots) share one K/V stream among 3 consumers, as the forward
