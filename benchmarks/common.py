@@ -115,3 +115,54 @@ def child_failure(returncode: int) -> dict:
     """The status record of a child that wrote no result (a SIGKILL is the OOM killer's)."""
     return {"status": "OOM" if returncode in (-9, 137) else "ERROR",
             "error": f"child exited with code {returncode} without a result (see its output above)"}
+
+
+def parse_xla_option_sets(spec: str | None) -> list[dict]:
+    """`--xla-options` of the benchmarks: compile-option sets (XLA DebugOptions fields, e.g.
+    `xla_allow_excess_precision`) separated by ';', each a comma list of name=value, compared in one run; an empty set
+    is XLA's defaults: ";xla_gpu_triton_gemm_any=true" = [defaults, Triton GEMMs allowed]. Values true/false become
+    bools, integers ints, other numbers floats, anything else stays a string (XLA rejects a wrongly typed value).
+    None = [{}], XLA's defaults only. Raises ValueError naming the malformed entry."""
+    if spec is None:
+        return [{}]
+    sets = []
+    for part in spec.split(";"):
+        options = {}
+        for item in filter(None, (s.strip() for s in part.split(","))):
+            name, sep, value = (s.strip() for s in item.partition("="))
+            if not sep or not name or not value:
+                raise ValueError(f"--xla-options: {item!r} is not name=value")
+            if name in options:
+                raise ValueError(f"--xla-options: {name!r} given twice in one set ({part.strip()!r})")
+            low = value.lower()
+            if low in ("true", "false"):
+                options[name] = low == "true"
+            else:
+                try:
+                    options[name] = int(value)
+                except ValueError:
+                    try:
+                        options[name] = float(value)
+                    except ValueError:
+                        options[name] = value
+        sets.append(options)
+    if len({json.dumps(s, sort_keys=True) for s in sets}) != len(sets):
+        raise ValueError(f"--xla-options: the same option set appears twice in {spec!r}")
+    return sets
+
+
+def check_xla_options(sets: list[dict]) -> None:
+    """Compiles a trivial program with each option set on the default backend, so that an unknown option name or a
+    badly typed value fails in seconds with XLA's message (which names the option), before any model is built."""
+    import jax.numpy as jnp
+
+    lowered = jax.jit(lambda x: x + 1).lower(jnp.zeros((), jnp.float32))
+    for options in sets:
+        try:
+            lowered.compile(compiler_options=options or None)
+        except Exception as e:  # noqa: BLE001  (XLA raises JaxRuntimeError INVALID_ARGUMENT)
+            raise ValueError(f"--xla-options {options}: {e}") from None
+
+
+def xla_options_label(options: dict) -> str:
+    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in options.items()) or "defaults"

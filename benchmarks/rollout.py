@@ -50,6 +50,8 @@ Usage:
   python benchmarks/rollout.py --variants dense --history 56,200  # a subset (one device command is limited to 10 min)
   python benchmarks/rollout.py --sgm-backend mosaic_gpu          # DecMem with the SGM kernel
   python benchmarks/rollout.py --small                            # CPU smoke run: tiny config, fp32, seconds
+  python benchmarks/rollout.py --variants decmem --history 56 --xla-options ";xla_gpu_triton_gemm_any=true"
+                                      # XLA's defaults vs another compile-option set, interleaved in one process
   python benchmarks/rollout.py --mesh data:2,tensor:2             # sharded (docs/parallel.md): 4 devices, xla
                                                                  # attention + reference SGM (what partitions)
 
@@ -81,7 +83,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.common import child_failure, guarded, jax_info, jax_peak_gb, run_child, write_record  # noqa: E402
+from benchmarks.common import (check_xla_options, child_failure, guarded, jax_info, jax_peak_gb,  # noqa: E402
+                               parse_xla_option_sets, run_child, write_record, xla_options_label)
 from benchmarks.dit_forward import make_jax_model  # noqa: E402
 from decmem_jax.format import FRAMES_PER_LATENT  # noqa: E402
 from decmem_jax.models import memory as mem  # noqa: E402
@@ -128,6 +131,12 @@ def parse_args(argv):
     p.add_argument("--dump", default=None, metavar="DIR",
                    help="write each case's generated chunk (x0 of the last timed call, float32 .npy) under DIR, to "
                         "compare two versions of the code on the same seeds")
+    p.add_argument("--xla-options", default=None, metavar="SETS",
+                   help="compare XLA compile-option sets in one run: sets separated by ';', each a comma list of "
+                        "name=value (an empty set = XLA's defaults), e.g. ';xla_gpu_triton_gemm_any=true'. Each case "
+                        "compiles its step once per set and times the sets interleaved, call by call; the first set "
+                        "is the row's result and the peer of the others (ratio), and each set's chunk is compared "
+                        "with the first's")
     p.add_argument("--profile", default=None, metavar="DIR",
                    help="after the timed chunks, trace one more chunk step per case under DIR and print (and store "
                         "in the JSON) where its device time goes: attention, GEMMs, fusions, copies, top kernels")
@@ -141,6 +150,10 @@ def parse_args(argv):
     if not args.history or min(args.history) < 0:
         p.error("--history needs non-negative latent counts")
     args.steps = args.steps or geo["steps"]
+    try:
+        args.xla_option_sets = parse_xla_option_sets(args.xla_options)
+    except ValueError as e:
+        p.error(str(e))
     try:  # the syntax here; devices, heads and backends in the case (the parent of isolated runs has no devices)
         parse_mesh(args.mesh, option="--mesh")
     except MeshSpecError as e:
@@ -254,6 +267,7 @@ def run_case(variant: str, history: int, args, model_cache: dict):
     row["forwards_per_chunk"] = f"{args.steps} x batch {2 if cfg_on else 1} + commit x batch 1"
 
     def bench():
+        check_xla_options(args.xla_option_sets)  # an unknown option fails here, in seconds
         t0 = time.perf_counter()
         if variant not in model_cache:
             model_cache.clear()
@@ -289,33 +303,52 @@ def run_case(variant: str, history: int, args, model_cache: dict):
         def step(state, cache, noise, context, cond):
             return engine.chunk_step(nnx.merge(graphdef, state), cache, noise, context, cond, settings, shard=shard)
 
-        t0 = time.perf_counter()
-        compiled = jax.jit(step, donate_argnums=(1,)).lower(state, cache, noise, context, cond).compile()
-        row["compile_s"] = round(time.perf_counter() - t0, 2)
+        lowered = jax.jit(step, donate_argnums=(1,)).lower(state, cache, noise, context, cond)
+        executables, compile_s = [], []
+        for options in args.xla_option_sets:  # one executable per compile-option set (usually just XLA's defaults)
+            t0 = time.perf_counter()
+            executables.append(lowered.compile(compiler_options=options or None))
+            compile_s.append(round(time.perf_counter() - t0, 2))
+        compiled = executables[0]
+        row["compile_s"] = compile_s[0]
         row["xla_memory_gb"] = memory_analysis_gb(compiled)
 
         holder = {"cache": cache}
         del cache
 
-        def call():
-            x0, new = compiled(state, holder.pop("cache"), noise, context, cond)
+        def call(exe=compiled):
+            x0, new = exe(state, holder.pop("cache"), noise, context, cond)
             # Back to `history` committed latents: the next call recomputes the same chunk from the same history
             # (the commit just rewrote slots [history, history + chunk)).
             holder["cache"] = new.replace(length=put_length(history))
             return jax.block_until_ready((x0, new.length))
 
-        runs = []
+        runs = [[] for _ in executables]
+        last = [None] * len(executables)
         for i in range(args.warmup + args.repeats):
-            t0 = time.perf_counter()
-            x0, new_length = call()
-            dt = time.perf_counter() - t0
-            if i == 0:
-                row["first_call_s"] = round(dt, 4)
-                if int(new_length) != history + chunk:
+            for j, exe in enumerate(executables):  # the sets interleaved: drifts of the GPU hit them alike
+                t0 = time.perf_counter()
+                last[j], new_length = call(exe)
+                dt = time.perf_counter() - t0
+                if i == 0 and j == 0:
+                    row["first_call_s"] = round(dt, 4)
+                if i == 0 and int(new_length) != history + chunk:
                     raise RuntimeError(f"commit did not advance the cache: length {int(new_length)}, "
                                        f"expected {history + chunk}")
-            if i >= args.warmup:
-                runs.append(dt)
+                if i >= args.warmup:
+                    runs[j].append(dt)
+        x0 = last[0]
+        if args.xla_options is not None:
+            ref = np.asarray(x0, np.float32)
+            scale = float(np.abs(ref).max()) or 1.0
+            row["xla_options"] = [
+                {"options": opts, "label": xla_options_label(opts), "compile_s": cs,
+                 "runs_s": [round(r, 4) for r in rs], "s_per_chunk": round(statistics.median(rs), 4),
+                 "ratio": round(statistics.median(rs) / statistics.median(runs[0]), 4),
+                 "x0_max_diff_rel": float(np.abs(np.asarray(out, np.float32) - ref).max() / scale)}
+                for opts, cs, rs, out in zip(args.xla_option_sets, compile_s, runs, last)]
+        runs = runs[0]
+        del last, executables
         row["nan"] = bool(not np.isfinite(np.asarray(x0, np.float32)).all())
         if args.dump:
             pathlib.Path(args.dump).mkdir(parents=True, exist_ok=True)
@@ -385,6 +418,15 @@ def print_table(rows, args):
     for r in rows:
         if r.get("status") not in ("ok", None):
             print(f"# {r['variant']} H={r['history']}: {r['status']}: {r.get('error', '')}")
+    ab = [r for r in rows if r.get("xla_options")]
+    if ab:
+        print(f"\n{'variant':8} {'history':>7} {'s/chunk':>9} {'ratio':>7} {'x0 diff':>9} {'compile s':>9}  XLA options")
+        for r in ab:
+            for o in r["xla_options"]:
+                print(f"{r['variant']:8} {r['history']:>7} {o['s_per_chunk']:>9.3f} {o['ratio']:>7.3f} "
+                      f"{o['x0_max_diff_rel']:>9.1e} {o['compile_s']:>9.1f}  {o['label']}")
+        print("# ratio = s/chunk over the first set's, timed interleaved in the same process; x0 diff = max |x0 - "
+              "the first set's x0| / max |x0| of the generated chunk (bf16: up to ~1e-2 is rounding)")
 
 
 def main(argv=None):
@@ -422,6 +464,8 @@ def main(argv=None):
         common += ["--profile", args.profile]
     if args.dump:
         common += ["--dump", args.dump]
+    if args.xla_options is not None:
+        common += ["--xla-options", args.xla_options]
 
     model_cache: dict = {}
     for variant, history in cases:

@@ -61,6 +61,44 @@ def test_rollout_benchmark_small(tmp_path):
     assert record["setup"]["dtype"] == "float32" and record["jax"]["platform"] == "cpu"
 
 
+def test_rollout_benchmark_xla_option_sets(tmp_path):
+    """--xla-options: the step compiled once per compile-option set and the sets timed interleaved in one case, each
+    set's chunk compared with the first's; an unknown option name fails the case with XLA's message naming it."""
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+
+    def run(spec, out):
+        cmd = [sys.executable, str(root / "benchmarks" / "rollout.py"), "--small", "--variants", "decmem",
+               "--history", "4", "--xla-options", spec, "--json", str(out)]
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return json.loads(out.read_text())["rows"][0], proc.stdout
+
+    row, stdout = run(";xla_allow_excess_precision=false", tmp_path / "ab.json")
+    assert row["status"] == "ok", row
+    sets = row["xla_options"]
+    assert [o["options"] for o in sets] == [{}, {"xla_allow_excess_precision": False}]
+    assert [o["label"] for o in sets] == ["defaults", "xla_allow_excess_precision=false"]
+    assert sets[0]["ratio"] == 1.0 and sets[0]["x0_max_diff_rel"] == 0.0
+    assert all(len(o["runs_s"]) == 2 and o["s_per_chunk"] > 0 and o["compile_s"] > 0 for o in sets)
+    assert sets[1]["x0_max_diff_rel"] < 1e-4  # fp32 here: the option changes rounding at most
+    assert row["s_per_chunk"] == sets[0]["s_per_chunk"] and "XLA options" in stdout
+    bad, _ = run("xla_no_such_option=1", tmp_path / "bad.json")
+    assert bad["status"] == "ERROR" and "xla_no_such_option" in bad["error"], bad
+
+
+def test_xla_option_sets_syntax():
+    """`--xla-options` parsing: typed values, an empty set for XLA's defaults, one error naming each malformed entry."""
+    from benchmarks.common import parse_xla_option_sets
+
+    assert parse_xla_option_sets(None) == [{}]
+    assert parse_xla_option_sets(";a=true, b=3 ,c=0.5;d=auto") == [{}, {"a": True, "b": 3, "c": 0.5}, {"d": "auto"}]
+    for bad, words in (("a", "'a' is not name=value"), ("a=", "not name=value"), ("a=1,a=2", "given twice"),
+                       ("a=1;a=1", "appears twice")):
+        with pytest.raises(ValueError, match=words):
+            parse_xla_option_sets(bad)
+
+
 def test_rollout_e2e_benchmark_small(tmp_path, monkeypatch):
     """benchmarks/rollout_e2e.py --small: the rollout library path with the VAE decode, pipelined and in the
     unpipelined order, both timed, and the same frames either way (only the order of the work differs). Without
