@@ -130,10 +130,15 @@ def main(argv=None):
     record = {"command": [sys.executable, "benchmarks/rollout_e2e.py", *argv], "args": vars(args), "jax": jax_info(),
               "rows": []}
     cfg = model_config("decmem", args)
+    t0 = time.perf_counter()
+    print(f"building the DiT ({geo['config']}) and the VAE with random weights ...", flush=True)
     graphdef, state = build_model(cfg, args.seed)
     dit = nnx.merge(graphdef, state)
     vcfg = get_vae_config("tiny" if args.small else "wan2.1-vae", dtype=geo["dtype"], param_dtype=geo["dtype"])
     vae = make_vae(vcfg, vae_params(vcfg, args.seed + 1))[2]
+    print(f"    {time.perf_counter() - t0:.1f} s; warming the streaming decoder on the {args.history} context latents "
+          "(compiles it) ...", flush=True)
+    t0 = time.perf_counter()
     rng = np.random.default_rng(args.seed + 2)
     context = jnp.asarray(rng.standard_normal((1, args.history, *geo["hw"], cfg.in_channels)), jnp.float32)
     text = jnp.asarray(rng.standard_normal((1, geo["text_rows"], cfg.text_dim)), jnp.float32)
@@ -142,6 +147,8 @@ def main(argv=None):
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     segment_fn = engine.make_segment_fn(settings)
     decoder = jax.block_until_ready(generate_lib.warm_decoder(vae, context)[0])
+    record["warm_decoder_s"] = round(time.perf_counter() - t0, 1)
+    print(f"    {record['warm_decoder_s']} s", flush=True)
     write, close, sink = mp4_writer(not args.no_mp4)
     record["setup"] = {"config": geo["config"], "latent_hw": geo["hw"], "chunk": geo["chunk"], "dtype": geo["dtype"],
                        "vae": "tiny" if args.small else "wan2.1-vae", "sink": sink, "segment_chunks": 1,
@@ -157,6 +164,8 @@ def main(argv=None):
                                              args, write)
                     outputs.setdefault(order, got)
                     return {"status": "ok", "s_per_chunk": round(s, 4), "segment_s": [round(x, 4) for x in segs]}
+                print(f"--- {order}, round {r}: {args.chunks} chunks (the first compiles and is not timed) ...",
+                      flush=True)
                 row = {"order": order, "round": r, **guarded(one)}
                 print(f"    {row}", flush=True)
                 record["rows"].append(row)
