@@ -420,7 +420,8 @@ def print_table(rows, args):
             print(f"# {r['variant']} H={r['history']}: {r['status']}: {r.get('error', '')}")
     ab = [r for r in rows if r.get("xla_options")]
     if ab:
-        print(f"\n{'variant':8} {'history':>7} {'s/chunk':>9} {'ratio':>7} {'x0 diff':>9} {'compile s':>9}  XLA options")
+        print(f"\n{'variant':8} {'history':>7} {'s/chunk':>9} {'ratio':>7} {'x0 diff':>9} {'compile s':>9}  "
+              "XLA options")
         for r in ab:
             for o in r["xla_options"]:
                 print(f"{r['variant']:8} {r['history']:>7} {o['s_per_chunk']:>9.3f} {o['ratio']:>7.3f} "
