@@ -15,6 +15,7 @@ Usage:
   python benchmarks/train_step.py --stage dense_long                # the dense block-causal stage instead
   python benchmarks/train_step.py --frames 60 --sgm-dkv tiles,packed,packed_shared  # SGM dk/dv kernel variants
   python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
+  python benchmarks/train_step.py --frames 60 --xla-options ";xla_allow_excess_precision=false"  # XLA option A/B
   # A small model (the world-tiny geometry) at 64x64, batch 32, with a profile of where the step's time goes:
   python benchmarks/train_step.py --stage decmem --frames 60 --batch 32 --size 64x64 --remat none \
       --model dim=256,ffn_dim=768,num_heads=4,num_layers=8,text_dim=32,text_len=8 \
@@ -45,8 +46,8 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 
-from benchmarks.common import (child_failure, guarded, jax_block, jax_info, jax_peak_gb, run_child, timed,  # noqa: E402
-                               write_record)
+from benchmarks.common import (check_xla_options, child_failure, guarded, jax_block, jax_info,  # noqa: E402
+                               jax_peak_gb, parse_xla_option_sets, run_child, timed, write_record, xla_options_label)
 from configs import common as configs_common  # noqa: E402
 from decmem_jax.format import latent_size  # noqa: E402
 from decmem_jax.models.config import REMAT_POLICIES  # noqa: E402
@@ -103,14 +104,26 @@ def parse_args(argv):
                         "(both), shared (a CTA's two tiles of one key block on one query stream), packed_shared (all "
                         "three), packed_shared_overlap (and the consumers' wgmmas in flight during their "
                         "arithmetic); pallas_kernels/sgm/mosaic_gpu.py Q_BOXES / K_TAILS / DKV_SHARE / DKV_OVERLAP")
+    p.add_argument("--xla-options", default=None, metavar="SETS",
+                   help="XLA compile-option sets, each timed as its own case: sets separated by ';', each a comma "
+                        "list of name=value (an empty set = XLA's defaults), e.g. ';xla_allow_excess_precision=false'")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
+    try:
+        args.xla_option_sets = parse_xla_option_sets(args.xla_options)
+    except ValueError as e:
+        p.error(str(e))
     args.sgm_dkv = [v for v in args.sgm_dkv.split(",") if v]
     for v in args.sgm_dkv:
         if v not in SGM_DKV:
             p.error(f"--sgm-dkv {v!r}: expected a comma list of {', '.join(SGM_DKV)}")
     if args.isolate is None:
         args.isolate = not args.small
+    if not args.isolate:  # this process runs the cases: check the XLA options now (isolated: each child does)
+        try:
+            check_xla_options(args.xla_option_sets)
+        except ValueError as e:
+            p.error(str(e))
     args.frames = [int(f) for f in (args.frames or ("8" if args.small else "8,16,24,32,40,48,60")).split(",") if f]
     args.remat = [r for r in args.remat.split(",") if r]
     for r in args.remat:
@@ -161,18 +174,20 @@ def make_config(args, frames: int, remat: str):
     return cfg
 
 
-def run_case(args, frames: int, remat: str, sgm_dkv: str = "default") -> dict:
+def run_case(args, frames: int, remat: str, sgm_dkv: str = "default", xla_options: dict | None = None) -> dict:
+    xla_options = xla_options or {}
+    check_xla_options([xla_options])  # an unknown option fails here, in seconds
     set_sgm_dkv(sgm_dkv)
     cfg = make_config(args, frames, remat)
     mesh = mesh_lib.make_mesh(dict(cfg.mesh), jax.devices()[:1])
     setup = loop.build(cfg, mesh)
     hw = latent_size(cfg.data.size)
     host = next(data_lib.SyntheticBatches(args.batch, frames, hw, seed=0))
-    setup.compile(loop.global_shapes(host, args.batch))
+    setup.compile(loop.global_shapes(host, args.batch), compiler_options=xla_options)
     batch = data_lib.to_global(host, setup.batch_shardings)
     flops = metrics_lib.step_flops(setup.dit_cfg, batch=args.batch, frames=frames, hw=hw, chunk=int(cfg.train.chunk))
-    res = {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, "tokens": flops["tokens_per_step"], "flops": {
-        k: v for k, v in flops.items() if k != "formula"}}
+    res = {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, "xla_options": xla_options_label(xla_options),
+           "tokens": flops["tokens_per_step"], "flops": {k: v for k, v in flops.items() if k != "formula"}}
 
     def bench():
         holder = {"state": setup.fresh_state()}
@@ -207,20 +222,23 @@ def run_case(args, frames: int, remat: str, sgm_dkv: str = "default") -> dict:
     return res
 
 
-def run_case_isolated(argv, frames: int, remat: str, sgm_dkv: str):
-    """run_case in a child process: the same argv with one clip length, policy and dk/dv variant (argparse keeps an
-    option's last value, so appending overrides them). Returns (row, the child's record or None). This process never
-    touches the GPU (a preallocating parent would starve the children)."""
+def run_case_isolated(argv, frames: int, remat: str, sgm_dkv: str, xla_options: dict | None = None):
+    """run_case in a child process: the same argv with one clip length, policy, dk/dv variant and XLA option set
+    (argparse keeps an option's last value, so appending overrides them). Returns (row, the child's record or None).
+    This process never touches the GPU (a preallocating parent would starve the children)."""
+    label = xla_options_label(xla_options or {})
+    one_set = "" if label == "defaults" else label
     record, code = run_child(pathlib.Path(__file__).resolve(), [*argv, "--frames", str(frames), "--remat", remat,
-                                                                "--sgm-dkv", sgm_dkv, "--no-isolate"], cwd=ROOT)
+                                                                "--sgm-dkv", sgm_dkv, "--xla-options", one_set,
+                                                                "--no-isolate"], cwd=ROOT)
     if record is not None and record.get("cases"):
         return {**record["cases"][0], "isolated": True}, record
-    return {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, **child_failure(code)}, None
+    return {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, "xla_options": label, **child_failure(code)}, None
 
 
 def print_table(rows, dtype: str) -> None:
     hdr = (f"{'frames':>6} {'tokens':>8} {'remat':14} {'sgm dk/dv':9} {'dtype':8} {'step ms':>10} {'TFLOP':>8} "
-           f"{'TF/s':>8} {'MFU':>7} {'peak GB':>8} {'host GB':>8}")
+           f"{'TF/s':>8} {'MFU':>7} {'peak GB':>8} {'host GB':>8}  XLA options")
     print(hdr + "\n" + "-" * len(hdr))
     for r in rows:
         ok = r.get("status") == "ok"
@@ -230,7 +248,8 @@ def print_table(rows, dtype: str) -> None:
         mfu = f"{100 * r['mfu']:.1f}%" if ok and r.get("mfu") is not None else "-"
         host = f"{r['host_peak_gb']:.1f}" if r.get("host_peak_gb") is not None else "-"
         print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:14} {r.get('sgm_dkv', 'default'):9} {dtype:8} "
-              f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8} {host:>8}")
+              f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8} {host:>8}  "
+              f"{r.get('xla_options', 'defaults')}")
 
 
 def main(argv=None):
@@ -240,17 +259,19 @@ def main(argv=None):
     t0 = time.perf_counter()
     for remat in args.remat:
         for variant in args.sgm_dkv:
-            for frames in sorted(args.frames):
-                print(f"--- {args.stage}: {frames} latent frames, remat {remat}, SGM dk/dv {variant} ...", flush=True)
-                if args.isolate:
-                    row, record = run_case_isolated(argv, frames, remat, variant)
-                    child = child or record
-                else:
-                    row = run_case(args, frames, remat, variant)
-                rows.append(row)
-                if row.get("status") != "ok":
-                    print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
-                    break
+            for options in args.xla_option_sets:
+                for frames in sorted(args.frames):
+                    print(f"--- {args.stage}: {frames} latent frames, remat {remat}, SGM dk/dv {variant}, XLA options "
+                          f"{xla_options_label(options)} ...", flush=True)
+                    if args.isolate:
+                        row, record = run_case_isolated(argv, frames, remat, variant, options)
+                        child = child or record
+                    else:
+                        row = run_case(args, frames, remat, variant, options)
+                    rows.append(row)
+                    if row.get("status") != "ok":
+                        print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
+                        break
     if args.isolate:  # what the children saw (this process has no devices)
         config, info, dtype = (child["config"], child["jax"], child["dtype"]) if child else (None, None, "?")
     else:

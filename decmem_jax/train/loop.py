@@ -121,10 +121,11 @@ def _eval_batch(cfg, setup):
     return data_lib.to_global(next(data_lib.Batches(ecfg))[0], setup.batch_shardings)
 
 
-def compile_step(step, shardings: state_lib.TrainState, batch_sh: dict, mesh):
+def compile_step(step, shardings: state_lib.TrainState, batch_sh: dict, mesh, compiler_options=None):
+    """compiler_options: XLA options (DebugOptions field names) for this program only, e.g. a benchmark's A/B."""
     rep = shd.replicated(mesh)
     return jax.jit(step, in_shardings=(shardings, batch_sh, rep), out_shardings=(shardings, rep),
-                   donate_argnums=(0,))
+                   donate_argnums=(0,), compiler_options=compiler_options or None)
 
 
 @dataclasses.dataclass
@@ -152,12 +153,13 @@ class Setup:
         return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), self.abstract,
                             self.shardings)
 
-    def compile(self, example_batch: dict) -> None:
-        """Fixes the input shardings from a (global) batch's shapes and jits the step."""
+    def compile(self, example_batch: dict, compiler_options: dict | None = None) -> None:
+        """Fixes the input shardings from a (global) batch's shapes and jits the step (with `compiler_options`,
+        XLA options for the step's program only)."""
         self.batch_shardings = shd.batch_shardings(example_batch, self.mesh)
         step = make_step(self.graphdef, self.tx, self.schedule, state_lib.objective(self.cfg),
                          int(self.cfg.train.grad_accum))
-        self.step = compile_step(step, self.shardings, self.batch_shardings, self.mesh)
+        self.step = compile_step(step, self.shardings, self.batch_shardings, self.mesh, compiler_options)
 
 
 def build(cfg, mesh) -> Setup:
