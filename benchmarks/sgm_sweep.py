@@ -37,12 +37,15 @@ PACKED = dict(q_boxes=True, k_tails=True)
 SHARED = dict(PACKED, dkv_share=True)
 # each backward kernel's intra-consumer overlap alone, then both (on top of the case's defaults)
 OVERLAPS = (dict(dkv_overlap=True), dict(overlap=True), dict(overlap=True, dkv_overlap=True))
+# dq with 2 consumers on their own lists (232 registers each instead of 3 x 152 on one stream): room for the overlap's
+# second logits tile, which spilled at 152 (2026-12-05, H100: +58%); plain and overlapped, then the default again
+DQ_OWN2 = (dict(consumers=2, share=1), dict(consumers=2, share=1, overlap=True), {})
 SWEEP_DQ = {
     "vsa": [],
     "decmem": [{}, dict(q_boxes=True), dict(k_tails=True), PACKED, SHARED, dict(dkv_share=True),
-               dict(consumers=2, share=1), {}, PACKED, SHARED, *OVERLAPS, {}],
+               dict(consumers=2, share=1), {}, PACKED, SHARED, *OVERLAPS, {}, *DQ_OWN2],
     "decmem_cfg": [{}, PACKED, SHARED, {}, PACKED, SHARED, *OVERLAPS, {}],
-    "decmem_train": [{}, PACKED, SHARED, {}, PACKED, SHARED, *OVERLAPS, {}],
+    "decmem_train": [{}, PACKED, SHARED, {}, PACKED, SHARED, *OVERLAPS, {}, *DQ_OWN2],
 }
 DKV_SWITCHES = ("q_boxes", "k_tails", "dkv_share", "dkv_overlap")  # sgm_backward_mgpu arguments, not dq plan fields
 
