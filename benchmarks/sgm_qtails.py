@@ -1,13 +1,14 @@
-"""The SGM forward with packed query tails (`mosaic_gpu.forward_packed`) against the padded forward, same run.
+"""The SGM forwards that skip the padding rows of query blocks against the padded forward, same run: packed query
+tails (`mosaic_gpu.forward_packed`) and the transposed tail consumer (`mosaic_gpu.forward_tail`, variant `tail_t`).
 
 Geometry: the rollout's CFG-folded history call (48 query blocks of 192 slots, 147 in use, against 360 key blocks of
 147/146 valid keys, top-80, 12 heads, D 128, bf16). The packed forward's cost depends on how many key blocks three
 neighbouring query blocks select in common, so the lists are drawn with a pool of `--shared` blocks common to each
 group of three (0: independent random lists; the rollout benchmark's real lists are near 70: three neighbours of a
-frame select 107 distinct blocks of 240). Every case first checks the packed output against the padded kernel on
-the rows in use (and that the padding rows are 0 with LSE -inf), then times both (median of `--repeats` samples of
-`--inner` back-to-back calls). `--plans` also times the packed forward under plan overrides of its whole-tile part
-(e.g. `overlap=1,width=64;box=64,sched=1`), to tune it.
+frame select 107 distinct blocks of 240; the tail consumer does not depend on it). Every case first checks each
+variant's output against the padded kernel on the rows in use (and that the padding rows are 0 with LSE -inf), then
+times them all (median of `--repeats` samples of `--inner` back-to-back calls). `--plans` also times the packed
+forward under plan overrides of its whole-tile part (e.g. `overlap=1,width=64;box=64,sched=1`), to tune it.
 
   python3 benchmarks/sgm_qtails.py                     # H100/H200
   python3 benchmarks/sgm_qtails.py --small --interpret # CPU smoke run in the Mosaic GPU interpreter (seconds)
@@ -101,11 +102,13 @@ def run_case(g, shared, plans, args):
     inputs = make_inputs(g, shared)
     union = float(np.asarray(union_lists(inputs[3], inputs[4], 3)[1]).mean())
     kw = dict(block_q=g["BQ"], block_kv=g["BQ"], interpret=args.interpret)
-    padded = jax.jit(functools.partial(sgm_forward_mgpu, **kw))
-    variants = {"packed": jax.jit(functools.partial(sgm_forward_mgpu, q_rows=g["rows"], q_tails=True, **kw))}
+    padded = jax.jit(functools.partial(sgm_forward_mgpu, q_tail_t=False, **kw))
+    packed = functools.partial(sgm_forward_mgpu, q_rows=g["rows"], q_tails=True, q_tail_t=False, **kw)
+    variants = {"packed": jax.jit(packed),
+                "tail_t": jax.jit(functools.partial(sgm_forward_mgpu, q_rows=g["rows"], q_tail_t=True, **kw))}
     for plan in plans:
         name = "packed[" + ";".join(f"{k}={int(v)}" for k, v in plan) + "]"
-        variants[name] = jax.jit(functools.partial(sgm_forward_mgpu, q_rows=g["rows"], q_tails=True, plan=plan, **kw))
+        variants[name] = jax.jit(functools.partial(packed, plan=plan))
     keep = (np.arange(g["NQ"] * g["BQ"]) % g["BQ"]) < g["rows"]
     sync = jax.block_until_ready
     ref, t_ref = timed(lambda: padded(*inputs), sync, 2, args.repeats, args.inner)
@@ -136,7 +139,7 @@ def main(argv=None):
         cells = "  ".join(f"{n}: {v['ms']:.3f} ({v['ratio']:.3f}, {v['err']:.1e})" if v.get("status") == "ok"
                           else f"{n}: {v.get('status')}" for n, v in r["variants"].items())
         print(f"{r['shared']:>7} {r['mean_union']:>7.1f} {r['padded_ms']:>10.3f}  {cells}")
-    print("# ratio < 1: the packed forward is faster; union = mean key blocks a packed tail tile walks (of 3 x top-k)")
+    print("# ratio < 1: faster than the padded forward; union = key blocks a packed tail tile walks (of 3 x top-k)")
     record = {"command": [sys.executable, *sys.argv], "args": {k: v for k, v in vars(args).items()},
               "geometry": g, "jax": jax_info(), "rows": rows}
     write_record(args.json, record)

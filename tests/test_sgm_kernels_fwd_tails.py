@@ -1,9 +1,11 @@
-"""The Mosaic GPU forward with packed query tails (`mosaic_gpu.forward_packed`, `lists.union_lists`,
-`mosaic_gpu_fwd.mask_row_groups`): query blocks with q_rows < block_q rows in use run their whole q tiles as usual
-and the partial last tiles of up to 3 neighbouring blocks as ONE tile over the union of their lists, each block's
-rows masked to its own selections. Checked in the Mosaic GPU interpreter against the dense oracle (rows in use)
-and the contract (rows past q_rows: out 0, LSE −inf), and lowered for sm_90 on the CPU. Helpers and tolerances:
-tests/test_sgm_kernels.py."""
+"""The Mosaic GPU forwards that skip the padding rows of partly used query blocks. Packed query tails
+(`mosaic_gpu.forward_packed`, `lists.union_lists`, `mosaic_gpu_fwd.mask_row_groups`): query blocks with q_rows <
+block_q rows in use run their whole q tiles as usual and the partial last tiles of up to 3 neighbouring blocks as
+ONE tile over the union of their lists, each block's rows masked to its own selections. The transposed tail
+consumer (`mosaic_gpu.forward_tail`, `mosaic_gpu_fwd_tail`): the third consumer of a 192-row block runs its tail
+with the queries on the N side, on the block's own stream. Both checked in the Mosaic GPU interpreter against the
+dense oracle (rows in use) and the contract (rows past q_rows: out 0, LSE −inf), and lowered for sm_90 on the CPU.
+Helpers and tolerances: tests/test_sgm_kernels.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pallas_kernels.sgm import mosaic_gpu as mosaic_gpu_mod
 from pallas_kernels.sgm.lists import group_steps, subtile_steps, union_lists
 from pallas_kernels.sgm.mosaic_gpu import packed_rows, sgm_forward_mgpu
 from pallas_kernels.sgm.mosaic_gpu_fwd import interpret_params
+from pallas_kernels.sgm.mosaic_gpu_fwd_tail import q_tail_fits
 from tests.test_sgm_kernels import BF16, F16, FWD_TOL, lists_of, make_case, oracle, rel
 
 
@@ -99,6 +102,60 @@ def test_forward_packed_matches_the_oracle(bq, q_rows, nq, dtype, overlap, monke
         assert (o[b, i * bq:(i + 1) * bq, h] == 0).all() and np.isneginf(l[b, h, i * bq:(i + 1) * bq]).all()
 
 
+@pytest.mark.parametrize("q_rows, D, dtype, overlap", [(147, 64, BF16, False), (147, 128, BF16, True),
+                                                       (160, 64, F16, True), (129, 64, BF16, False)],
+                         ids=["decmem", "decmem-d128-overlap", "tail32-fp16", "tail1"])
+def test_forward_tail_consumer_matches_the_oracle(q_rows, D, dtype, overlap):
+    """The transposed tail consumer: rows in use against the dense oracle, rows past q_rows out 0 and LSE −inf,
+    count-0 blocks likewise; the whole tiles' rows bit for bit the padded forward's (the same consumers' code, the V
+    ring in another swizzle). overlap: the whole tiles under the intra-consumer overlap beside the tail's loop."""
+    nq, bq = 4, 192
+    c = make_case(60 + q_rows + D, B=2, H=2, D=D, bq=bq, bkv=bq, Nq=nq, Nk=5, K=3, dtype=dtype)
+    c["kv_block_cnt"] = c["kv_block_cnt"].at[1, 0, 2].set(0)
+    plan = (("overlap", overlap),)
+    run = functools.partial(sgm_forward_mgpu, c["q"], c["k"], c["v"], **lists_of(c), plan=plan, interpret=True)
+    out, lse = run(q_rows=q_rows, q_tail_t=True)
+    padded, padded_lse = run()
+    ref_out, ref_lse, _ = oracle(c)
+    pos = np.arange(nq * bq) % bq
+    keep, whole = pos < q_rows, pos < 128
+    o, l = np.asarray(out, np.float32), np.asarray(lse)
+    assert rel(o[:, keep], ref_out[:, keep]) <= FWD_TOL[jnp.dtype(dtype)]
+    assert rel(o[:, keep & ~whole], ref_out[:, keep & ~whole]) <= FWD_TOL[jnp.dtype(dtype)]  # the tails alone
+    rl = np.asarray(ref_lse)[..., keep]
+    assert np.array_equal(np.isneginf(l[..., keep]), np.isneginf(rl))
+    np.testing.assert_allclose(l[..., keep][np.isfinite(rl)], rl[np.isfinite(rl)], rtol=1e-2, atol=1e-2)
+    assert (o[:, ~keep] == 0).all() and np.isneginf(l[..., ~keep]).all()
+    np.testing.assert_array_equal(o[:, whole], np.asarray(padded, np.float32)[:, whole])
+    np.testing.assert_array_equal(l[..., whole], np.asarray(padded_lse)[..., whole])
+    for b, h, i in zip(*np.nonzero(np.asarray(c["kv_block_cnt"]) == 0)):
+        assert (o[b, i * bq:(i + 1) * bq, h] == 0).all() and np.isneginf(l[b, h, i * bq:(i + 1) * bq]).all()
+
+
+def test_forward_tail_consumer_where_it_applies():
+    """192-row blocks whose third tile holds 1..32 queries; elsewhere q_tail_t changes nothing (the padded forward)."""
+    assert q_tail_fits(147, 192) and q_tail_fits(129, 192) and q_tail_fits(160, 192)
+    assert not any(q_tail_fits(r, b) for r, b in ((128, 192), (161, 192), (None, 192), (80, 128), (147, 256)))
+    c = make_case(5, B=1, H=1, D=64, bq=128, bkv=128, Nq=2, Nk=3, K=2, dtype=BF16)
+    run = functools.partial(sgm_forward_mgpu, c["q"], c["k"], c["v"], **lists_of(c), interpret=True)
+    np.testing.assert_array_equal(np.asarray(run(q_rows=80, q_tail_t=True)[0]), np.asarray(run()[0]))
+
+
+@pytest.mark.parametrize("D", [128, 64])
+def test_forward_tail_consumer_lowers_for_sm90(D):
+    """One launch (the tail consumer inside the forward kernel) through Pallas' Mosaic GPU lowering and layout
+    inference for sm_90 on the CPU, plain and with the whole tiles' overlap, 1 and 2 splits; the SMEM plan fits."""
+    sds = jax.ShapeDtypeStruct
+    B, H, Nq, Nk, K = 1, 2, 4, 5, 3
+    q, k = sds((B, Nq * 192, H, D), jnp.bfloat16), sds((B, Nk * 192, H, D), jnp.bfloat16)
+    lst = (sds((B, H, Nq, K), jnp.int32), sds((B, H, Nq), jnp.int32), sds((B, Nk), jnp.int32))
+    for plan in ((("overlap", False), ("splits", 1)), (("overlap", True), ("splits", 2))):
+        f = jax.jit(functools.partial(sgm_forward_mgpu, block_q=192, block_kv=192, q_rows=147, q_tail_t=True,
+                                      plan=plan))
+        assert f.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count(
+            "custom_call @mosaic_gpu") == 1
+
+
 def test_sgm_attention_q_rows_reach_the_forward(monkeypatch):
     """return_lse=True with q_rows: a backend registered with fwd_q_rows gets them (the Mosaic GPU forward then
     packs: padding rows out 0, LSE −inf; rows in use as the reference); the reference computes every row as usual."""
@@ -146,8 +203,8 @@ def test_forward_packed_lowers_for_sm90(D, block, q_rows):
 
 
 def test_sgm_qtails_benchmark_small(tmp_path):
-    """benchmarks/sgm_qtails.py --small --interpret: both forwards and a plan override checked against the padded
-    kernel and timed (interpreter times mean nothing), the JSON written."""
+    """benchmarks/sgm_qtails.py --small --interpret: the packed and tail-consumer forwards and a plan override checked
+    against the padded kernel and timed (interpreter times mean nothing), the JSON written."""
     import json
 
     from benchmarks import sgm_qtails
@@ -157,7 +214,8 @@ def test_sgm_qtails_benchmark_small(tmp_path):
                               "--inner", "1", "--json", str(out)])
     row = json.loads(out.read_text())["rows"][0]
     assert row["shared"] == 2 and 4 <= row["mean_union"] <= 12 and record["rows"][0]["padded_ms"] > 0
-    assert [v["status"] for v in row["variants"].values()] == ["ok", "ok"]
+    assert list(row["variants"]) == ["packed", "tail_t", "packed[width=64]"]
+    assert [v["status"] for v in row["variants"].values()] == ["ok", "ok", "ok"]
     with pytest.raises(SystemExit):
         sgm_qtails.parse_args(["--plans", "width=x"])
 

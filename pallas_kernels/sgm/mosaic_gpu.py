@@ -55,6 +55,7 @@ from pallas_kernels.sgm.mosaic_gpu_tail import TAIL, dkv_tail_call, tail_plan
 from pallas_kernels.sgm.reference import check_q_rows, mask_padding_rows
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CODE_BASE, GROUP_BASE, GROUP_BITS, LOG2E, TILE, StreamPlan,
                                                default_splits, forward_call, merge_splits, plan_stream)
+from pallas_kernels.sgm.mosaic_gpu_fwd_tail import TailConsumer, q_tail_fits, q_tail_plan
 
 __all__ = ["sgm_forward_mgpu", "sgm_backward_mgpu", "forward_plan", "dq_plan", "default_stages", "SUPPORTED_DTYPES",
            "SUPPORTED_HEAD_DIMS", "StreamPlan"]
@@ -117,6 +118,10 @@ LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: o
 # forward on an H200 (plain loops) and no faster with the overlap on an H100 (2026-12-05), so off by default
 # (SGM_MGPU_Q_TAILS=1 turns it on).
 Q_TAILS = _switch("SGM_MGPU_Q_TAILS", "0")
+# The third consumer on its query block's partial last q tile, transposed (`mosaic_gpu_fwd_tail`), when a caller
+# passes q_rows with 129..160 rows of 192 in use (DecMem: 147): built and checked in the GPU interpreter on
+# 2026-12-05, not yet timed, so off (SGM_MGPU_Q_TAIL_T=1 turns it on).
+Q_TAIL_T = _switch("SGM_MGPU_Q_TAIL_T", "0")
 
 
 def _long_lists(kv_block_idx, nk):
@@ -220,16 +225,20 @@ def _sanitize(idx, cnt, lens, nk, block_kv):
 
 
 def _forward(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv, scale=None, stages=None,
-             plan=None, interpret=False, q_rows=None, q_tails=None):
+             plan=None, interpret=False, q_rows=None, q_tails=None, q_tail_t=None):
     """Block-sparse SGM attention forward. Returns (out `[B, Tq, H, D]` in q.dtype, natural-log lse `[B, H, Tq]`).
     `stages` sets the ring depth, `plan` (a tuple of (field, value) pairs of `StreamPlan`, hashable for jit)
     overrides the automatic plan; both are for tuning. q_rows (static): only the first q_rows rows of each query
     block are queries; with q_tails (default Q_TAILS) the rows past it are skipped (out 0, LSE −inf) and the partial
-    last q tiles are packed (`forward_packed`); without, q_rows changes nothing."""
+    last q tiles are packed (`forward_packed`); with q_tail_t (default Q_TAIL_T), where the tail fits, the third
+    consumer runs it transposed (`forward_tail`); without either, q_rows changes nothing."""
     B, Tq, H, D, Nq, Nk, _ = _check(q, k, v, kv_block_idx, kv_block_cnt, kv_block_len, block_q, block_kv, stages)
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     idx, cnt, lens = _sanitize(kv_block_idx, kv_block_cnt, kv_block_len, Nk, block_kv)
     q_rows = check_q_rows(q_rows, block_q, "sgm_forward_mgpu")
+    if q_tail_fits(q_rows, block_q) and (Q_TAIL_T if q_tail_t is None else q_tail_t):
+        return forward_tail(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, q_rows=q_rows, scale=scale,
+                            stages=stages, plan=plan, interpret=interpret)
     if q_rows is not None and (Q_TAILS if q_tails is None else q_tails):
         return forward_packed(q, k, v, idx, cnt, lens, block_q=block_q, block_kv=block_kv, q_rows=q_rows,
                               scale=scale, stages=stages, plan=plan, interpret=interpret)
@@ -306,12 +315,39 @@ def forward_packed(q, k, v, idx, cnt, lens, *, block_q, block_kv, q_rows, scale,
     return out, jnp.concatenate(lses, axis=3).reshape(B, H, Tq)
 
 
+def forward_tail(q, k, v, idx, cnt, lens, *, block_q, block_kv, q_rows, scale, stages=None, plan=None,
+                 interpret=False):
+    """The forward with each query block's tail (rows 128 .. q_rows − 1) run transposed by the third consumer
+    (`mosaic_gpu_fwd_tail`; sanitised lists, `q_tail_fits`). The kernel leaves the third q tile's rows of `out` and
+    `lse` unwritten; here they become the transposed tails, then zeros and −inf past q_rows, before the splits'
+    merge."""
+    B, Tq, H, D = q.shape
+    nq, main = Tq // block_q, block_q - TILE
+    p = q_tail_plan(forward_plan(q.shape, block_q, block_kv, q.dtype, stages=stages, plan=dict(plan or ())), D,
+                    jnp.dtype(q.dtype).itemsize)
+    rows, code, nsteps = _step_lists(idx, cnt, lens, block_kv, p)
+    last = TailConsumer(p, (B, H, nq, D), q.dtype, float(scale) * LOG2E, bool(interpret))
+    out, lse, out_t, lse_t = forward_call(q, k, v, rows, code, nsteps, block_q=block_q, scale=scale, plan=p,
+                                          interpret=interpret, final=last)
+    lead = out.shape[:-4]
+    n = len(lead)
+    keep = jnp.arange(TAIL) < q_rows - main
+    tail = jnp.transpose(out_t, (*range(n), n, n + 2, n + 4, n + 1, n + 3))  # [.., B, Nq, 32, H, D]
+    tail = jnp.where(keep[:, None, None], tail, jnp.zeros((), q.dtype))
+    pad = block_q - main - TAIL
+    out = jnp.concatenate([out.reshape(*lead, B, nq, block_q, H, D)[..., :main, :, :], tail,
+                           jnp.zeros((*lead, B, nq, pad, H, D), q.dtype)], axis=-3).reshape(out.shape)
+    lse = jnp.concatenate([lse.reshape(*lead, B, H, nq, block_q)[..., :main], jnp.where(keep, lse_t, -jnp.inf),
+                           jnp.full((*lead, B, H, nq, pad), -jnp.inf, jnp.float32)], axis=-1).reshape(lse.shape)
+    return merge_splits(out, lse) if p.splits > 1 else (out, lse)
+
+
 # The public entry point is jitted; sgm_attention calls `_forward` as is (`_api_fwd`): inside the model's jit a
 # nested one adds nothing, and the traced program then holds the kernel call directly next to the names api.py gives
 # its outputs for remat policies (with or without the nested jit, the policy kept them in a traced test; the H200
 # measurement of remat="save_sgm" in docs/benchmarks.md ran this way).
 sgm_forward_mgpu = jax.jit(_forward, static_argnames=("block_q", "block_kv", "scale", "stages", "plan", "interpret",
-                                                     "q_rows", "q_tails"))
+                                                     "q_rows", "q_tails", "q_tail_t"))
 
 
 def sgm_backward_mgpu(q, k, v, out, lse, d_out, kv_block_idx, kv_block_cnt, kv_block_len, *, block_q, block_kv,

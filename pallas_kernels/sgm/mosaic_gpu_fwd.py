@@ -13,10 +13,9 @@ A "step" is `width` key rows assembled from `width / box` TMA boxes of `box` row
 and with 32-row boxes a 147-valid DecMem block costs 160 rows instead of 192. The −inf mask is applied (under
 `lax.cond`) only on a step with a partially valid or unused box. `plan.splits` > 1 splits a tile group's steps over
 several CTAs (more CTAs than SMs' worth of waves when a problem has few query blocks); their normalised partial
-outputs and LSEs are merged exactly in XLA (`merge_splits`).
-
-Every step has a valid key (its first box), so after the first step the running max is finite and no NaN appears; a
-tile with 0 steps writes O = 0 and LSE = −inf.
+outputs and LSEs are merged exactly in XLA (`merge_splits`). Every step has a valid key (its first box), so after
+the first step the running max is finite and no NaN appears; a tile with 0 steps writes O = 0 and LSE = −inf. A
+`final` consumer may replace the last q tile's loop (`mosaic_gpu_fwd_tail`: DecMem's 19-row tail, transposed).
 
 Barrier protocol per ring slot: K-ready / V-ready (one TMA arrival per box) and K-consumed / V-consumed (one arrival
 per consumer of the stream). The producer walks t = 0 .. n+S−1: it waits for the consumption of step t−S before
@@ -65,21 +64,15 @@ class StreamPlan:
     stages: int  # ring slots per stream
     splits: int = 1  # CTAs sharing one tile group's step list
     # Ping-pong: the consumers of a shared stream take turns at the tensor cores (one's softmax overlaps the other's
-    # wgmmas) through a schedule barrier that every consumer arrives on twice per step, odd consumers half a step
-    # behind the even ones (forward only).
+    # wgmmas) through a schedule barrier each arrives on twice per step, odd ones half a step behind (forward only).
     sched: bool = False
     # Intra-consumer overlap: each consumer issues QKᵀ of step t + 1 and P·V of step t back to back and runs the
     # softmax of step t + 1 while P·V of step t is still on the tensor cores (forward: `overlapped_steps`); dq: its
     # wgmmas in flight during its own arithmetic (`mosaic_gpu_bwd.overlapped_dq`).
     overlap: bool = False
 
-    @property
-    def streams(self):
-        return self.consumers // self.share
-
-    @property
-    def nbox(self):
-        return self.width // self.box
+    streams = property(lambda self: self.consumers // self.share)
+    nbox = property(lambda self: self.width // self.box)
 
     def smem_bytes(self, head_dim, itemsize, tiles=1, vectors=1):
         """SMEM of a kernel holding `tiles` 16-bit [64, D] tiles and `vectors` fp32 [64] vectors per consumer
@@ -220,14 +213,11 @@ def mma(a, b, shape):
 
 
 def mma_acc(acc, a, b, interpret):
-    """acc + a @ b with `a` in registers (bf16/fp16) and `b` an SMEM ref, accumulated in fp32.
-
-    On hardware: one wgmma accumulating into the initialised accumulator (pl.run_state), as the reference kernel.
-    The GPU interpreter of jax 0.11.2 supports neither pl.run_state over WGMMA accumulators (the discharged
-    value-level `wgmma` has no CPU rule) nor register operands of wgmma (it expects an SMEM allocation), so interpret
-    mode reads `b` from SMEM and uses an fp32-accumulating dot of the same operands. This is the only place where
-    the interpreted kernels differ from the compiled ones; every barrier, TMA, SMEM-operand wgmma and all the
-    softmax arithmetic run as on the GPU."""
+    """acc + a @ b with `a` in registers (bf16/fp16) and `b` an SMEM ref, accumulated in fp32: on hardware one wgmma
+    into the initialised accumulator (pl.run_state). jax 0.11.2's GPU interpreter supports neither pl.run_state over
+    WGMMA accumulators nor register wgmma operands, so interpret mode reads `b` from SMEM and takes an fp32 dot of
+    the same operands: the only place where interpreted kernels differ from compiled ones (every barrier, TMA,
+    SMEM-operand wgmma and all the softmax arithmetic run as on the GPU)."""
     if interpret:
         return acc + smem_dot(a, b)
 
@@ -268,15 +258,16 @@ def mask_tail(s, count, axis):
     return lax.cond(count < s.shape[axis], apply, lambda x: x, s)
 
 
-def mask_boxes(s, code, box, nbox):
-    """Key columns of a step of `nbox` boxes: column j·box + i is valid iff i < valid_j, with the valid counts packed
-    in `code` (`lists.group_steps`). Masked (−inf) under lax.cond only when some box is not full."""
+def mask_boxes(s, code, box, nbox, axis=1):
+    """Keys of a step of `nbox` boxes along `axis` (1: columns; 0: rows of a transposed tile): key j·box + i is
+    valid iff i < valid_j, the counts packed in `code` (`lists.group_steps`); −inf (under lax.cond) if a box is
+    partial."""
     if nbox == 1:
-        return mask_tail(s, code, axis=1)
+        return mask_tail(s, code, axis=axis)
     full = sum(box * CODE_BASE ** j for j in range(nbox))
 
     def apply(x):
-        pos = plgpu.broadcasted_iota(jnp.int32, x.shape, 1, layout=plgpu.Layout.WGMMA)
+        pos = plgpu.broadcasted_iota(jnp.int32, x.shape, axis, layout=plgpu.Layout.WGMMA)
         ok = None
         for j in range(nbox):
             vj = lax.rem(lax.div(code, jnp.int32(CODE_BASE ** j)), jnp.int32(CODE_BASE))
@@ -450,10 +441,11 @@ def kv_producer(streams, rows_ref, b, h, k, v, stages, box):
     ring_producer(specs, [n for _, _, n in streams], stages)
 
 
-def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret, row_groups=None):
+def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret, row_groups=None, final=None):
     """Launches the forward kernel. rows `[B, H, Nq, M, nbox]` / code `[B, H, Nq, M]` / nsteps `[B, H, Nq]`:
     `lists.group_steps` of `lists.subtile_steps(sub=plan.box)`. Returns (out, lse), each with a leading split axis
-    when plan.splits > 1 (partial results: see merge_splits).
+    when plan.splits > 1 (partial results: see merge_splits), and `final`'s outputs: `final`, if given, is the last
+    consumer's own work instead of its q tile (`mosaic_gpu_fwd_tail.TailConsumer`: `out_types`, `scratch`, `run`).
 
     row_groups = (groups, rows): packed q tails (64-row query blocks whose rows come in `groups` groups of `rows`
     with their own selections; the codes carry each box's group bits, `mask_row_groups`). A row may then see no key
@@ -466,12 +458,16 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
     c_log2 = float(scale) * LOG2E
     last = code.shape[-1] - 1
 
-    def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref,
-                q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done, *sched_bar):
+    def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref, *refs):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         cta = CtaTiles(plan, nt, nqs, n_ref, b, h)
+        final_out, refs = (refs[:2], refs[2:]) if final else ((), refs)
+        (q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done), sched_bar = refs[:9], refs[9:]
+        if final:  # its scratch follows the rings (no schedule barrier: `final` excludes sched)
+            ring = (k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
+            pl.when(wg == nc - 1)(lambda: final.run(cta, q_ref, q_smem, q_bar, code_ref, ring, final_out, sched_bar))
 
-        @pl.when(wg < nc)
+        @pl.when(wg < (nc - 1 if final else nc))
         def _consumer():
             plgpu.set_max_registers(CONSUMER_REGS[nc], action="increase")
             tile, active, qb = cta.tile_of(wg)
@@ -557,27 +553,29 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
     lead = (nsplit,) if nsplit > 1 else ()
     kernel = plgpu.kernel(
         sgm_fwd,
-        out_type=(jax.ShapeDtypeStruct(lead + q.shape, dt), jax.ShapeDtypeStruct(lead + (B, H, Tq), f32)),
+        out_type=(jax.ShapeDtypeStruct(lead + q.shape, dt), jax.ShapeDtypeStruct(lead + (B, H, Tq), f32),
+                  *(final.out_types() if final else ())),
         scratch_types=[
             tiled_smem((nc, TILE, D), dt),  # q tiles, reused to stage the output
             plgpu.SMEM((nc, TILE), f32),  # LSE staging
             plgpu.Barrier(num_barriers=nc),
-            *ring_scratch(plan, D, dt),
+            *ring_scratch(plan, D, dt, final.v_swizzle if final else 128),
             *([plgpu.Barrier(num_arrivals=nc)] if plan.sched else []),  # the schedule barrier
+            *(final.scratch() if final else []),
         ],
         **launch_params(plan, H, B, groups * nsplit, interpret),
     )
     return kernel(q, k, v, rows, code, nsteps)
 
 
-def ring_scratch(plan, d, dt):
+def ring_scratch(plan, d, dt, v_swizzle=128):
     """K and V rings (stream s owns slots s·S .. s·S+S−1) and their ready (one TMA arrival per box) and consumed
     (one arrival per consumer of the stream) barriers, in kernel-argument order k, v, k_rdy, v_rdy, k_done, v_done."""
     slots = plan.streams * plan.stages
-    ring = tiled_smem((slots, plan.width, d), dt)
     ready = plgpu.Barrier(num_arrivals=plan.nbox, num_barriers=slots)
     done = plgpu.Barrier(num_arrivals=plan.share, num_barriers=slots)
-    return [ring, ring, ready, ready, done, done]
+    return [tiled_smem((slots, plan.width, d), dt), tiled_smem((slots, plan.width, d), dt, v_swizzle), ready, ready,
+            done, done]
 
 
 def launch_params(plan, heads, batch, ctas, interpret):
