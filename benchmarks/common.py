@@ -117,6 +117,18 @@ def child_failure(returncode: int) -> dict:
             "error": f"child exited with code {returncode} without a result (see its output above)"}
 
 
+def parse_scalar(value: str):
+    """A command-line value: true/false -> bool, an integer -> int, another number -> float, else the string."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def parse_xla_option_sets(spec: str | None) -> list[dict]:
     """`--xla-options` of the benchmarks: compile-option sets (XLA DebugOptions fields, e.g.
     `xla_allow_excess_precision`) separated by ';', each a comma list of name=value, compared in one run; an empty set
@@ -134,17 +146,7 @@ def parse_xla_option_sets(spec: str | None) -> list[dict]:
                 raise ValueError(f"--xla-options: {item!r} is not name=value")
             if name in options:
                 raise ValueError(f"--xla-options: {name!r} given twice in one set ({part.strip()!r})")
-            low = value.lower()
-            if low in ("true", "false"):
-                options[name] = low == "true"
-            else:
-                try:
-                    options[name] = int(value)
-                except ValueError:
-                    try:
-                        options[name] = float(value)
-                    except ValueError:
-                        options[name] = value
+            options[name] = parse_scalar(value)
         sets.append(options)
     if len({json.dumps(s, sort_keys=True) for s in sets}) != len(sets):
         raise ValueError(f"--xla-options: the same option set appears twice in {spec!r}")
