@@ -119,8 +119,9 @@ LONG_LISTS = 8  # between the two measured geometries (1.6: off is faster; 80: o
 # (SGM_MGPU_Q_TAILS=1 turns it on).
 Q_TAILS = _switch("SGM_MGPU_Q_TAILS", "0")
 # The third consumer on its query block's partial last q tile, transposed (`mosaic_gpu_fwd_tail`), when a caller
-# passes q_rows with 129..160 rows of 192 in use (DecMem: 147): built and checked in the GPU interpreter on
-# 2026-12-05, not yet timed, so off (SGM_MGPU_Q_TAIL_T=1 turns it on).
+# passes q_rows with 129..160 rows of 192 in use (DecMem: 147): correct, but 1.27-1.32x slower than the padded
+# forward on an H100 (2026-12-05; the column-wise softmax and the SMEM-staged P^T cost more than the MMA work it
+# saves, and the CTA waits for its slowest consumer), so off (SGM_MGPU_Q_TAIL_T=1 turns it on).
 Q_TAIL_T = _switch("SGM_MGPU_Q_TAIL_T", "0")
 
 
