@@ -132,3 +132,28 @@ def test_bad_frame_counts_raise(setup):
         list(vs.stream_decode(vae, iter([latents[:, :1], latents[:1, 1:2]])))
     with pytest.raises(ValueError, match="no frames"):
         list(vs.stream_decode(vae, iter([])))
+
+
+def test_warm_decoder_takes_the_context_in_pieces(setup):
+    """`rollout.generate.warm_decoder` (the decoder's causal cache after the context, before the first generated
+    chunk) decodes latent 0, then what is left over after whole pieces, then the pieces: for every piece size the
+    context's pixels equal the whole-clip decode and the state equals the one-call state, and a piece size costs at
+    most two compiled step shapes (the left-over and the piece), however long the context."""
+    from decmem_jax.rollout.generate import warm_decoder
+
+    vae, _, latents, pixels, _ = setup  # 6 latents
+    z = jnp.asarray(latents)
+    one_state, one = warm_decoder(vae, z, piece=5)  # latent 0, then the other 5 in one call
+    assert [p.shape[1] for p in one] == [1, 20]
+    for piece, frames in [(1, [1, 4, 4, 4, 4, 4]), (2, [1, 4, 8, 8]), (4, [1, 4, 16]), (7, [1, 20])]:
+        before = dict(vs.TRACE_COUNTS)
+        state, pieces = warm_decoder(vae, z, piece=piece)
+        assert [p.shape[1] for p in pieces] == frames, piece
+        assert traces(before).get("decode_step", 0) <= 2, piece
+        assert rel_err(collect(pieces), pixels) <= 1e-5, piece
+        assert state.keys() == one_state.keys()
+        for k in state:
+            np.testing.assert_allclose(np.asarray(state[k]), np.asarray(one_state[k]), rtol=1e-5, atol=1e-5,
+                                       err_msg=f"piece={piece}, cache {k}")
+    with pytest.raises(ValueError, match="piece=0"):
+        warm_decoder(vae, z, piece=0)

@@ -205,7 +205,7 @@ def rollouts(s: Settings, c, clips: list[Clip], timeline: revisits.Timeline, wor
                 key = tuple(cl.index for cl in group)
                 if key not in latents_of:
                     lat = encode(vae, batch.context)
-                    latents_of[key] = (lat, warm_decoder(vae, lat)[0])
+                    latents_of[key] = (lat, warm_decoder(vae, lat, piece=timeline.chunk)[0])
                 frames, sel = roller.run(models[name], vae, batch, latents_of[key][0], s.num_frames,
                                          decoder=latents_of[key][1], with_selection=name == "decmem",
                                          progress=bar.update)

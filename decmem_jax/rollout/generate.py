@@ -77,17 +77,23 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def warm_decoder(vae, latents: jax.Array, *, per_latent: bool = False):
+def warm_decoder(vae, latents: jax.Array, *, piece: int = 4):
     """(streaming decoder state after the context latents [B, L, h, w, z], their pixels as a list of device pieces
-    [B, t, H, W, 3] in [-1, 1]). per_latent: one latent per call, the same compiled step that then decodes the
-    generated latents one by one (the session); otherwise latent 0, then the rest in one call."""
+    [B, t, H, W, 3] in [-1, 1]). Latent 0 first, then the rest `piece` latents a call (what is left over after
+    whole pieces goes first): a long context never sits in the decoder whole (at 352x640, 55 latents in one call
+    took 40 GB and minutes of compilation on an H200), and the compiled step is the one that then decodes the
+    generated latents `piece` at a time (`generate`: the chunk; the play session: 1)."""
     from decmem_jax.models import vae_stream
 
+    if int(piece) < 1:
+        raise ValueError(f"warm_decoder: piece={piece!r}; expected a positive number of latents")
     first, step = vae_stream.decode_steps(vae)
     state, pixels = first(vae_stream.init_decode_state(vae, latents.shape[0], tuple(latents.shape[2:4])),
                           latents[:, :1])
     pieces = [pixels]
-    for s, e in ([(i, i + 1) for i in range(1, latents.shape[1])] if per_latent else [(1, latents.shape[1])]):
+    rest = latents.shape[1] - 1
+    starts = [1] + list(range(1 + rest % piece, latents.shape[1], piece))
+    for s, e in zip(starts, starts[1:] + [latents.shape[1]]):
         if e > s:
             state, pixels = step(state, latents[:, s:e])
             pieces.append(pixels)
@@ -218,7 +224,7 @@ def generate(dit, vae, *, frames=None, latents=None, actions=None, poses=None, t
         jax.block_until_ready(cache.length)
         prefill_seconds = time.perf_counter() - t0
         if decoder is None:
-            state, pieces = warm_decoder(vae, context)
+            state, pieces = warm_decoder(vae, context, piece=chunk)
         else:
             state, pieces = jax.tree.map(jnp.copy, decoder), None
         rollout = Rollout(dit, vae, cache, state, text=text, seeds=seeds, chunk=chunk, grid=context.shape[2:4],

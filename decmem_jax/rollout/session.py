@@ -248,7 +248,7 @@ class Session:
         cache = engine.prefill(dit, cache, latents, self.text, self._conditioning(0, t, True), chunk=model.chunk)
         # The decoder's causal cache must have seen the context latents for the first generated frames to follow on;
         # one latent per call, the same compiled step that decodes generated latents.
-        decoder, _ = generate_lib.warm_decoder(model.vae, latents, per_latent=True)
+        decoder, _ = generate_lib.warm_decoder(model.vae, latents, piece=1)
         self._rollout = generate_lib.Rollout(dit, model.vae, cache, jax.block_until_ready(decoder), text=self.text,
                                              seeds=[model.seed], chunk=model.chunk, grid=model.latent_hw,
                                              segment_fn=model.segment_fn())
