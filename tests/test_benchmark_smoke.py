@@ -119,7 +119,7 @@ def test_rollout_e2e_benchmark_small(tmp_path, monkeypatch):
     record = rollout_e2e.main(["--small", "--chunks", "2", "--rounds", "1", "--no-mp4", "--json", str(out)])
     assert json.loads(out.read_text())["summary"] == json.loads(json.dumps(record["summary"]))
     assert [r["order"] for r in record["rows"]] == ["pipelined", "sequential"]
-    assert all(r["status"] == "ok" and len(r["segment_s"]) == 1 for r in record["rows"])
+    assert all(r["status"] == "ok" and len(r["segment_s"]) == 2 for r in record["rows"])
     assert record["summary"]["max_frame_diff"] == 0 and record["summary"]["sequential"]["s_per_chunk"] > 0
 
 
