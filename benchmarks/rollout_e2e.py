@@ -93,13 +93,13 @@ def mp4_writer(enabled: bool):
             from decmem_jax import video
 
             tmp = tempfile.TemporaryDirectory()
-            writer = video.VideoWriter(pathlib.Path(tmp.name) / "e2e.mp4", fps=16)
-            writer.__enter__()
+            # As the rollout CLI writes: encoded on a worker thread.
+            writer = video.BackgroundWriter(video.VideoWriter(pathlib.Path(tmp.name) / "e2e.mp4", fps=16))
 
             def close():
                 writer.__exit__(None, None, None)
                 tmp.cleanup()
-            return writer.write, close, "mp4 (libx264 via av)"
+            return writer.write, close, "mp4 (libx264 via av, on a worker thread)"
         except ImportError as e:
             print(f"# mp4 encoding unavailable ({e}); the host work is the fetch and the uint8 conversion only")
     return (lambda frames: None), (lambda: None), "none (fetch + uint8 only)"

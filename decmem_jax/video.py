@@ -11,7 +11,8 @@ Frames are numpy ``uint8`` arrays ``[T, H, W, 3]`` in RGB order unless stated ot
 * Colour: RGB <-> YUV uses swscale with accurate rounding and full-resolution chroma (the default path darkens by
   ~1/255), with the stream's tagged matrix (BT.601 if untagged; the writer tags BT.601, limited range).
 * Writing: :class:`VideoWriter` / :func:`write_video` encode incrementally (libx264, yuv420p, CRF) into a temporary
-  file next to the target, renamed into place only on a successful close. libx264 (PyAV wheel) output is not
+  file next to the target, renamed into place only on a successful close; :class:`BackgroundWriter` runs a
+  writer's encoding on a worker thread. libx264 (PyAV wheel) output is not
   reproducible at some widths (seen at 96, 192, and with threads=1; not 128, 640): re-encodes of the same frames
   can decode to different pixels. Where reproducibility matters (the world generator), use FFmpeg's own
   deterministic ``codec="mpeg4"`` with a constant quantizer (see ``decmem_jax.data.generate_world.video_options``).
@@ -26,7 +27,9 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import queue
 import secrets
+import threading
 from collections.abc import Iterable, Iterator
 from fractions import Fraction
 
@@ -346,6 +349,75 @@ class VideoWriter:
     def __del__(self):
         if not getattr(self, "_closed", True):
             self.abort()
+
+
+class BackgroundWriter:
+    """A writer (e.g. :class:`VideoWriter`) whose ``write`` calls run in order on a worker thread, so that the caller
+    goes on while frames are encoded: the rollout CLI dispatches the next chunk, and a GPU chunk step's call returns
+    only when the device is nearly done, so encoding in the caller's thread would leave the GPU idle meanwhile.
+
+    At most ``pending`` batches wait (``write`` blocks beyond that); the caller must not modify an array after
+    passing it. The worker's first exception (the wrapped writer aborts itself on a failed write) is raised again by
+    the next ``write`` or by ``close``; batches after it are dropped. A context manager like the writer: on an
+    exception in the ``with`` block the wrapped writer is aborted, otherwise closed once the queue is drained.
+    """
+
+    def __init__(self, writer, *, pending: int = 2):
+        if pending < 1:
+            raise ValueError(f"BackgroundWriter: pending={pending!r}; expected a positive number of batches")
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(maxsize=pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name=f"write {getattr(writer, 'path', '')}", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (frames := self._queue.get()) is not None:
+            if self._error is None:
+                try:
+                    self.writer.write(frames)
+                except BaseException as e:  # raised in the caller's thread by write or close
+                    self._error = e
+
+    def _stop(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def write(self, frames) -> None:
+        """Queue one frame or a batch (as the wrapped writer's ``write`` takes them)."""
+        if not self._thread.is_alive():
+            raise _err(getattr(self.writer, "path", "?"), "write() on a closed BackgroundWriter")
+        if self._error is not None:
+            raise self._error
+        self._queue.put(frames)
+
+    @property
+    def num_frames(self) -> int:
+        """Frames encoded so far (those still queued not counted)."""
+        return self.writer.num_frames
+
+    def close(self) -> None:
+        """Wait for the queued batches, then close the wrapped writer (or raise the worker's exception)."""
+        self._stop()
+        if self._error is not None:
+            self.writer.abort()
+            raise self._error
+        self.writer.close()
+
+    def abort(self) -> None:
+        """Drop what is queued (after the batch being encoded) and abort the wrapped writer."""
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._stop()
+        self.writer.abort()
+
+    def __enter__(self) -> BackgroundWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close() if exc_type is None else self.abort()
 
 
 def write_video(path, frames: np.ndarray | Iterable[np.ndarray], *, fps, **writer_kwargs) -> int:

@@ -242,3 +242,51 @@ def test_writer_errors_leave_nothing(tmp_path):
     _raises(lambda: w.write(frames), q, "closed")
     w.close()
     assert os.listdir(tmp_path) == ["out.mp4"]
+
+
+def test_background_writer_writes_what_the_writer_writes(tmp_path):
+    """BackgroundWriter (the rollout CLI's mp4 path): the same batches, encoded on a worker thread behind a queue of
+    one, give the same decoded video as VideoWriter in the caller's thread (FFmpeg's deterministic mpeg4 encoder)."""
+    from decmem_jax.data.generate_world import video_options
+
+    batches = [synth(5, 64, 96), synth(4, 64, 96)[::-1], synth(1, 64, 96)]
+    opts = video_options(2)
+    with V.VideoWriter(tmp_path / "plain.mp4", fps=FPS, **opts) as w:
+        for b in batches:
+            w.write(b)
+    with V.BackgroundWriter(V.VideoWriter(tmp_path / "bg.mp4", fps=FPS, **opts), pending=1) as bw:
+        for b in batches:
+            bw.write(b)
+    assert bw.num_frames == w.num_frames == 10
+    np.testing.assert_array_equal(V.read_video(tmp_path / "bg.mp4"), V.read_video(tmp_path / "plain.mp4"))
+    with pytest.raises(ValueError, match="pending=0"):
+        V.BackgroundWriter(V.VideoWriter(tmp_path / "x.mp4", fps=FPS), pending=0)
+
+
+def test_background_writer_errors_leave_nothing(tmp_path):
+    """The worker's failure (a batch of another size) comes back as the writer's VideoError at the next write or at
+    close, later batches are dropped, and nothing is published; an exception in the with-block aborts likewise."""
+    p = tmp_path / "out.mp4"
+
+    def mismatch_then_close():
+        with V.BackgroundWriter(V.VideoWriter(p, fps=FPS)) as bw:
+            bw.write(synth(2, 32, 48))
+            bw.write(synth(1, 64, 96))  # fails on the worker
+    _raises(mismatch_then_close, p, "differs from the first")
+
+    bw = V.BackgroundWriter(V.VideoWriter(p, fps=FPS))
+    bw.write(synth(2, 32, 48))
+    bw.write(synth(1, 64, 96))
+    with pytest.raises(VideoError, match="differs from the first"):
+        for _ in range(50):  # the next write after the worker failed raises it
+            bw.write(synth(1, 32, 48))
+        bw.close()
+    bw.abort()
+    _raises(lambda: bw.write(synth(1, 32, 48)), p, "closed")
+
+    class Boom(Exception):
+        pass
+    with pytest.raises(Boom), V.BackgroundWriter(V.VideoWriter(p, fps=FPS)) as bw:
+        bw.write(synth(3, 32, 48))
+        raise Boom
+    assert os.listdir(tmp_path) == []

@@ -150,12 +150,14 @@ def run(c, *, context: str, actions: str, num_frames: int, out: str, seed: int =
             include_context=bool(r.include_context), progress=bar.update, shard=shard)
         ctx = next(segments)
 
-    # 2. Generate segment by segment; append each to the mp4 as it lands.
+    # 2. Generate segment by segment; append each to the mp4 as it lands, encoded on a worker thread so that the next
+    # segment is dispatched meanwhile.
     selections, written = [], 0
     kept = []  # generated uint8 frames, kept only for the comparison with the ground truth
     t_gen = time.perf_counter()
     chunk_times = []
-    with video.VideoWriter(out, fps=r.fps) as writer, tqdm(total=num_frames, desc="rollout", unit="frame") as bar:
+    with video.BackgroundWriter(video.VideoWriter(out, fps=r.fps)) as writer, \
+            tqdm(total=num_frames, desc="rollout", unit="frame") as bar:
         if ctx.frames is not None:
             writer.write(ctx.frames[0])
         for segment in segments:
