@@ -113,7 +113,7 @@ def run_order(order, dit, vae, context, decoder, text, actions, settings, segmen
         dit, vae, latents=context, actions=actions, poses=np.zeros(actions.shape[:2] + (5,), np.float32), text=text,
         seeds=[args.seed], num_frames=chunks * frames_per_chunk, chunk=geo["chunk"], segment_chunks=1,
         segment_fn=segment_fn, decoder=decoder, pipeline=order == "pipelined",
-        capacity=args.history + max(args.chunks, 2) * geo["chunk"])  # one cache shape: the warm-up's compiles serve
+        capacity=args.history + max(args.chunks, 2) * geo["chunk"])  # same cache shape in the warm-up: no recompile
     next(segments)  # the memory bank (prefill, awaited by `generate`), untimed
     t0, seconds, kept = time.perf_counter(), [], []
     for segment in segments:

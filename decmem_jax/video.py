@@ -12,10 +12,10 @@ Frames are numpy ``uint8`` arrays ``[T, H, W, 3]`` in RGB order unless stated ot
   ~1/255), with the stream's tagged matrix (BT.601 if untagged; the writer tags BT.601, limited range).
 * Writing: :class:`VideoWriter` / :func:`write_video` encode incrementally (libx264, yuv420p, CRF) into a temporary
   file next to the target, renamed into place only on a successful close; :class:`BackgroundWriter` runs a
-  writer's encoding on a worker thread. libx264 (PyAV wheel) output is not
-  reproducible at some widths (seen at 96, 192, and with threads=1; not 128, 640): re-encodes of the same frames
-  can decode to different pixels. Where reproducibility matters (the world generator), use FFmpeg's own
-  deterministic ``codec="mpeg4"`` with a constant quantizer (see ``decmem_jax.data.generate_world.video_options``).
+  writer's encoding on a worker thread. libx264 (PyAV wheel) output is not reproducible at some widths (seen at
+  96, 192, and with threads=1; not 128, 640): re-encodes of the same frames can decode to different pixels. Where
+  reproducibility matters (the world generator), use FFmpeg's own deterministic ``codec="mpeg4"`` with a constant
+  quantizer (see ``decmem_jax.data.generate_world.video_options``).
 * Model range: :func:`to_model_range` / :func:`from_model_range` are the one place uint8 <-> [-1, 1] happens.
 
 Every I/O problem raises :class:`VideoError` (a ``ValueError``) whose message starts with the file path.
