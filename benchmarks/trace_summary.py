@@ -13,9 +13,9 @@ import pathlib
 import re
 
 
-def kernel_times(trace_dir: str | pathlib.Path) -> dict[str, tuple[float, int]]:
-    """{kernel or op name: (total ms, count)} over the device streams of the newest perfetto trace under trace_dir
-    (host threads when there is no device stream, e.g. on CPU)."""
+def _device_events(trace_dir: str | pathlib.Path) -> list[dict]:
+    """The complete ("X") events of the device streams of the newest perfetto trace under trace_dir (host threads
+    when there is no device stream, e.g. on CPU)."""
     files = sorted(pathlib.Path(trace_dir).rglob("perfetto_trace.json.gz"), key=lambda p: p.stat().st_mtime)
     if not files:
         raise FileNotFoundError(f"no perfetto_trace.json.gz under {trace_dir}")
@@ -24,16 +24,41 @@ def kernel_times(trace_dir: str | pathlib.Path) -> dict[str, tuple[float, int]]:
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
     device_pids = {pid for pid, n in names.items() if re.search(r"/device:(GPU|TPU)", n)}
+    return [e for e in events if e.get("ph") == "X" and "dur" in e and (not device_pids or e["pid"] in device_pids)]
+
+
+def kernel_times(trace_dir: str | pathlib.Path) -> dict[str, tuple[float, int]]:
+    """{kernel or op name: (total ms, count)} over the device streams of the newest perfetto trace under trace_dir
+    (host threads when there is no device stream, e.g. on CPU)."""
     totals: dict[str, list] = collections.defaultdict(lambda: [0.0, 0])
-    for e in events:
-        if e.get("ph") != "X" or "dur" not in e:
-            continue
-        if device_pids and e["pid"] not in device_pids:
-            continue
+    for e in _device_events(trace_dir):
         t = totals[e["name"]]
         t[0] += e["dur"] / 1000.0
         t[1] += 1
     return {k: (v[0], v[1]) for k, v in totals.items()}
+
+
+def device_idle(trace_dir: str | pathlib.Path, long_us: float = 20.0) -> dict[str, float]:
+    """How busy the device was between its first and last kernel: span, busy (the union of the kernels' intervals,
+    so concurrent streams count once), idle = span - busy, the number of idle gaps and the part of the idle time in
+    gaps longer than `long_us` (where the device waited for the host: launches, synchronisation), all in ms."""
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in _device_events(trace_dir))
+    if not spans:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "idle_ms": 0.0, "gaps": 0, "long_gaps": 0, "long_idle_ms": 0.0}
+    busy, gaps, end = 0.0, [], None
+    for start, stop in spans:
+        if end is None or start > end:
+            if end is not None:
+                gaps.append(start - end)
+            busy += stop - start
+            end = stop
+        elif stop > end:
+            busy += stop - end
+            end = stop
+    span = end - spans[0][0]
+    long = [g for g in gaps if g > long_us]
+    return {"span_ms": span / 1e3, "busy_ms": busy / 1e3, "idle_ms": (span - busy) / 1e3, "gaps": len(gaps),
+            "long_gaps": len(long), "long_idle_ms": sum(long) / 1e3}
 
 
 CATEGORIES = (  # first match wins
@@ -52,7 +77,11 @@ def summarise(trace_dir, top: int = 20) -> str:
     for name, (ms, _) in times.items():
         cat = next((c for c, pat in CATEGORIES if re.search(pat, name, re.I)), "other")
         cats[cat] += ms
-    lines = [f"device time {total:.1f} ms over {sum(n for _, n in times.values())} kernels"]
+    idle = device_idle(trace_dir)
+    lines = [f"device time {total:.1f} ms over {sum(n for _, n in times.values())} kernels",
+             f"  span {idle['span_ms']:.1f} ms from first to last kernel: busy {idle['busy_ms']:.1f}, idle "
+             f"{idle['idle_ms']:.1f} ms in {idle['gaps']} gaps ({idle['long_gaps']} over 20 us: "
+             f"{idle['long_idle_ms']:.1f} ms)"]
     lines += [f"  {cat:<40s} {ms:9.2f} ms {100 * ms / total:5.1f}%" for cat, ms in cats.most_common()]
     lines.append(f"  top {top} kernels:")
     for name, (ms, n) in sorted(times.items(), key=lambda kv: -kv[1][0])[:top]:

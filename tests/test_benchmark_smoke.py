@@ -143,3 +143,26 @@ def test_trace_summary_annotates_kernels_with_hlo_and_source(tmp_path):
     text = annotate(tmp_path / "trace", tmp_path / "dump", top=20)
     assert "select_blocks" in text and "memory.py:" in text, text  # a kernel traced back to our source
     assert "fuses:" in text and "op: jit(<lambda>)" in text, text
+
+
+def test_trace_summary_device_idle_counts_overlaps_once(tmp_path):
+    """`trace_summary.device_idle` on a hand-made trace: two overlapping kernels on two streams count once as busy,
+    the gaps between kernels are idle, and the ones over 20 us are counted apart (the host's share)."""
+    import gzip
+
+    from benchmarks.trace_summary import device_idle, summarise
+
+    meta = [{"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0"}},
+            {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}}]
+    kernels = [(0, 10), (5, 20), (22, 30), (80, 100)]  # [start, end) in us: busy 20 + 8 + 20, gaps 2 and 50
+    events = meta + [{"ph": "X", "pid": 7, "tid": i % 2, "name": f"k{i}", "ts": a, "dur": b - a}
+                     for i, (a, b) in enumerate(kernels)]
+    events.append({"ph": "X", "pid": 1, "tid": 0, "name": "host", "ts": 30, "dur": 50})  # not a device event
+    (tmp_path / "t").mkdir()
+    with gzip.open(tmp_path / "t" / "perfetto_trace.json.gz", "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    idle = device_idle(tmp_path)
+    assert idle["span_ms"] == pytest.approx(0.100) and idle["busy_ms"] == pytest.approx(0.048)
+    assert idle["idle_ms"] == pytest.approx(0.052) and idle["gaps"] == 2
+    assert idle["long_gaps"] == 1 and idle["long_idle_ms"] == pytest.approx(0.050)
+    assert "idle 0.1 ms in 2 gaps (1 over 20 us" in summarise(tmp_path)
