@@ -17,6 +17,7 @@ import numpy as np
 
 from decmem_jax.format import (
     CAMERA_NOOP_BIN, CAMERA_PITCH, CAMERA_YAW, FORWARD_BACK, FRAMES_PER_LATENT, FUNCTIONAL, JUMP_SNEAK_SPRINT, STRAFE)
+from pallas_kernels.gelu import BACKENDS as GELU_BACKENDS
 
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
 REMAT_POLICIES = ("none", "full", "save_sgm", "save_attention", "save_qkv", "offload_qkv", "offload_ffn", "dots",
@@ -171,6 +172,7 @@ class DiTConfig(JsonConfig):
     param_dtype: str = "float32"  # storage dtype of the weights
     attention: str = "auto"  # auto = cudnn on GPU, xla elsewhere (logged); see models/attention.py
     remat: str = "none"  # activation checkpointing policy for each transformer block
+    gelu: str = "xla"  # the FFN's tanh-GELU: xla, triton (Pallas kernel, NVIDIA GPUs) or auto; pallas_kernels/gelu.py
     # Residual stream between blocks: float32 as in original Wan (autocast promotes it after the first gated add), or
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
     residual_dtype: str = "float32"
@@ -190,6 +192,8 @@ class DiTConfig(JsonConfig):
             raise ValueError(f"DiTConfig.param_dtype={self.param_dtype!r}; expected one of {sorted(DTYPES)}")
         if self.attention not in ATTENTION_BACKENDS:
             raise ValueError(f"DiTConfig.attention={self.attention!r}; expected one of {ATTENTION_BACKENDS}")
+        if self.gelu not in GELU_BACKENDS:
+            raise ValueError(f"DiTConfig.gelu={self.gelu!r}; expected one of {GELU_BACKENDS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.residual_dtype not in ("float32", "compute"):

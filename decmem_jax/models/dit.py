@@ -141,9 +141,10 @@ class FeedForward(nnx.Module):
         kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
         self.fc1 = linear(cfg.dim, cfg.ffn_dim, **kw)
         self.fc2 = linear(cfg.ffn_dim, cfg.dim, **kw)
+        self.gelu = cfg.gelu
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.fc2(gelu_tanh(checkpoint_name(self.fc1(x), "ffn_hidden")))
+        return self.fc2(gelu_tanh(checkpoint_name(self.fc1(x), "ffn_hidden"), self.gelu))
 
 
 class MLP(nnx.Module):

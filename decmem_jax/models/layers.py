@@ -6,6 +6,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import gelu as gelu_kernels
+
 
 class RMSNorm(nnx.Module):
     """x * rsqrt(mean(x^2) + eps) * scale, statistics in float32, over the last axis (all heads at once for qk-norm)."""
@@ -51,8 +53,9 @@ def linear(din: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Li
                       precision=matmul_precision(dtype), rngs=rngs)
 
 
-def gelu_tanh(x: jax.Array) -> jax.Array:
-    return jax.nn.gelu(x, approximate=True)
+def gelu_tanh(x: jax.Array, backend: str = "xla") -> jax.Array:
+    """The tanh-approximated GELU; `backend` picks XLA or the Pallas Triton kernel (pallas_kernels/gelu.py)."""
+    return gelu_kernels.gelu_tanh(x, backend=backend)
 
 
 def sinusoidal_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
