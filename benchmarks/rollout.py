@@ -119,6 +119,8 @@ def parse_args(argv):
     p.add_argument("--sgm-backend", default="reference", choices=SGM_BACKENDS, help="MemoryConfig.backend")
     p.add_argument("--attention", default=None, choices=("cudnn", "xla", "mosaic"),
                    help="dense attention backend (default cudnn on GPU, xla otherwise or with --mesh)")
+    p.add_argument("--gelu", default=None, choices=("xla", "triton"),
+                   help="the FFN's GELU (DiTConfig.gelu; default: the config's)")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
@@ -172,7 +174,8 @@ def parse_args(argv):
 def model_config(variant: str, args):
     geo = GEOMETRY["small" if args.small else "full"]
     attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" and not args.mesh else "xla")
-    base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention)
+    base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention,
+                      **({"gelu": args.gelu} if getattr(args, "gelu", None) else {}))  # rollout_e2e has no --gelu
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
 
@@ -259,7 +262,7 @@ def run_case(variant: str, history: int, args, model_cache: dict):
     tpf = (hw[0] // cfg.patch_size[1]) * (hw[1] // cfg.patch_size[2])
     row = {"variant": variant, "history": history, "capacity": capacity, "chunk": chunk, "steps": args.steps,
            "tokens_per_frame": tpf, "keys_per_query": keys_per_query(cfg, history, chunk, tpf),
-           "attention": cfg.attention, "sgm_backend": cfg.memory.backend if cfg.memory else None}
+           "attention": cfg.attention, "gelu": cfg.gelu, "sgm_backend": cfg.memory.backend if cfg.memory else None}
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     cfg_on = settings.uses_cfg(True)
     shard = RolloutMesh.from_spec(args.mesh, cfg, guidance=args.guidance, option="--mesh")  # raises before work
@@ -375,6 +378,28 @@ def run_case(variant: str, history: int, args, model_cache: dict):
     return row
 
 
+def child_args(args) -> list[str]:
+    """The options a case's child process (`--isolate`) needs to run the case as the parent was asked to: every
+    option but the case list (--variants, --history), the isolation and the output."""
+    common = ["--steps", str(args.steps), "--guidance", str(args.guidance), "--sgm-backend", args.sgm_backend,
+              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
+    if args.attention:
+        common += ["--attention", args.attention]
+    if args.gelu:
+        common += ["--gelu", args.gelu]
+    if args.mesh:
+        common += ["--mesh", args.mesh]
+    if args.small:
+        common.append("--small")
+    if args.profile:
+        common += ["--profile", args.profile]
+    if args.dump:
+        common += ["--dump", args.dump]
+    if args.xla_options is not None:
+        common += ["--xla-options", args.xla_options]
+    return common
+
+
 def run_isolated(variant: str, history: int, args, argv_common):
     """The case in a child process (fresh GPU allocator): its own peak memory, nothing else on the device."""
     record, code = run_child(pathlib.Path(__file__).resolve(), [*argv_common, "--variants", variant, "--history",
@@ -453,20 +478,7 @@ def main(argv=None):
           f"chunk {geo['chunk']}, {args.steps} steps, guidance {args.guidance}, SGM backend {args.sgm_backend}; "
           f"cases {cases}", flush=True)
 
-    common = ["--steps", str(args.steps), "--guidance", str(args.guidance), "--sgm-backend", args.sgm_backend,
-              "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--seed", str(args.seed)]
-    if args.attention:
-        common += ["--attention", args.attention]
-    if args.mesh:
-        common += ["--mesh", args.mesh]
-    if args.small:
-        common.append("--small")
-    if args.profile:
-        common += ["--profile", args.profile]
-    if args.dump:
-        common += ["--dump", args.dump]
-    if args.xla_options is not None:
-        common += ["--xla-options", args.xla_options]
+    common = child_args(args)
 
     model_cache: dict = {}
     for variant, history in cases:

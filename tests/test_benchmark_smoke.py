@@ -166,3 +166,18 @@ def test_trace_summary_device_idle_counts_overlaps_once(tmp_path):
     assert idle["idle_ms"] == pytest.approx(0.052) and idle["gaps"] == 2
     assert idle["long_gaps"] == 1 and idle["long_idle_ms"] == pytest.approx(0.050)
     assert "idle 0.1 ms in 2 gaps (1 over 20 us" in summarise(tmp_path)
+
+
+def test_rollout_child_process_gets_every_option():
+    """benchmarks/rollout.py runs each case in a child process (--isolate): the child must be asked for what the
+    parent was, option by option (a forgotten --gelu once made a timed A/B compare a case with itself)."""
+    from benchmarks import rollout
+
+    argv = ["--steps", "3", "--guidance", "2.5", "--sgm-backend", "reference", "--attention", "xla", "--gelu", "triton",
+            "--repeats", "4", "--warmup", "2", "--seed", "9", "--small", "--profile", "/tmp/p", "--dump", "/tmp/d",
+            "--xla-options", ";xla_gpu_enable_cublaslt=true", "--mesh", "data:2"]
+    parent = rollout.parse_args(argv + ["--variants", "decmem,dense", "--history", "4,8", "--isolate"])
+    child = rollout.parse_args(rollout.child_args(parent) + ["--variants", "dense", "--history", "8", "--no-isolate"])
+    skip = {"variants", "history", "isolate", "json"}
+    differ = {k for k in vars(parent) if k not in skip and getattr(parent, k) != getattr(child, k)}
+    assert not differ, differ
