@@ -104,6 +104,10 @@ Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
 # logit columns together (3 x 64, 2 x 128: the measured wins), off for own-list plans (not timed);
 # SGM_MGPU_OVERLAP=0 / 1 forces it.
 FWD_OVERLAP = _switch("SGM_MGPU_OVERLAP", "auto")
+# The overlapped forward rescaling its output accumulator only in steps that raise a row's max by more than
+# LAZY_TAU (`mosaic_gpu_fwd_overlap`). In the rollout on an H100 (2026-12-06) no faster than the every-step rescale
+# (2.275 s per chunk against 2.264-2.275), so off (SGM_MGPU_LAZY=1 turns it on).
+FWD_LAZY = os.environ.get("SGM_MGPU_LAZY", "0") == "1"
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 # dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic
@@ -147,6 +151,8 @@ def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
         p = dataclasses.replace(p, sched=FWD_SCHED)
     if "overlap" not in given and not p.sched:
         p = dataclasses.replace(p, overlap=_overlap_default(p) if FWD_OVERLAP == "auto" else FWD_OVERLAP)
+    if "lazy" not in given and p.overlap:
+        p = dataclasses.replace(p, lazy=FWD_LAZY)
     return p
 
 

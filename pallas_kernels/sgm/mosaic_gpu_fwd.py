@@ -67,9 +67,12 @@ class StreamPlan:
     # wgmmas) through a schedule barrier each arrives on twice per step, odd ones half a step behind (forward only).
     sched: bool = False
     # Intra-consumer overlap: each consumer issues QKᵀ of step t + 1 and P·V of step t back to back and runs the
-    # softmax of step t + 1 while P·V of step t is still on the tensor cores (forward: `overlapped_steps`); dq: its
-    # wgmmas in flight during its own arithmetic (`mosaic_gpu_bwd.overlapped_dq`).
+    # softmax of step t + 1 while P·V of step t is still on the tensor cores (forward: `mosaic_gpu_fwd_overlap`);
+    # dq: its wgmmas in flight during its own arithmetic (`mosaic_gpu_bwd.overlapped_dq`).
     overlap: bool = False
+    # With overlap: rescale the output accumulator only in steps that raise some row's max by more than a threshold
+    # (`mosaic_gpu_fwd_overlap.lazy_softmax`); forward only.
+    lazy: bool = False
 
     streams = property(lambda self: self.consumers // self.share)
     nbox = property(lambda self: self.width // self.box)
@@ -109,6 +112,8 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
                          f"packed base {CODE_BASE} into one int32")
     if p.splits < 1:
         raise ValueError(f"{where}: splits must be >= 1")
+    if p.lazy and not p.overlap:
+        raise ValueError(f"{where}: lazy (the conditional rescale) is an option of the overlapped loop: set overlap")
     if p.overlap and p.sched:
         raise ValueError(f"{where}: overlap and sched (ping-pong) are not combined: the schedule barrier's two phases "
                          "per step assume the plain step order")
@@ -296,74 +301,6 @@ def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
 
 
-def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, row_groups=None):
-    """The forward's n >= 1 steps with QKᵀ and P·V in flight together (FlashAttention-3's intra-warpgroup overlap):
-    iteration t issues QKᵀ of step t, then P·V of step t − 1, waits for the first only (`wait_n=1`), runs step t's
-    softmax while P·V is still on the tensor cores, and rescales the output accumulator once that has landed. When
-    P_{t−1}·V_{t−1} is added the accumulator holds the earlier steps rescaled to m_{t−1}, as in the plain loop, so the
-    result is the plain loop's up to fp32 rounding. Costs a second logits accumulator live beside P (registers).
-    Returns (acc [64, d] fp32, m, l) as the plain loop does.
-
-    On hardware the output accumulator is a WGMMA accumulator ref that the P·V wgmmas add into asynchronously. The
-    GPU interpreter of jax 0.11.2 can neither store into accumulator refs nor take register operands (`mma_acc`), so
-    there the output is a value carried through the loop and P·V a dot computed on the spot: same barrier protocol,
-    same arithmetic, no overlap."""
-    slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done = ring
-    f32 = jnp.float32
-
-    def run(acc_o):  # acc_o: the output accumulator ref (hardware) or None (interpret)
-        def logits(t, p_prev=None, acc=None):
-            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1; waits for the QKᵀ only. Returns the
-            raw logits and (interpret mode) the updated output value."""
-            def body(acc_s):
-                bi = slot(t)
-                plgpu.barrier_wait(k_rdy.at[bi])
-                plgpu.wgmma(acc_s, q_tile, k_smem.at[bi].transpose((1, 0)))
-                if p_prev is None:
-                    return acc_s[...], acc
-                bv = slot(t - 1)
-                plgpu.barrier_wait(v_rdy.at[bv])
-                if acc_o is None:
-                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv])
-                plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
-                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc  # P·V may still run
-            return pl.run_scoped(body, plgpu.ACC((TILE, plan.width), f32))
-
-        acc = zeros_acc(d) if acc_o is None else None
-        s, _ = logits(0)
-        plgpu.barrier_arrive(k_done.at[slot(0)])
-        p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt,
-                                        row_groups)
-
-        def step(t, carry):
-            p, m_i, l_i, cd, acc = carry
-            cd_next = code_at(t + 1)
-            s, acc = logits(t, p, acc)
-            plgpu.barrier_arrive(k_done.at[slot(t)])
-            p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups)
-            scale = lambda x: x * lax.broadcast_in_dim(alpha, x.shape, [0])
-            if acc_o is None:
-                acc = scale(acc)
-            else:
-                plgpu.wgmma_wait(0)
-                acc_o[...] = scale(acc_o[...])
-            plgpu.barrier_arrive(v_done.at[slot(t - 1)])
-            return p, m_new, l_i, cd_next, acc
-
-        p, m_i, l_i, _, acc = lax.fori_loop(1, n, step, (p, m_i, l_i, code_at(1), acc))
-        bv = slot(n - 1)
-        plgpu.barrier_wait(v_rdy.at[bv])
-        if acc_o is None:
-            acc = acc + smem_dot(p, v_smem.at[bv])
-        else:
-            plgpu.wgmma(acc_o, p, v_smem.at[bv])
-            acc = acc_o[...]
-        plgpu.barrier_arrive(v_done.at[bv])
-        return acc, m_i, l_i
-
-    if interpret:
-        return run(None)
-    return pl.run_scoped(run, plgpu.ACC((TILE, d), f32))
 def mask_row_groups(s, code, box, nbox, groups, rows):
     """Key columns of a step of a packed-tails q tile (`mosaic_gpu_qtails`): rows g·rows .. g·rows + rows − 1 are
     the tail of the group's g-th query block and see column j·box + i iff i < valid_j and bit g of box j's bits is
@@ -531,6 +468,9 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
 
                 empty = (zeros_acc(D), row_vector(-jnp.inf), row_vector(0.0))
                 if plan.overlap:
+                    # imported here: the overlapped loop's module builds on this one's helpers
+                    from pallas_kernels.sgm.mosaic_gpu_fwd_overlap import overlapped_steps
+
                     ring = (slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
                     pl.when(n > 0)(lambda: finish(*overlapped_steps(
                         n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret, row_groups)))
