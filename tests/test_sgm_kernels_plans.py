@@ -129,3 +129,33 @@ def test_mgpu_lazy_rescale_matches_the_oracle(sigma, rescales, monkeypatch):
     lse_close(lse, ref_lse, FWD_TOL[BF16])
     assert len(seen) == 30  # 3 consumers x the 10 steps after the first
     assert (sum(seen) == 0) if rescales == "none" else (sum(seen) > len(seen) // 2), seen
+
+
+@pytest.mark.parametrize("over", [dict(overlap=False, splits=1), dict(overlap=True, splits=2),
+                                  dict(overlap=True, lazy=True, splits=1)], ids=["plain", "overlap", "lazy"])
+def test_mgpu_forward_scale_folded_into_exp2_matches_the_oracle(over, monkeypatch):
+    """The softmax with the logit scale inside exp2's argument (`mosaic_gpu_fwd.scaled_minus`: max over the raw
+    logits, then one multiply-add a logit; the default) and the earlier form (scale first; SGM_MGPU_FOLD_SCALE=0),
+    both against the dense oracle at peaky logits (std ~13 in log2 units), on partial and empty key blocks. A spy
+    checks which form each trace used."""
+    used = []
+    real = mosaic_gpu_fwd.scaled_minus
+
+    def spy(s, c, m):
+        used.append(c)
+        return real(s, c, m)
+
+    monkeypatch.setattr(mosaic_gpu_fwd, "scaled_minus", spy)
+    c = make_case(180, B=1, H=1, D=64, bq=192, bkv=192, Nq=2, Nk=6, K=4, dtype=BF16, sigma=3.0)
+    ref_out, ref_lse, _ = oracle(c)
+    outs = {}
+    for fold in (True, False):
+        monkeypatch.setattr(mosaic_gpu_fwd, "FOLD_SCALE", fold)
+        jax.clear_caches()  # the other form's kernel (same shapes) must not be reused
+        used.clear()
+        out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True, plan=tuple(over.items()))
+        assert used and all((u != 1.0) == fold for u in used), used
+        assert rel(out, ref_out) <= FWD_TOL[BF16]
+        lse_close(lse, ref_lse, FWD_TOL[BF16])
+        outs[fold] = np.asarray(out, np.float32)
+    assert rel(outs[True], outs[False]) <= FWD_TOL[BF16]  # the two forms differ by rounding only

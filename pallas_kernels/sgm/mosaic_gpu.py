@@ -106,7 +106,8 @@ Q_BOXES = _switch("SGM_MGPU_Q_BOXES", "1")
 FWD_OVERLAP = _switch("SGM_MGPU_OVERLAP", "auto")
 # The overlapped forward rescaling its output accumulator only in steps that raise a row's max by more than
 # LAZY_TAU (`mosaic_gpu_fwd_overlap`). In the rollout on an H100 (2026-12-06) no faster than the every-step rescale
-# (2.275 s per chunk against 2.264-2.275), so off (SGM_MGPU_LAZY=1 turns it on).
+# (2.275 s per chunk against 2.264-2.275), and in the kernel alone slower (1.455 against 1.439 ms; with the scale
+# inside exp2 1.399 against 1.358, 2026-12-06): off (SGM_MGPU_LAZY=1 turns it on).
 FWD_LAZY = os.environ.get("SGM_MGPU_LAZY", "0") == "1"
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")

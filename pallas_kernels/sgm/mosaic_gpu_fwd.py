@@ -22,8 +22,10 @@ per consumer of the stream). The producer walks t = 0 .. n+S−1: it waits for t
 reusing its slot and, past the end, still waits for the last S consumptions, so every barrier completion is observed
 exactly once (the GPU interpreter checks this; on hardware it is harmless).
 
-Numerics: QKᵀ takes the raw bf16/fp16 operands; the fp32 result gets ONE multiply by scale·log2(e); the online softmax
-runs in base 2 in fp32; the LSE written out is natural-log (m·ln2 + ln l), the `sgm_attention` contract.
+Numerics: QKᵀ takes the raw bf16/fp16 operands; the fp32 result is scaled by c = scale·log2(e) once, inside exp2's
+argument (exp2(c·s − m), one FMA; the row max is taken over the raw logits and then scaled: `scaled_minus`); the
+online softmax runs in base 2 in fp32; the LSE written out is natural-log (m·ln2 + ln l), the `sgm_attention`
+contract.
 """
 
 from __future__ import annotations
@@ -46,6 +48,13 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 # Debug aid for a GPU run: apply the tail mask on every step instead of under lax.cond on partial steps only.
 ALWAYS_MASK = os.environ.get("SGM_MGPU_ALWAYS_MASK", "0") == "1"
+# The forward's softmax scales the logits inside exp2's argument (one FMA a logit, `scaled_minus`) instead of before
+# the row max (a multiply and a subtraction): 32 fewer instructions a consumer thread and step, of ~440. The step is
+# bound by the consumers' instruction issue (ncu on an H100, 2026-12-06: tensor pipe 60%, issue slots 51%, the
+# softmax waits on its own arithmetic, not on the wgmmas), so this took the rollout geometry's forward from 1.439 to
+# 1.358 ms (-5.6%) and the rollout from 2.244 to 2.207 s per chunk (docs/benchmarks.md, SGM section, session 11).
+# SGM_MGPU_FOLD_SCALE=0: the earlier form, to time against it.
+FOLD_SCALE = os.environ.get("SGM_MGPU_FOLD_SCALE", "1") == "1"
 PRODUCER_REGS = 40
 CONSUMER_REGS = {1: 232, 2: 232, 3: 152}  # per consumer thread: 65,536 registers over the CTA, multiples of 8
 SMEM_BUDGET = 232_448 - 4096  # sm_90 opt-in maximum minus room for barriers and buffer alignment (~2.8 KB seen)
@@ -288,17 +297,26 @@ def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
     """One step of the base-2 online softmax of raw logits `s` [64, width]: (p in `dt`, new running max, new running
     sum, the rescale factor alpha of everything accumulated before). row_groups: a packed-tails tile
     (`mask_row_groups`), whose rows may see no key in a step."""
+    if not FOLD_SCALE:
+        s, c_log2 = s * c_log2, 1.0
     if row_groups is None:
-        s = mask_boxes(s * c_log2, code, plan.box, plan.nbox)
-        m_new = jnp.maximum(m_i, s.max(axis=1))  # finite: every step has a valid key
+        s = mask_boxes(s, code, plan.box, plan.nbox)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * c_log2)  # finite: every step has a valid key
         m_use = m_new
     else:
-        s = mask_row_groups(s * c_log2, code, plan.box, plan.nbox, *row_groups)
-        m_new = jnp.maximum(m_i, s.max(axis=1))  # −inf for a row that has seen no key yet
+        s = mask_row_groups(s, code, plan.box, plan.nbox, *row_groups)
+        m_new = jnp.maximum(m_i, s.max(axis=1) * c_log2)  # −inf for a row that has seen no key yet
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # exp2(−inf − 0) = 0, not NaN
     alpha = jnp.exp2(m_i - m_use)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_use, s.shape, [0]))
+    p = jnp.exp2(scaled_minus(s, c_log2, m_use))
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
+
+
+def scaled_minus(s, c, m):
+    """s·c − m (m per row): one fused multiply-add a logit when c != 1 (the max is taken over the raw logits and
+    then scaled, exact for c > 0), instead of a multiply before the max and a subtraction after it."""
+    m = lax.broadcast_in_dim(m, s.shape, [0])
+    return s - m if c == 1.0 else s * c - m
 
 
 def mask_row_groups(s, code, box, nbox, groups, rows):

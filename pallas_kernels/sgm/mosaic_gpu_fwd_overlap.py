@@ -26,6 +26,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sgm import mosaic_gpu_fwd as fwd
 from pallas_kernels.sgm.mosaic_gpu_fwd import TILE, mask_boxes, online_softmax, row_vector, smem_dot, zeros_acc
 
 LAZY_TAU = 8.0  # log2 units: P stays <= 256 between rescales
@@ -35,12 +36,13 @@ def lazy_softmax(s, code, m_i, l_i, c_log2, plan, dt):
     """One step of the online softmax with a lazily raised max (m_i finite: not the first step). Returns (p, m, l,
     alpha, need): need is the warpgroup-uniform flag of a step that raised the max (then alpha < 1 somewhere and the
     accumulator must be rescaled); otherwise m = m_i and alpha = 1."""
-    s = mask_boxes(s * c_log2, code, plan.box, plan.nbox)
-    m_true = jnp.maximum(m_i, s.max(axis=1))
+    c = c_log2 if fwd.FOLD_SCALE else 1.0
+    s = mask_boxes(s if fwd.FOLD_SCALE else s * c_log2, code, plan.box, plan.nbox)
+    m_true = jnp.maximum(m_i, s.max(axis=1) * c)
     need = jnp.max(m_true - m_i) > LAZY_TAU
     m_new = m_i + need.astype(jnp.float32) * (m_true - m_i)
     alpha = jnp.exp2(m_i - m_new)
-    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+    p = jnp.exp2(fwd.scaled_minus(s, c, m_new))
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha, need
 
 
