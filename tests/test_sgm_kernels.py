@@ -450,6 +450,10 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     lz = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
                                    plan=(("overlap", True), ("lazy", True))))
     assert lz.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
+    # ... two steps a loop body, the odd one out under lax.cond (wgmmas and barriers in a branch with results)
+    ur = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
+                                   plan=(("overlap", True), ("unroll", True))))
+    assert ur.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
 
 
 def test_mgpu_rejects_unsupported_inputs():

@@ -49,6 +49,8 @@ def test_mgpu_forward_plan_choice_and_errors():
         plan(192, 192, sched=True, overlap=True)
     with pytest.raises(ValueError, match="lazy .* is an option of the overlapped loop"):
         plan(192, 192, lazy=True, overlap=False)
+    with pytest.raises(ValueError, match="unroll .* is an option of the overlapped loop without lazy"):
+        plan(192, 192, unroll=True, overlap=False)
     with pytest.raises(ValueError, match="forward-kernel option"):
         dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(sched=True))
     assert dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(overlap=True)).overlap
@@ -70,8 +72,11 @@ def test_mgpu_forward_plan_choice_and_errors():
     (192, 192, dict(overlap=True, splits=2)),  # QKᵀ of step t+1 issued beside P·V of step t (in the interpreter:
     (64, 64, dict(consumers=3, share=1, splits=2, overlap=True)),  # same protocol and arithmetic, no real overlap)
     (192, 192, dict(overlap=True, lazy=True, splits=2)),  # the overlapped loop with the conditional rescale
+    (192, 192, dict(overlap=True, unroll=True, splits=2)),  # the overlapped loop, two steps a body
+    (64, 64, dict(consumers=3, share=1, splits=2, overlap=True, unroll=True)),
 ], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2", "sched3-split2",
-        "sched2-w128", "overlap3-split2", "overlap-own3-ragged", "lazy3-split2"])
+        "sched2-w128", "overlap3-split2", "overlap-own3-ragged", "lazy3-split2", "unroll3-split2",
+        "unroll-own3-ragged"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
@@ -159,3 +164,32 @@ def test_mgpu_forward_scale_folded_into_exp2_matches_the_oracle(over, monkeypatc
         lse_close(lse, ref_lse, FWD_TOL[BF16])
         outs[fold] = np.asarray(out, np.float32)
     assert rel(outs[True], outs[False]) <= FWD_TOL[BF16]  # the two forms differ by rounding only
+
+
+@pytest.mark.parametrize("last_len, steps", [(33, 11), (0, 10)], ids=["even-rest", "odd-rest"])
+def test_mgpu_unrolled_overlap_runs_every_step_once(last_len, steps, monkeypatch):
+    """The overlapped loop with two steps a body (`StreamPlan.unroll`) against the dense oracle, with n − 1 steps
+    after the first both even (the pairs only) and odd (the pairs, then one step under lax.cond): a spy counts the
+    softmax steps, which must be every step once for each of the 3 consumers."""
+    seen = []
+    real = mosaic_gpu_fwd.online_softmax
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        jax.debug.callback(lambda x: seen.append(1), out[1])
+        return out
+
+    from pallas_kernels.sgm import mosaic_gpu_fwd_overlap as ov
+
+    monkeypatch.setattr(ov, "online_softmax", spy)
+    jax.clear_caches()
+    c = make_case(190, B=1, H=1, D=64, bq=192, bkv=192, Nq=1, Nk=8, K=6, dtype=BF16)
+    c["kv_block_cnt"] = jnp.full_like(c["kv_block_cnt"], 6)
+    c["kv_block_idx"] = jnp.asarray([[[[0, 2, 3, 5, 6, 7]]]], jnp.int32)
+    c["kv_block_len"] = jnp.asarray([[0, 192, 147, 100, 64, 191, 147, last_len]], jnp.int32)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lists_of(c), interpret=True,
+                                plan=(("overlap", True), ("unroll", True), ("splits", 1)))
+    ref_out, ref_lse, _ = oracle(c)
+    assert rel(out, ref_out) <= FWD_TOL[BF16]
+    lse_close(lse, ref_lse, FWD_TOL[BF16])
+    assert len(seen) == 3 * steps, len(seen)

@@ -109,6 +109,11 @@ FWD_OVERLAP = _switch("SGM_MGPU_OVERLAP", "auto")
 # (2.275 s per chunk against 2.264-2.275), and in the kernel alone slower (1.455 against 1.439 ms; with the scale
 # inside exp2 1.399 against 1.358, 2026-12-06): off (SGM_MGPU_LAZY=1 turns it on).
 FWD_LAZY = os.environ.get("SGM_MGPU_LAZY", "0") == "1"
+# The overlapped forward's loop body running two steps (`StreamPlan.unroll`), so that ptxas need not wait for the
+# P·V in flight before the softmax writes the next P (with one step a body, both P share registers; the SASS of
+# 2026-12-06 shows the wait hoisted above the softmax, docs/benchmarks.md). Checked in the interpreter and lowered,
+# not yet timed: off (SGM_MGPU_UNROLL=1 turns it on).
+FWD_UNROLL = os.environ.get("SGM_MGPU_UNROLL", "0") == "1"
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 # dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic
@@ -154,6 +159,8 @@ def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
         p = dataclasses.replace(p, overlap=_overlap_default(p) if FWD_OVERLAP == "auto" else FWD_OVERLAP)
     if "lazy" not in given and p.overlap:
         p = dataclasses.replace(p, lazy=FWD_LAZY)
+    if "unroll" not in given and p.overlap and not p.lazy:
+        p = dataclasses.replace(p, unroll=FWD_UNROLL)
     return p
 
 

@@ -82,6 +82,9 @@ class StreamPlan:
     # With overlap: rescale the output accumulator only in steps that raise some row's max by more than a threshold
     # (`mosaic_gpu_fwd_overlap.lazy_softmax`); forward only.
     lazy: bool = False
+    # With overlap: the loop body runs two steps, so consecutive steps' P live in different registers and the wait
+    # for P·V need not come before the next P is written (`mosaic_gpu_fwd_overlap`); forward only.
+    unroll: bool = False
 
     streams = property(lambda self: self.consumers // self.share)
     nbox = property(lambda self: self.width // self.box)
@@ -123,6 +126,8 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
         raise ValueError(f"{where}: splits must be >= 1")
     if p.lazy and not p.overlap:
         raise ValueError(f"{where}: lazy (the conditional rescale) is an option of the overlapped loop: set overlap")
+    if p.unroll and (not p.overlap or p.lazy):
+        raise ValueError(f"{where}: unroll (two steps a loop body) is an option of the overlapped loop without lazy")
     if p.overlap and p.sched:
         raise ValueError(f"{where}: overlap and sched (ping-pong) are not combined: the schedule barrier's two phases "
                          "per step assume the plain step order")

@@ -17,6 +17,14 @@ cross-warp max of the rows' growth, through SMEM), because the wgmma wait it gua
 warpgroup. Without a rescale the V slot of step t − 1 is released one iteration later, after the next `wait_n=1`
 (which leaves only the newest P·V in flight). Measured in the rollout on an H100: no faster (docs/benchmarks.md), so
 the step is not bound by the rescale; off by default (`mosaic_gpu.FWD_LAZY`).
+
+Unroll (`StreamPlan.unroll`), why: P of step t − 1 is the A operand of the P·V still in flight while step t's softmax
+makes P of step t. As a loop-carried value both occupy the same registers, so ptxas must finish P·V before the new P
+is written, and in the SASS of 2026-12-06 (H100) it placed that wait above most of the softmax: the overlap was
+mostly lost. With two steps a loop body the step in the middle produces its P in registers of its own; only every
+other step's P is carried. The odd step out (n − 1 odd) runs after the pairs under lax.cond. Same arithmetic and
+barrier protocol as the one-step body; checked in the interpreter and lowered, not yet timed (`mosaic_gpu.FWD_UNROLL`,
+off).
 """
 
 from __future__ import annotations
@@ -115,7 +123,13 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
                 plgpu.barrier_arrive(v_done.at[slot(t - 1)])
             return p, m_new, l_i, cd_next, acc, jnp.logical_not(need)
 
-        p, m_i, l_i, _, acc, held = lax.fori_loop(1, n, step, (p, m_i, l_i, code_at(1), acc, jnp.bool_(False)))
+        carry = (p, m_i, l_i, code_at(1), acc, jnp.bool_(False))
+        if plan.unroll:  # steps 1 .. n−1 two a body, then the odd one out
+            carry = lax.fori_loop(0, (n - 1) // 2, lambda i, c: step(2 * i + 2, step(2 * i + 1, c)), carry)
+            carry = lax.cond(lax.rem(n - 1, 2) == 1, lambda c: step(n - 1, c), lambda c: c, carry)
+        else:
+            carry = lax.fori_loop(1, n, step, carry)
+        p, m_i, l_i, _, acc, held = carry
         bv = slot(n - 1)
         plgpu.barrier_wait(v_rdy.at[bv])
         if acc_o is None:
