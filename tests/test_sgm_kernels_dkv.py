@@ -198,3 +198,43 @@ def test_mgpu_backward_overlap_lowers_with_wgmmas_in_flight(monkeypatch):
     assert found["dkv", False] == (4, {"0": 4}) and found["dq", False] == (3, {"0": 3})
     # per step one full wait and two partial (dk/dv) or one partial, one full (dq); plus one full after the loop
     assert found["dkv", True] == (4, {"0": 2, "1": 2}) and found["dq", True] == (3, {"0": 3, "1": 1})
+
+
+def test_mgpu_backward_scale_folded_into_exp2_matches_the_oracle(monkeypatch):
+    """The backward kernels' P = exp2(c·s − lse2) with the scale inside exp2's argument (`SGM_MGPU_FOLD_SCALE_BWD=1`:
+    one multiply-add a logit, `mosaic_gpu_fwd.scaled_minus`) and in the default form (scale first), in the dq kernel,
+    the dk/dv kernel and the key-tail kernel (DecMem's 147-row blocks, peaky logits): gradients against the oracle,
+    the two forms against each other, and a spy on which form each trace used."""
+    from pallas_kernels.sgm import mosaic_gpu_fwd as fwd
+
+    used = []
+    real = fwd.scaled_minus
+
+    def spy(s, c, m, axis=0):
+        used.append(c)
+        return real(s, c, m, axis)
+
+    monkeypatch.setattr(fwd, "scaled_minus", spy)
+    c = make_case(140, B=1, H=1, D=64, bq=192, bkv=192, Nq=2, Nk=4, K=3, dtype=BF16)
+    c["kv_block_len"] = jnp.asarray([[147, 145, 192, 30]], jnp.int32)
+    lst = lists_of(c)
+    out, lse = sgm_forward_mgpu(c["q"], c["k"], c["v"], **lst, interpret=True)
+    d_out = jnp.asarray(np.random.default_rng(8).normal(size=out.shape), BF16)
+    keep = (np.arange(out.shape[1]) % 192) < 147
+    d_out = jnp.where(keep[None, :, None, None], d_out, 0).astype(BF16)
+    want = oracle(c)[2](d_out.astype(jnp.float32))
+    got = {}
+    for fold in (True, False):
+        monkeypatch.setattr(fwd, "FOLD_SCALE_BWD", fold)
+        for variant in (dict(k_tails=False), dict(k_tails=True, q_boxes=True)):
+            jax.clear_caches()  # the other form's kernels (same shapes) must not be reused
+            used.clear()
+            g = sgm_backward_mgpu(c["q"], c["k"], c["v"], out, lse, d_out, **lst, q_rows=147, interpret=True,
+                                  **variant)
+            assert len(used) >= (3 if variant["k_tails"] else 2) and all((u != 1.0) == fold for u in used), used
+            for nm, a, w in zip(("dq", "dk", "dv"), g, want):
+                assert rel(a, w) <= GRAD_TOL[BF16], (fold, variant, nm, rel(a, w))
+            got[fold, variant["k_tails"]] = g
+    for tails in (False, True):  # the two forms differ by rounding only
+        for a, b in zip(got[True, tails], got[False, tails]):
+            assert rel(a, b) <= GRAD_TOL[BF16]

@@ -30,6 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sgm import mosaic_gpu_fwd as fwd
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, PRODUCER_REGS, TILE, CtaTiles,
                                                interpret_params, kv_producer, launch_params, mask_boxes, mask_tail,
                                                mma, mma_acc, ring_producer, ring_scratch, smem_dot, store_out,
@@ -82,8 +83,8 @@ def dq_call(q, k, v, do, lse2, delta, rows, code, nsteps, *, block_q, scale, pla
                 slot = lambda t: stream * S + lax.rem(t, S)
 
                 def probs(s, cd):  # P of a step from raw logits
-                    s = mask_boxes(s * c_log2, cd, plan.box, plan.nbox)
-                    return jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    s, c = fwd.prescaled(s, c_log2, fwd.FOLD_SCALE_BWD)
+                    return jnp.exp2(fwd.scaled_minus(mask_boxes(s, cd, plan.box, plan.nbox), c, lse))
 
                 dscores = lambda p, dp: p * (dp - lax.broadcast_in_dim(delta, dp.shape, [0]))
 
@@ -288,11 +289,12 @@ def dkv_call(q, k, v, do, lse2, delta, rev, kvalid, kboxes, *, block_q, block_kv
                 slot = lambda t: ring * S + lax.rem(t, S)
 
                 def probs(s_t, t, bi):  # Pᵀ of step t from raw logits [keys, queries]
-                    s_t = mask_tail(s_t * c_log2, kval, axis=0)
+                    s_t, c = fwd.prescaled(s_t, c_log2, fwd.FOLD_SCALE_BWD)
+                    s_t = mask_tail(s_t, kval, axis=0)
                     if qs.nbox > 1:  # the unused box of a half step holds a real (repeated) box: masked out
                         s_t = mask_tail(s_t, qs.used_rows(t, nb), axis=1)
                     lse = plgpu.load(lse_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))
-                    return jnp.exp2(s_t - lax.broadcast_in_dim(lse, s_t.shape, [1]))
+                    return jnp.exp2(fwd.scaled_minus(s_t, c, lse, axis=1))
 
                 def delta_of(bi):  # Δ of step t's queries (read before the slot's dO side is released)
                     return plgpu.load(delta_smem.at[bi], layout=plgpu.Layout.WGMMA.reduce(0))

@@ -53,8 +53,11 @@ ALWAYS_MASK = os.environ.get("SGM_MGPU_ALWAYS_MASK", "0") == "1"
 # bound by the consumers' instruction issue (ncu on an H100, 2026-12-06: tensor pipe 60%, issue slots 51%, the
 # softmax waits on its own arithmetic, not on the wgmmas), so this took the rollout geometry's forward from 1.439 to
 # 1.358 ms (-5.6%) and the rollout from 2.244 to 2.207 s per chunk (docs/benchmarks.md, SGM section, session 11).
-# SGM_MGPU_FOLD_SCALE=0: the earlier form, to time against it.
+# SGM_MGPU_FOLD_SCALE=0: the earlier form, to time against it. FOLD_SCALE_BWD: the same for the backward kernels'
+# P = exp2(c·s − lse2) (dq, dk/dv and the key-tail kernel); checked in the interpreter, not yet timed, so off
+# (SGM_MGPU_FOLD_SCALE_BWD=1 turns it on).
 FOLD_SCALE = os.environ.get("SGM_MGPU_FOLD_SCALE", "1") == "1"
+FOLD_SCALE_BWD = os.environ.get("SGM_MGPU_FOLD_SCALE_BWD", "0") == "1"
 PRODUCER_REGS = 40
 CONSUMER_REGS = {1: 232, 2: 232, 3: 152}  # per consumer thread: 65,536 registers over the CTA, multiples of 8
 SMEM_BUDGET = 232_448 - 4096  # sm_90 opt-in maximum minus room for barriers and buffer alignment (~2.8 KB seen)
@@ -302,8 +305,7 @@ def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
     """One step of the base-2 online softmax of raw logits `s` [64, width]: (p in `dt`, new running max, new running
     sum, the rescale factor alpha of everything accumulated before). row_groups: a packed-tails tile
     (`mask_row_groups`), whose rows may see no key in a step."""
-    if not FOLD_SCALE:
-        s, c_log2 = s * c_log2, 1.0
+    s, c_log2 = prescaled(s, c_log2, FOLD_SCALE)
     if row_groups is None:
         s = mask_boxes(s, code, plan.box, plan.nbox)
         m_new = jnp.maximum(m_i, s.max(axis=1) * c_log2)  # finite: every step has a valid key
@@ -317,10 +319,17 @@ def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
 
 
-def scaled_minus(s, c, m):
-    """s·c − m (m per row): one fused multiply-add a logit when c != 1 (the max is taken over the raw logits and
-    then scaled, exact for c > 0), instead of a multiply before the max and a subtraction after it."""
-    m = lax.broadcast_in_dim(m, s.shape, [0])
+def prescaled(s, c, fold):
+    """(logits, scale) as the softmax takes them: the raw logits and c when `fold` (c then goes inside exp2's
+    argument, `scaled_minus`), else the logits times c and 1. Masks apply to either (−inf stays −inf)."""
+    return (s, c) if fold else (s * c, 1.0)
+
+
+def scaled_minus(s, c, m, axis=0):
+    """s·c − m (m a vector along `axis`: per row for 0, per column for 1): one fused multiply-add a logit when c != 1
+    (a max is then taken over the raw logits and scaled, exact for c > 0), instead of a multiply before the max and
+    a subtraction after it."""
+    m = lax.broadcast_in_dim(m, s.shape, [axis])
     return s - m if c == 1.0 else s * c - m
 
 

@@ -25,6 +25,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.sgm import mosaic_gpu_fwd as fwd
 from pallas_kernels.sgm.mosaic_gpu_bwd import _COMMON, QStream
 from pallas_kernels.sgm.mosaic_gpu_fwd import (CONSUMER_REGS, LOG2E, TILE, interpret_params, mask_tail, mma,
                                                store_out, tiled_smem)
@@ -106,11 +107,12 @@ def dkv_tail_call(q, k, v, do, lse2, delta, rev, tail_row, tail_valid, tboxes, *
                     plgpu.barrier_wait(q_rdy.at[bi])
                     plgpu.barrier_wait(lse_rdy.at[bi])
                     s = mma(q_slot, k_tail.transpose((1, 0)), (TILE, TAIL))  # [queries, keys]
-                    s = mask_tail(s * c_log2, kval, axis=1)
+                    s, c = fwd.prescaled(s, c_log2, fwd.FOLD_SCALE_BWD)
+                    s = mask_tail(s, kval, axis=1)
                     if qs.nbox > 1:  # the unused box of a half step holds a real (repeated) box: masked out
                         s = mask_tail(s, qs.used_rows(t, nb), axis=0)
                     lse = plgpu.load(lse_smem.at[bi], layout=row_vec)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(lse, s.shape, [0]))
+                    p = jnp.exp2(fwd.scaled_minus(s, c, lse))
                     plgpu.barrier_wait(do_rdy.at[bi])
                     plgpu.barrier_wait(delta_rdy.at[bi])
                     dp = mma(do_slot, v_tail.transpose((1, 0)), (TILE, TAIL))
