@@ -35,11 +35,13 @@ GEOMETRY = {"full": dict(B=1, H=12, D=128, NQ=48, NK=360, K=80, BQ=192, rows=147
             "small": dict(B=1, H=1, D=64, NQ=6, NK=12, K=4, BQ=192, rows=147, lens=(147, 147, 146))}
 
 
-FIELDS = ("width", "box", "consumers", "share", "splits", "stages", "sched", "overlap", "unroll")  # StreamPlan overrides
+# StreamPlan overrides
+FIELDS = ("width", "box", "consumers", "share", "splits", "stages", "sched", "overlap", "unroll")
 
 
 def parse_plans(text):
-    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; sched, overlap, unroll bools)."""
+    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; sched, overlap and
+    unroll bools)."""
     plans = []
     for spec in filter(None, text.split(",")):
         items = []

@@ -44,8 +44,8 @@ def lazy_softmax(s, code, m_i, l_i, c_log2, plan, dt):
     """One step of the online softmax with a lazily raised max (m_i finite: not the first step). Returns (p, m, l,
     alpha, need): need is the warpgroup-uniform flag of a step that raised the max (then alpha < 1 somewhere and the
     accumulator must be rescaled); otherwise m = m_i and alpha = 1."""
-    c = c_log2 if fwd.FOLD_SCALE else 1.0
-    s = mask_boxes(s if fwd.FOLD_SCALE else s * c_log2, code, plan.box, plan.nbox)
+    s, c = fwd.prescaled(s, c_log2, fwd.FOLD_SCALE)
+    s = mask_boxes(s, code, plan.box, plan.nbox)
     m_true = jnp.maximum(m_i, s.max(axis=1) * c)
     need = jnp.max(m_true - m_i) > LAZY_TAU
     m_new = m_i + need.astype(jnp.float32) * (m_true - m_i)
