@@ -36,12 +36,12 @@ GEOMETRY = {"full": dict(B=1, H=12, D=128, NQ=48, NK=360, K=80, BQ=192, rows=147
 
 
 # StreamPlan overrides
-FIELDS = ("width", "box", "consumers", "share", "splits", "stages", "sched", "overlap", "unroll")
+FIELDS = ("width", "box", "consumers", "share", "splits", "stages", "sched", "overlap", "unroll", "rowsum")
+FLAGS = ("sched", "overlap", "unroll", "rowsum")  # the bool fields
 
 
 def parse_plans(text):
-    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; sched, overlap and
-    unroll bools)."""
+    """'width=64;box=64,sched=1' -> [((width, 64), (box, 64)), ((sched, True),)] (ints; FLAGS as bools)."""
     plans = []
     for spec in filter(None, text.split(",")):
         items = []
@@ -49,7 +49,7 @@ def parse_plans(text):
             key, _, value = kv.partition("=")
             if key not in FIELDS or not value.isdigit():
                 raise ValueError(f"--plans: bad entry {kv!r} (expected field=int with field in {', '.join(FIELDS)})")
-            items.append((key, bool(int(value)) if key in ("sched", "overlap", "unroll") else int(value)))
+            items.append((key, bool(int(value)) if key in FLAGS else int(value)))
         plans.append(tuple(items))
     return plans
 

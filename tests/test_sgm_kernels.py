@@ -454,6 +454,10 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     ur = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
                                    plan=(("overlap", True), ("unroll", True))))
     assert ur.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
+    # ... the row sums on the tensor cores: a register-A wgmma into a 16-column accumulator, ones stored to SMEM
+    rs = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
+                                   plan=(("overlap", True), ("rowsum", True))))
+    assert rs.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
     # the backward kernels with the scale inside exp2 (SGM_MGPU_FOLD_SCALE_BWD=1), the key-tail kernel included
     monkeypatch.setattr(mosaic_gpu_fwd, "FOLD_SCALE_BWD", True)
     monkeypatch.setattr(mosaic_gpu_mod, "K_TAILS", True)

@@ -51,6 +51,8 @@ def test_mgpu_forward_plan_choice_and_errors():
         plan(192, 192, lazy=True, overlap=False)
     with pytest.raises(ValueError, match="unroll .* is an option of the overlapped loop without lazy"):
         plan(192, 192, unroll=True, overlap=False)
+    with pytest.raises(ValueError, match="rowsum .* is an option of the overlapped loop without lazy"):
+        plan(192, 192, rowsum=True, overlap=True, lazy=True)
     with pytest.raises(ValueError, match="forward-kernel option"):
         dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(sched=True))
     assert dq_plan((1, 24 * 192, 12, 128), 192, 192, jnp.bfloat16, plan=dict(overlap=True)).overlap
@@ -74,9 +76,11 @@ def test_mgpu_forward_plan_choice_and_errors():
     (192, 192, dict(overlap=True, lazy=True, splits=2)),  # the overlapped loop with the conditional rescale
     (192, 192, dict(overlap=True, unroll=True, splits=2)),  # the overlapped loop, two steps a body
     (64, 64, dict(consumers=3, share=1, splits=2, overlap=True, unroll=True)),
+    (192, 192, dict(overlap=True, rowsum=True, splits=2)),  # the overlapped loop, row sums of the rounded P
+    (128, 64, dict(overlap=True, rowsum=True, unroll=True)),  # ... 2 consumers on 128-row steps, two steps a body
 ], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2", "sched3-split2",
         "sched2-w128", "overlap3-split2", "overlap-own3-ragged", "lazy3-split2", "unroll3-split2",
-        "unroll-own3-ragged"])
+        "unroll-own3-ragged", "rowsum3-split2", "rowsum2-w128-unroll"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""

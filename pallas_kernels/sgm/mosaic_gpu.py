@@ -111,9 +111,15 @@ FWD_OVERLAP = _switch("SGM_MGPU_OVERLAP", "auto")
 FWD_LAZY = os.environ.get("SGM_MGPU_LAZY", "0") == "1"
 # The overlapped forward's loop body running two steps (`StreamPlan.unroll`), so that ptxas need not wait for the
 # P·V in flight before the softmax writes the next P (with one step a body, both P share registers; the SASS of
-# 2026-12-06 shows the wait hoisted above the softmax, docs/benchmarks.md). Checked in the interpreter and lowered,
-# not yet timed: off (SGM_MGPU_UNROLL=1 turns it on).
+# 2026-12-06 shows the wait hoisted above the softmax, docs/benchmarks.md). Timed on an H100 (2026-12-06): 21% slower
+# (1.648 against 1.364 ms in the rollout geometry; the second P spills 16 bytes at 152 registers), so off
+# (SGM_MGPU_UNROLL=1 turns it on).
 FWD_UNROLL = os.environ.get("SGM_MGPU_UNROLL", "0") == "1"
+# The overlapped forward's row sums on the tensor cores (`StreamPlan.rowsum`: P times a block of ones beside P·V),
+# instead of a row reduction on the CUDA cores. A first form (one 16-column accumulator rescaled in place) ran 6.9%
+# faster on an H100 (1.274 against 1.368 ms, rollout geometry) but lost the earlier steps' sums; the present form
+# (a fresh accumulator each step) is checked in the interpreter and lowered, not yet timed: off (SGM_MGPU_ROWSUM=1).
+FWD_ROWSUM = os.environ.get("SGM_MGPU_ROWSUM", "0") == "1"
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 # dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic
@@ -161,6 +167,8 @@ def forward_plan(q_shape, block_q, block_kv, dtype, *, stages=None, plan=None):
         p = dataclasses.replace(p, lazy=FWD_LAZY)
     if "unroll" not in given and p.overlap and not p.lazy:
         p = dataclasses.replace(p, unroll=FWD_UNROLL)
+    if "rowsum" not in given and p.overlap and not p.lazy:
+        p = dataclasses.replace(p, rowsum=FWD_ROWSUM)
     return p
 
 

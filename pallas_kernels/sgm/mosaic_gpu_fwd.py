@@ -54,13 +54,15 @@ ALWAYS_MASK = os.environ.get("SGM_MGPU_ALWAYS_MASK", "0") == "1"
 # softmax waits on its own arithmetic, not on the wgmmas), so this took the rollout geometry's forward from 1.439 to
 # 1.358 ms (-5.6%) and the rollout from 2.244 to 2.207 s per chunk (docs/benchmarks.md, SGM section, session 11).
 # SGM_MGPU_FOLD_SCALE=0: the earlier form, to time against it. FOLD_SCALE_BWD: the same for the backward kernels'
-# P = exp2(c·s − lse2) (dq, dk/dv and the key-tail kernel); checked in the interpreter, not yet timed, so off
-# (SGM_MGPU_FOLD_SCALE_BWD=1 turns it on).
+# P = exp2(c·s − lse2) (dq, dk/dv and the key-tail kernel): no faster on an H100 (2026-12-06, DecMem geometry,
+# forward+backward 3.965 ms against 3.938 without it, separate processes), so off (SGM_MGPU_FOLD_SCALE_BWD=1).
 FOLD_SCALE = os.environ.get("SGM_MGPU_FOLD_SCALE", "1") == "1"
 FOLD_SCALE_BWD = os.environ.get("SGM_MGPU_FOLD_SCALE_BWD", "0") == "1"
 PRODUCER_REGS = 40
 CONSUMER_REGS = {1: 232, 2: 232, 3: 152}  # per consumer thread: 65,536 registers over the CTA, multiples of 8
 SMEM_BUDGET = 232_448 - 4096  # sm_90 opt-in maximum minus room for barriers and buffer alignment (~2.8 KB seen)
+ROWSUM_N = 16  # columns of the ones block of `StreamPlan.rowsum`: the narrowest wgmma B tile Mosaic GPU takes (32 B
+# swizzle); every column receives the same row sum
 CODE_BASE = 128  # valid counts (0..64) of a step's boxes packed base 128 into one int32
 GROUP_BITS = 3  # row groups of a packed-tails q tile (mosaic_gpu.forward_packed) at most; one bit each per box,
 GROUP_BASE = 2 ** GROUP_BITS  # packed base 8 above the boxes' valid counts
@@ -88,6 +90,9 @@ class StreamPlan:
     # With overlap: the loop body runs two steps, so consecutive steps' P live in different registers and the wait
     # for P·V need not come before the next P is written (`mosaic_gpu_fwd_overlap`); forward only.
     unroll: bool = False
+    # With overlap: each row's softmax sum taken on the tensor cores, P times an SMEM column block of ones issued
+    # beside P·V, instead of a row reduction on the CUDA cores (`mosaic_gpu_fwd_overlap`); forward only.
+    rowsum: bool = False
 
     streams = property(lambda self: self.consumers // self.share)
     nbox = property(lambda self: self.width // self.box)
@@ -96,7 +101,8 @@ class StreamPlan:
         """SMEM of a kernel holding `tiles` 16-bit [64, D] tiles and `vectors` fp32 [64] vectors per consumer
         (forward: q, lse; dq: q and dO, lse and Δ) plus the K and V rings."""
         own = self.consumers * TILE * (tiles * head_dim * itemsize + vectors * 4)
-        return own + 2 * self.streams * self.stages * self.width * head_dim * itemsize
+        ones = self.consumers * self.width * ROWSUM_N * itemsize if self.rowsum else 0
+        return own + ones + 2 * self.streams * self.stages * self.width * head_dim * itemsize
 
 
 def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, stages=None, **overrides):
@@ -131,6 +137,9 @@ def plan_stream(block_q, block_kv, head_dim, itemsize, *, tiles=1, vectors=1, st
         raise ValueError(f"{where}: lazy (the conditional rescale) is an option of the overlapped loop: set overlap")
     if p.unroll and (not p.overlap or p.lazy):
         raise ValueError(f"{where}: unroll (two steps a loop body) is an option of the overlapped loop without lazy")
+    if p.rowsum and (not p.overlap or p.lazy):
+        raise ValueError(f"{where}: rowsum (row sums on the tensor cores) is an option of the overlapped loop without "
+                         "lazy")
     if p.overlap and p.sched:
         raise ValueError(f"{where}: overlap and sched (ping-pong) are not combined: the schedule barrier's two phases "
                          "per step assume the plain step order")
@@ -301,10 +310,11 @@ def mask_boxes(s, code, box, nbox, axis=1):
     return lax.cond(code != full, apply, lambda x: x, s)
 
 
-def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
+def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None, row_sum=True):
     """One step of the base-2 online softmax of raw logits `s` [64, width]: (p in `dt`, new running max, new running
     sum, the rescale factor alpha of everything accumulated before). row_groups: a packed-tails tile
-    (`mask_row_groups`), whose rows may see no key in a step."""
+    (`mask_row_groups`), whose rows may see no key in a step. row_sum=False: the sum is taken elsewhere
+    (`StreamPlan.rowsum`) and l_i is only rescaled."""
     s, c_log2 = prescaled(s, c_log2, FOLD_SCALE)
     if row_groups is None:
         s = mask_boxes(s, code, plan.box, plan.nbox)
@@ -316,7 +326,8 @@ def online_softmax(s, code, m_i, l_i, c_log2, plan, dt, row_groups=None):
         m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # exp2(−inf − 0) = 0, not NaN
     alpha = jnp.exp2(m_i - m_use)
     p = jnp.exp2(scaled_minus(s, c_log2, m_use))
-    return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha
+    l_new = l_i * alpha + p.sum(axis=1) if row_sum else l_i * alpha
+    return p.astype(dt), m_new, l_new, alpha
 
 
 def prescaled(s, c, fold):
@@ -430,6 +441,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
     def sgm_fwd(q_ref, k_ref, v_ref, rows_ref, code_ref, n_ref, o_ref, lse_ref, *refs):
         b, h, wg = lax.axis_index("batch"), lax.axis_index("heads"), lax.axis_index("wg")
         cta = CtaTiles(plan, nt, nqs, n_ref, b, h)
+        ones_smem, refs = (refs[-1], refs[:-1]) if plan.rowsum else (None, refs)  # the last scratch, if any
         final_out, refs = (refs[:2], refs[2:]) if final else ((), refs)
         (q_smem, lse_smem, q_bar, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done), sched_bar = refs[:9], refs[9:]
         if final:  # its scratch follows the rings (no schedule barrier: `final` excludes sched)
@@ -504,8 +516,9 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
                     from pallas_kernels.sgm.mosaic_gpu_fwd_overlap import overlapped_steps
 
                     ring = (slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done)
+                    ones = None if ones_smem is None else ones_smem.at[wg]
                     pl.when(n > 0)(lambda: finish(*overlapped_steps(
-                        n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret, row_groups)))
+                        n, code_at, q_tile, ring, c_log2, plan, dt, D, interpret, row_groups, ones)))
                     pl.when(n == 0)(lambda: finish(*empty))
                     return
                 odd = lax.rem(wg, 2) == 1
@@ -534,6 +547,7 @@ def forward_call(q, k, v, rows, code, nsteps, *, block_q, scale, plan, interpret
             *ring_scratch(plan, D, dt, final.v_swizzle if final else 128),
             *([plgpu.Barrier(num_arrivals=nc)] if plan.sched else []),  # the schedule barrier
             *(final.scratch() if final else []),
+            *([tiled_smem((nc, plan.width, ROWSUM_N), dt, 2 * ROWSUM_N)] if plan.rowsum else []),  # ones, last
         ],
         **launch_params(plan, H, B, groups * nsplit, interpret),
     )

@@ -23,8 +23,19 @@ makes P of step t. As a loop-carried value both occupy the same registers, so pt
 is written, and in the SASS of 2026-12-06 (H100) it placed that wait above most of the softmax: the overlap was
 mostly lost. With two steps a loop body the step in the middle produces its P in registers of its own; only every
 other step's P is carried. The odd step out (n − 1 odd) runs after the pairs under lax.cond. Same arithmetic and
-barrier protocol as the one-step body; checked in the interpreter and lowered, not yet timed (`mosaic_gpu.FWD_UNROLL`,
-off).
+barrier protocol as the one-step body. Timed on an H100: 21% slower, the second P spills at 152 registers
+(`mosaic_gpu.FWD_UNROLL`, off).
+
+Row sums on the tensor cores (`StreamPlan.rowsum`), why: with 64-key steps a consumer thread's softmax is ~200
+arithmetic instructions a step, 36 of them the row sum (32 adds and the quad shuffles); the step is bound by
+instruction issue while the tensor pipe is ~60% busy (ncu, docs/benchmarks.md). P times a [width, 16] SMEM block of
+ones, issued just before P·V into a fresh [64, 16] fp32 accumulator and waited for with QKᵀ, gives every column the
+row sum of the *rounded* P (the values P·V multiplies, so out = acc / l normalises exactly what was accumulated); a
+16-column row max (~16 instructions a thread) reads it and l is added to and rescaled as before. The accumulator is
+fresh each step because a first form that kept one 16-column accumulator and rescaled it in place (stored back
+after the multiply) lost the earlier steps' sums on an H100 (2026-12-06: l came out ~1/steps of the true sum; the
+cause was not isolated, while fresh accumulator, wgmma and row max were right in isolation). The interpreter sums
+the rounded P on the CUDA cores.
 """
 
 from __future__ import annotations
@@ -35,7 +46,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.sgm import mosaic_gpu_fwd as fwd
-from pallas_kernels.sgm.mosaic_gpu_fwd import TILE, mask_boxes, online_softmax, row_vector, smem_dot, zeros_acc
+from pallas_kernels.sgm.mosaic_gpu_fwd import (ROWSUM_N, TILE, mask_boxes, online_softmax, row_vector, smem_dot,
+                                               zeros_acc)
 
 LAZY_TAU = 8.0  # log2 units: P stays <= 256 between rescales
 
@@ -54,7 +66,7 @@ def lazy_softmax(s, code, m_i, l_i, c_log2, plan, dt):
     return p.astype(dt), m_new, l_i * alpha + p.sum(axis=1), alpha, need
 
 
-def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, row_groups=None):
+def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, row_groups=None, ones=None):
     """The forward's n >= 1 steps with QKᵀ and P·V in flight together. When P_{t−1}·V_{t−1} is added the
     accumulator holds the earlier steps rescaled to m_{t−1}, as in the plain loop, so the result is the plain
     loop's up to fp32 rounding (with plan.lazy: up to the rounding of a different max). Costs a second logits
@@ -67,30 +79,56 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
     slot, k_smem, v_smem, k_rdy, v_rdy, k_done, v_done = ring
     f32 = jnp.float32
     lazy = plan.lazy and row_groups is None  # packed-tails rows may see no key in a step: exact max only
+    rowsum = plan.rowsum
 
     def run(acc_o):  # acc_o: the output accumulator ref (hardware) or None (interpret)
+        if rowsum and acc_o is not None:
+            ones[...] = plgpu.layout_cast(jnp.full(ones.shape, 1.0, f32), plgpu.Layout.WGMMA).astype(dt)
+            plgpu.commit_smem()  # visible to the wgmma (async proxy), every thread of the warpgroup past its store
+
+        def row_sums(p, issue_pv=None):
+            """(rowsum) The row sums of P: P·ones into a fresh [64, ROWSUM_N] accumulator, issued before
+            `issue_pv` and waited for with everything older than the last wgmma issued; the interpreter sums the
+            rounded P on the CUDA cores. Every column holds the sum, so a row max of the 16 reads it."""
+            if acc_o is None:
+                return p.astype(f32).sum(axis=1)
+
+            def body(acc_l):
+                plgpu.wgmma(acc_l, p, ones)
+                if issue_pv is None:
+                    return acc_l[...]
+                issue_pv()
+                return plgpu.wgmma_accumulator_load(acc_l, wait_n=1)  # P·V may still run
+            return pl.run_scoped(body, plgpu.ACC((TILE, ROWSUM_N), f32)).max(axis=1)
+
         def logits(t, p_prev=None, acc=None):
-            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1; waits for the QKᵀ only. Returns
-            the raw logits and (interpret mode) the updated output value."""
+            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1 (with plan.rowsum, P·ones first);
+            waits for the QKᵀ (and P·ones) only. Returns the raw logits, (interpret mode) the updated output value
+            and (rowsum) the row sums of p_prev."""
             def body(acc_s):
                 bi = slot(t)
                 plgpu.barrier_wait(k_rdy.at[bi])
                 plgpu.wgmma(acc_s, q_tile, k_smem.at[bi].transpose((1, 0)))
                 if p_prev is None:
-                    return acc_s[...], acc
+                    return acc_s[...], acc, None
                 bv = slot(t - 1)
                 plgpu.barrier_wait(v_rdy.at[bv])
                 if acc_o is None:
-                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv])
-                plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
-                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc  # P·V may still run
+                    sums = row_sums(p_prev) if rowsum else None
+                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv]), sums
+                issue_pv = lambda: plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
+                if not rowsum:
+                    issue_pv()
+                    return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, None  # P·V may still run
+                sums = row_sums(p_prev, issue_pv)
+                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, sums
             return pl.run_scoped(body, plgpu.ACC((TILE, plan.width), f32))
 
         acc = zeros_acc(d) if acc_o is None else None
-        s, _ = logits(0)
+        s, _, _ = logits(0)
         plgpu.barrier_arrive(k_done.at[slot(0)])
         p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt,
-                                        row_groups)
+                                        row_groups, row_sum=not rowsum)
 
         def rescale(acc, alpha):
             scale = lambda x: x * lax.broadcast_in_dim(alpha, x.shape, [0])
@@ -103,10 +141,13 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
         def step(t, carry):
             p, m_i, l_i, cd, acc, held = carry
             cd_next = code_at(t + 1)
-            s, acc = logits(t, p, acc)
+            s, acc, sums = logits(t, p, acc)
+            if rowsum:  # P of step t − 1, as its P·V was just added; rescaled with it below
+                l_i = l_i + sums
             plgpu.barrier_arrive(k_done.at[slot(t)])
             if not lazy:
-                p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups)
+                p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups,
+                                                      row_sum=not rowsum)
                 acc = rescale(acc, alpha)
                 plgpu.barrier_arrive(v_done.at[slot(t - 1)])
                 return p, m_new, l_i, cd_next, acc, held
@@ -132,6 +173,8 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
         p, m_i, l_i, _, acc, held = carry
         bv = slot(n - 1)
         plgpu.barrier_wait(v_rdy.at[bv])
+        if rowsum:
+            l_i = l_i + row_sums(p)
         if acc_o is None:
             acc = acc + smem_dot(p, v_smem.at[bv])
         else:
