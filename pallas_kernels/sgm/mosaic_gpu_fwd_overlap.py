@@ -117,11 +117,8 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
                     sums = row_sums(p_prev) if rowsum else None
                     return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv]), sums
                 issue_pv = lambda: plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
-                if not rowsum:
-                    issue_pv()
-                    return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, None  # P·V may still run
-                sums = row_sums(p_prev, issue_pv)
-                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, sums
+                sums = row_sums(p_prev, issue_pv) if rowsum else issue_pv()
+                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, sums  # P·V may still run
             return pl.run_scoped(body, plgpu.ACC((TILE, plan.width), f32))
 
         acc = zeros_acc(d) if acc_o is None else None
