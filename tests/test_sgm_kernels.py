@@ -454,9 +454,10 @@ def test_mgpu_lowers_for_sm90(dtype, D, block, monkeypatch):
     ur = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
                                    plan=(("overlap", True), ("unroll", True))))
     assert ur.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
-    # ... the row sums on the tensor cores: a register-A wgmma into a 16-column accumulator, ones stored to SMEM
+    # ... the row sums on the CUDA cores (SGM_MGPU_ROWSUM=0; by default a register-A wgmma into a 16-column
+    # accumulator rescaled with the output one, ones stored to SMEM: the `ov` case above)
     rs = jax.jit(functools.partial(sgm_forward_mgpu, block_q=block, block_kv=block,
-                                   plan=(("overlap", True), ("rowsum", True))))
+                                   plan=(("overlap", True), ("rowsum", False))))
     assert rs.trace(q, k, k, *lst).lower(lowering_platforms=("cuda",)).as_text().count("@mosaic_gpu") == 1
     # the backward kernels with the scale inside exp2 (SGM_MGPU_FOLD_SCALE_BWD=1), the key-tail kernel included
     monkeypatch.setattr(mosaic_gpu_fwd, "FOLD_SCALE_BWD", True)
@@ -495,7 +496,9 @@ def test_mgpu_benchmark_small_interpret(tmp_path):
         assert case["flops"]["fwd"] > 0 and case["mosaic_gpu"]["fwd"]["status"] == "ok"
         # the sweeps: plans checked against the automatic plan, then timed in interleaved rounds
         [fwd] = case["sweep"]
-        assert fwd["plan"]["sched"] and fwd["rel_err_vs_auto"] == 0.0 and len(fwd["round_medians_ms"]) == 2
+        # (the automatic plan's l sums the bf16-rounded P on the tensor cores, ping-pong's the fp32 P: the outputs
+        # differ by bf16 rounding, 4.6e-3 of the max here)
+        assert fwd["plan"]["sched"] and fwd["rel_err_vs_auto"] <= 1e-2 and len(fwd["round_medians_ms"]) == 2
         assert all(r["status"] == "ok" and len(r["runs_ms"]) == 2 for r in case["sweep_dq"])
 
 

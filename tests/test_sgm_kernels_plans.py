@@ -71,10 +71,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     (64, 64, dict(consumers=3, share=1, splits=2)),  # own lists, 3 consumers, a ragged last tile group
     (192, 192, dict(sched=True, splits=2)),  # ping-pong: 3 consumers take turns through a schedule barrier
     (128, 64, dict(sched=True, splits=1)),  # ping-pong of 2 consumers on 128-row steps
-    (192, 192, dict(overlap=True, splits=2)),  # QKᵀ of step t+1 issued beside P·V of step t (in the interpreter:
-    (64, 64, dict(consumers=3, share=1, splits=2, overlap=True)),  # same protocol and arithmetic, no real overlap)
+    (192, 192, dict(overlap=True, rowsum=False, splits=2)),  # QKᵀ of step t+1 issued beside P·V of step t (in the
+    (64, 64, dict(consumers=3, share=1, splits=2, overlap=True)),  # interpreter: same protocol, no real overlap)
     (192, 192, dict(overlap=True, lazy=True, splits=2)),  # the overlapped loop with the conditional rescale
-    (192, 192, dict(overlap=True, unroll=True, splits=2)),  # the overlapped loop, two steps a body
+    (192, 192, dict(overlap=True, unroll=True, rowsum=False, splits=2)),  # the overlapped loop, two steps a body
     (64, 64, dict(consumers=3, share=1, splits=2, overlap=True, unroll=True)),
     (192, 192, dict(overlap=True, rowsum=True, splits=2)),  # the overlapped loop, row sums of the rounded P
     (128, 64, dict(overlap=True, rowsum=True, unroll=True)),  # ... 2 consumers on 128-row steps, two steps a body

@@ -115,11 +115,12 @@ FWD_LAZY = os.environ.get("SGM_MGPU_LAZY", "0") == "1"
 # (1.648 against 1.364 ms in the rollout geometry; the second P spills 16 bytes at 152 registers), so off
 # (SGM_MGPU_UNROLL=1 turns it on).
 FWD_UNROLL = os.environ.get("SGM_MGPU_UNROLL", "0") == "1"
-# The overlapped forward's row sums on the tensor cores (`StreamPlan.rowsum`: P times a block of ones beside P·V),
-# instead of a row reduction on the CUDA cores. A first form (one 16-column accumulator rescaled in place) ran 6.9%
-# faster on an H100 (1.274 against 1.368 ms, rollout geometry) but lost the earlier steps' sums; the present form
-# (a fresh accumulator each step) is checked in the interpreter and lowered, not yet timed: off (SGM_MGPU_ROWSUM=1).
-FWD_ROWSUM = os.environ.get("SGM_MGPU_ROWSUM", "0") == "1"
+# The overlapped forward's row sums on the tensor cores (`StreamPlan.rowsum`: P times a block of ones into a second
+# accumulator rescaled with the output one) instead of a row reduction on the CUDA cores. Timed on an H100
+# (2026-12-06): the rollout geometry's forward -2.5% (1.403 against 1.437 ms), the DecMem geometry's -2.7% (0.809
+# against 0.831 ms, 7 interleaved rounds of a drifting GPU), the rollout 2.214 s per chunk against 2.225: on
+# (SGM_MGPU_ROWSUM=0 turns it off).
+FWD_ROWSUM = os.environ.get("SGM_MGPU_ROWSUM", "1") == "1"
 K_TAILS = _switch("SGM_MGPU_K_TAILS", "auto")
 DKV_SHARE = _switch("SGM_MGPU_DKV_SHARE", "auto")
 # dk/dv consumers with their wgmmas in flight during their own exp2 and dS arithmetic

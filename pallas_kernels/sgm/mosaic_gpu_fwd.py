@@ -90,8 +90,9 @@ class StreamPlan:
     # With overlap: the loop body runs two steps, so consecutive steps' P live in different registers and the wait
     # for P·V need not come before the next P is written (`mosaic_gpu_fwd_overlap`); forward only.
     unroll: bool = False
-    # With overlap: each row's softmax sum taken on the tensor cores, P times an SMEM column block of ones issued
-    # beside P·V, instead of a row reduction on the CUDA cores (`mosaic_gpu_fwd_overlap`); forward only.
+    # With overlap: each row's softmax sum taken on the tensor cores, P times an SMEM column block of ones into an
+    # accumulator rescaled with the output one, instead of a row reduction on the CUDA cores
+    # (`mosaic_gpu_fwd_overlap`); forward only.
     rowsum: bool = False
 
     streams = property(lambda self: self.consumers // self.share)

@@ -26,16 +26,18 @@ other step's P is carried. The odd step out (n − 1 odd) runs after the pairs u
 barrier protocol as the one-step body. Timed on an H100: 21% slower, the second P spills at 152 registers
 (`mosaic_gpu.FWD_UNROLL`, off).
 
-Row sums on the tensor cores (`StreamPlan.rowsum`), why: with 64-key steps a consumer thread's softmax is ~200
-arithmetic instructions a step, 36 of them the row sum (32 adds and the quad shuffles); the step is bound by
-instruction issue while the tensor pipe is ~60% busy (ncu, docs/benchmarks.md). P times a [width, 16] SMEM block of
-ones, issued just before P·V into a fresh [64, 16] fp32 accumulator and waited for with QKᵀ, gives every column the
-row sum of the *rounded* P (the values P·V multiplies, so out = acc / l normalises exactly what was accumulated); a
-16-column row max (~16 instructions a thread) reads it and l is added to and rescaled as before. The accumulator is
-fresh each step because a first form that kept one 16-column accumulator and rescaled it in place (stored back
-after the multiply) lost the earlier steps' sums on an H100 (2026-12-06: l came out ~1/steps of the true sum; the
-cause was not isolated, while fresh accumulator, wgmma and row max were right in isolation). The interpreter sums
-the rounded P on the CUDA cores.
+Row sums on the tensor cores (`StreamPlan.rowsum`, on by default), why: with 64-key steps a consumer thread's
+softmax is ~200 arithmetic instructions a step, 36 of them the row sum (32 adds and the quad shuffles); the step is
+bound by instruction issue while the tensor pipe is ~60% busy (ncu, docs/benchmarks.md). Instead each step issues P
+times a [width, 16] SMEM block of ones into a second [64, 16] fp32 accumulator just before its QKᵀ (so the QKᵀ wait
+covers it); that accumulator is rescaled with the output one, and at the end every one of its columns holds the
+row's l. l is then the sum of the *rounded* P, the values P·V multiplied, so out = acc / l normalises exactly what
+was accumulated. The rescale costs 8 multiplies a thread a step where the reduction cost 36 instructions. Timed on
+an H100 (2026-12-06): the rollout geometry's forward -2.5% (1.403 against 1.437 ms, 11 interleaved rounds), the
+rollout -0.5%. A form that took a fresh accumulator each step (issued after QKᵀ, its row max added to l on the CUDA
+cores) was right and 5.3% slower; an earlier in-place form issued inside QKᵀ's scope lost all but the last step's
+sums (its code is gone; a micro-kernel shows in-place accumulation across loop steps, rescaled or not, right on the
+same GPU). The interpreter sums the rounded P on the CUDA cores.
 """
 
 from __future__ import annotations
@@ -81,48 +83,41 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
     lazy = plan.lazy and row_groups is None  # packed-tails rows may see no key in a step: exact max only
     rowsum = plan.rowsum
 
-    def run(acc_o):  # acc_o: the output accumulator ref (hardware) or None (interpret)
+    def run(acc_o, acc_l=None):  # acc_o, acc_l: accumulator refs (hardware) or None (interpret)
         if rowsum and acc_o is not None:
             ones[...] = plgpu.layout_cast(jnp.full(ones.shape, 1.0, f32), plgpu.Layout.WGMMA).astype(dt)
             plgpu.commit_smem()  # visible to the wgmma (async proxy), every thread of the warpgroup past its store
 
-        def row_sums(p, issue_pv=None):
-            """(rowsum) The row sums of P: P·ones into a fresh [64, ROWSUM_N] accumulator, issued before
-            `issue_pv` and waited for with everything older than the last wgmma issued; the interpreter sums the
-            rounded P on the CUDA cores. Every column holds the sum, so a row max of the 16 reads it."""
-            if acc_o is None:
-                return p.astype(f32).sum(axis=1)
-
-            def body(acc_l):
-                plgpu.wgmma(acc_l, p, ones)
-                if issue_pv is None:
-                    return acc_l[...]
-                issue_pv()
-                return plgpu.wgmma_accumulator_load(acc_l, wait_n=1)  # P·V may still run
-            return pl.run_scoped(body, plgpu.ACC((TILE, ROWSUM_N), f32)).max(axis=1)
+        def add_row_sums(p, l_i):
+            """(rowsum) Adds P's row sums: on hardware P·ones is issued into the [64, ROWSUM_N] accumulator,
+            which is rescaled with the output one (every column holds the row's sum; l_i stays 0 until the end);
+            the interpreter sums the rounded P on the CUDA cores."""
+            if not rowsum:
+                return l_i
+            if acc_l is None:
+                return l_i + p.astype(f32).sum(axis=1)
+            plgpu.wgmma(acc_l, p, ones)
+            return l_i
 
         def logits(t, p_prev=None, acc=None):
-            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1 (with plan.rowsum, P·ones first);
-            waits for the QKᵀ (and P·ones) only. Returns the raw logits, (interpret mode) the updated output value
-            and (rowsum) the row sums of p_prev."""
+            """Issues QKᵀ of step t and then, given p_prev, P·V of step t − 1; waits for the QKᵀ (and everything
+            issued before it) only. Returns the raw logits and (interpret mode) the updated output value."""
             def body(acc_s):
                 bi = slot(t)
                 plgpu.barrier_wait(k_rdy.at[bi])
                 plgpu.wgmma(acc_s, q_tile, k_smem.at[bi].transpose((1, 0)))
                 if p_prev is None:
-                    return acc_s[...], acc, None
+                    return acc_s[...], acc
                 bv = slot(t - 1)
                 plgpu.barrier_wait(v_rdy.at[bv])
                 if acc_o is None:
-                    sums = row_sums(p_prev) if rowsum else None
-                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv]), sums
-                issue_pv = lambda: plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
-                sums = row_sums(p_prev, issue_pv) if rowsum else issue_pv()
-                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc, sums  # P·V may still run
+                    return acc_s[...], acc + smem_dot(p_prev, v_smem.at[bv])
+                plgpu.wgmma(acc_o, p_prev, v_smem.at[bv])
+                return plgpu.wgmma_accumulator_load(acc_s, wait_n=1), acc  # P·V may still run
             return pl.run_scoped(body, plgpu.ACC((TILE, plan.width), f32))
 
         acc = zeros_acc(d) if acc_o is None else None
-        s, _, _ = logits(0)
+        s, _ = logits(0)
         plgpu.barrier_arrive(k_done.at[slot(0)])
         p, m_i, l_i, _ = online_softmax(s, code_at(0), row_vector(-jnp.inf), row_vector(0.0), c_log2, plan, dt,
                                         row_groups, row_sum=not rowsum)
@@ -133,14 +128,15 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
                 return scale(acc)
             plgpu.wgmma_wait(0)
             acc_o[...] = scale(acc_o[...])
+            if acc_l is not None:
+                acc_l[...] = scale(acc_l[...])
             return acc
 
         def step(t, carry):
             p, m_i, l_i, cd, acc, held = carry
             cd_next = code_at(t + 1)
-            s, acc, sums = logits(t, p, acc)
-            if rowsum:  # P of step t − 1, as its P·V was just added; rescaled with it below
-                l_i = l_i + sums
+            l_i = add_row_sums(p, l_i)  # P of step t − 1, before its P·V; rescaled with it below
+            s, acc = logits(t, p, acc)
             plgpu.barrier_arrive(k_done.at[slot(t)])
             if not lazy:
                 p, m_new, l_i, alpha = online_softmax(s, cd, m_i, l_i, c_log2, plan, dt, row_groups,
@@ -170,8 +166,7 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
         p, m_i, l_i, _, acc, held = carry
         bv = slot(n - 1)
         plgpu.barrier_wait(v_rdy.at[bv])
-        if rowsum:
-            l_i = l_i + row_sums(p)
+        l_i = add_row_sums(p, l_i)
         if acc_o is None:
             acc = acc + smem_dot(p, v_smem.at[bv])
         else:
@@ -179,9 +174,13 @@ def overlapped_steps(n, code_at, q_tile, ring, c_log2, plan, dt, d, interpret, r
             acc = acc_o[...]  # waits for every P·V
         if lazy:  # the V slot of step n − 2, if the last iteration kept it
             pl.when(held)(lambda: plgpu.barrier_arrive(v_done.at[slot(n - 2)]))
+        if acc_l is not None:
+            l_i = acc_l[...].max(axis=1)  # every column holds the row's sum (the load above waited for it)
         plgpu.barrier_arrive(v_done.at[bv])
         return acc, m_i, l_i
 
     if interpret:
         return run(None)
+    if rowsum:
+        return pl.run_scoped(run, plgpu.ACC((TILE, d), f32), plgpu.ACC((TILE, ROWSUM_N), f32))
     return pl.run_scoped(run, plgpu.ACC((TILE, d), f32))
