@@ -121,6 +121,9 @@ def parse_args(argv):
                    help="dense attention backend (default cudnn on GPU, xla otherwise or with --mesh)")
     p.add_argument("--gelu", default=None, choices=("xla", "triton"),
                    help="the FFN's GELU (DiTConfig.gelu; default: the config's)")
+    p.add_argument("--layer-unroll", type=int, default=None, metavar="N",
+                   help="blocks per iteration of the layer scan (DiTConfig.layer_unroll; 1 = a loop, 30 = straight-"
+                        "line code with each layer's weight slice at a constant index; default: the config's)")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
@@ -175,7 +178,8 @@ def model_config(variant: str, args):
     geo = GEOMETRY["small" if args.small else "full"]
     attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" and not args.mesh else "xla")
     base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention,
-                      **({"gelu": args.gelu} if getattr(args, "gelu", None) else {}))  # rollout_e2e has no --gelu
+                      **({"gelu": args.gelu} if getattr(args, "gelu", None) else {}),  # rollout_e2e has neither
+                      **({"layer_unroll": args.layer_unroll} if getattr(args, "layer_unroll", None) else {}))
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
 
@@ -262,7 +266,8 @@ def run_case(variant: str, history: int, args, model_cache: dict):
     tpf = (hw[0] // cfg.patch_size[1]) * (hw[1] // cfg.patch_size[2])
     row = {"variant": variant, "history": history, "capacity": capacity, "chunk": chunk, "steps": args.steps,
            "tokens_per_frame": tpf, "keys_per_query": keys_per_query(cfg, history, chunk, tpf),
-           "attention": cfg.attention, "gelu": cfg.gelu, "sgm_backend": cfg.memory.backend if cfg.memory else None}
+           "attention": cfg.attention, "gelu": cfg.gelu, "layer_unroll": cfg.layer_unroll,
+           "sgm_backend": cfg.memory.backend if cfg.memory else None}
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     cfg_on = settings.uses_cfg(True)
     shard = RolloutMesh.from_spec(args.mesh, cfg, guidance=args.guidance, option="--mesh")  # raises before work
@@ -387,6 +392,8 @@ def child_args(args) -> list[str]:
         common += ["--attention", args.attention]
     if args.gelu:
         common += ["--gelu", args.gelu]
+    if args.layer_unroll:
+        common += ["--layer-unroll", str(args.layer_unroll)]
     if args.mesh:
         common += ["--mesh", args.mesh]
     if args.small:

@@ -174,6 +174,7 @@ def test_rollout_child_process_gets_every_option():
     from benchmarks import rollout
 
     argv = ["--steps", "3", "--guidance", "2.5", "--sgm-backend", "reference", "--attention", "xla", "--gelu", "triton",
+            "--layer-unroll", "2",
             "--repeats", "4", "--warmup", "2", "--seed", "9", "--small", "--profile", "/tmp/p", "--dump", "/tmp/d",
             "--xla-options", ";xla_gpu_enable_cublaslt=true", "--mesh", "data:2"]
     parent = rollout.parse_args(argv + ["--variants", "decmem,dense", "--history", "4,8", "--isolate"])

@@ -58,6 +58,31 @@ def test_scan_rollout_equals_unrolled_chunk_steps():
     assert np.isfinite(np.asarray(latents)).all() and float(np.abs(ref).max()) > 0.1
 
 
+def test_unrolled_layer_scan_gives_the_same_chunk():
+    """DiTConfig.layer_unroll (straight-line layers, for the weight slices' sake) changes the program, not the
+    arithmetic: one chunk step with CFG against the memory equals the looped layers' to fp32 rounding."""
+    from decmem_jax.models.config import DiTConfig
+
+    model = tiny_model()
+    unrolled = WanDiT(model.cfg.replace(layer_unroll=model.cfg.num_layers), rngs=nnx.Rngs(0))
+    nnx.update(unrolled, nnx.state(model))
+    settings = engine.SamplerSettings(steps=2, solver="unipc", guidance=3.0)
+    rng = np.random.default_rng(3)
+    context = jnp.asarray(rng.standard_normal((1, 5, 64)), jnp.float32)
+    ctx_latents = jnp.asarray(rng.standard_normal((1, 2, *GRID, 16)), jnp.float32)
+    cond = model.embed_conditioning(jnp.asarray(rng.integers(0, 3, (1, 1 + 4 * (2 + C - 1), 8)), jnp.int32))
+    cache = engine.prefill(model, model.init_cache(1, 2 + C, GRID), ctx_latents, context, cond[:, :2], chunk=C)
+    noise = engine.chunk_noise(0, 0, (1, C, *GRID, 16))
+    step = nnx.jit(lambda m, k: engine.chunk_step(m, k, noise, context, cond[:, 2:], settings))
+    (x0, c0), (x1, c1) = step(model, jax.tree.map(jnp.copy, cache)), step(unrolled, jax.tree.map(jnp.copy, cache))
+    ref = float(np.abs(np.asarray(x0)).max())
+    assert ref > 0.1 and float(np.abs(np.asarray(x1) - np.asarray(x0)).max()) <= 1e-5 * ref
+    np.testing.assert_allclose(np.asarray(c1.pool), np.asarray(c0.pool), atol=1e-5)
+    for bad in (0, 3, True, "2"):  # tiny has 2 layers
+        with pytest.raises(ValueError, match="DiTConfig.layer_unroll"):
+            DiTConfig(num_layers=2, layer_unroll=bad)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The CLI (configs/tiny.py, random weights) on a clip from the world generator.
 # ---------------------------------------------------------------------------------------------------------------

@@ -173,6 +173,11 @@ class DiTConfig(JsonConfig):
     attention: str = "auto"  # auto = cudnn on GPU, xla elsewhere (logged); see models/attention.py
     remat: str = "none"  # activation checkpointing policy for each transformer block
     gelu: str = "xla"  # the FFN's tanh-GELU: xla, triton (Pallas kernel, NVIDIA GPUs) or auto; pallas_kernels/gelu.py
+    # Blocks per iteration of the layer scan (lax.scan's unroll): 1 = a loop over layers, num_layers = straight-line
+    # code. Unrolled, each layer's weight slice has a constant index, so XLA may slice it once outside the sampler's
+    # step loop instead of copying ~105 MB of weights per layer and step (docs/benchmarks.md, Rollout); compiles
+    # longer. Same arithmetic either way.
+    layer_unroll: int = 1
     # Residual stream between blocks: float32 as in original Wan (autocast promotes it after the first gated add), or
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
     residual_dtype: str = "float32"
@@ -194,6 +199,9 @@ class DiTConfig(JsonConfig):
             raise ValueError(f"DiTConfig.attention={self.attention!r}; expected one of {ATTENTION_BACKENDS}")
         if self.gelu not in GELU_BACKENDS:
             raise ValueError(f"DiTConfig.gelu={self.gelu!r}; expected one of {GELU_BACKENDS}")
+        if type(self.layer_unroll) is not int or not 1 <= self.layer_unroll <= self.num_layers:
+            raise ValueError(f"DiTConfig.layer_unroll={self.layer_unroll!r}; expected an int from 1 (a loop over the "
+                             f"layers) to num_layers={self.num_layers} (straight-line code)")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.residual_dtype not in ("float32", "compute"):
