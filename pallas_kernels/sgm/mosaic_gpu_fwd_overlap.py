@@ -35,8 +35,8 @@ row's l. l is then the sum of the *rounded* P, the values P·V multiplied, so ou
 was accumulated. The rescale costs 8 multiplies a thread a step where the reduction cost 36 instructions. Timed on
 an H100 (2026-12-06): the rollout geometry's forward -2.5% (1.403 against 1.437 ms, 11 interleaved rounds), the
 rollout -0.5%. A form that took a fresh accumulator each step (issued after QKᵀ, its row max added to l on the CUDA
-cores) was right and 5.3% slower; an earlier in-place form issued inside QKᵀ's scope lost all but the last step's
-sums (its code is gone; a micro-kernel shows in-place accumulation across loop steps, rescaled or not, right on the
+cores) was right and 5.3% slower; an earlier in-place form lost all but the last step's sums (its code is gone, the
+fault not isolated; a micro-kernel shows in-place accumulation across loop steps, rescaled or not, right on the
 same GPU). The interpreter sums the rounded P on the CUDA cores.
 """
 
