@@ -66,6 +66,11 @@ def test_unrolled_layer_scan_gives_the_same_chunk():
     model = tiny_model()
     unrolled = WanDiT(model.cfg.replace(layer_unroll=model.cfg.num_layers), rngs=nnx.Rngs(0))
     nnx.update(unrolled, nnx.state(model))
+    x, t, c = jnp.zeros((1, 1, *GRID, 16)), jnp.zeros((1,)), jnp.zeros((1, 5, 64))
+    for m, unroll in ((model, 1), (unrolled, model.cfg.num_layers)):  # the option reaches the layer scan
+        graphdef, state = nnx.split(m)
+        jaxpr = jax.make_jaxpr(lambda s, *a: nnx.merge(graphdef, s)(*a, chunk_size=1))(state, x, t, c).jaxpr
+        assert [e.params["unroll"] for e in jaxpr.eqns if e.primitive.name == "scan"] == [unroll]
     settings = engine.SamplerSettings(steps=2, solver="unipc", guidance=3.0)
     rng = np.random.default_rng(3)
     context = jnp.asarray(rng.standard_normal((1, 5, 64)), jnp.float32)

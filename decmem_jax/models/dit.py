@@ -335,7 +335,7 @@ class WanDiT(nnx.Module):
 
         if self.cfg.remat != "none":
             step = nnx.remat(step, policy=_REMAT_POLICIES[self.cfg.remat])
-        scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=int(self.cfg.layer_unroll))
+        scan = nnx.scan(step, in_axes=(0, nnx.Carry, 0), out_axes=(nnx.Carry, 0), unroll=self.cfg.layer_unroll)
         return scan(self.blocks, x, (layer_in, flags, text_kv))
 
     def _forward(self, latents, timesteps, context, cond, mixer, *, layer_in=None, frame_offset=0, positions=None,
