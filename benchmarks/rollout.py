@@ -163,6 +163,8 @@ def parse_args(argv):
         parse_mesh(args.mesh, option="--mesh")
     except MeshSpecError as e:
         p.error(str(e))
+    if args.layer_unroll is not None and args.layer_unroll < 1:
+        p.error(f"--layer-unroll must be >= 1 (blocks per iteration of the layer scan), got {args.layer_unroll}")
     if args.repeats < 1 or args.warmup < 0:
         p.error("--repeats must be >= 1 and --warmup >= 0")
     if args.isolate is None:
@@ -179,7 +181,8 @@ def model_config(variant: str, args):
     attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" and not args.mesh else "xla")
     base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention,
                       **({"gelu": args.gelu} if getattr(args, "gelu", None) else {}),  # rollout_e2e has neither
-                      **({"layer_unroll": args.layer_unroll} if getattr(args, "layer_unroll", None) else {}))
+                      **({"layer_unroll": args.layer_unroll} if getattr(args, "layer_unroll", None) is not None
+                         else {}))
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
 
@@ -392,7 +395,7 @@ def child_args(args) -> list[str]:
         common += ["--attention", args.attention]
     if args.gelu:
         common += ["--gelu", args.gelu]
-    if args.layer_unroll:
+    if args.layer_unroll is not None:
         common += ["--layer-unroll", str(args.layer_unroll)]
     if args.mesh:
         common += ["--mesh", args.mesh]

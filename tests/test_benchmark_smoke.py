@@ -182,3 +182,12 @@ def test_rollout_child_process_gets_every_option():
     skip = {"variants", "history", "isolate", "json"}
     differ = {k for k in vars(parent) if k not in skip and getattr(parent, k) != getattr(child, k)}
     assert not differ, differ
+
+
+def test_rollout_rejects_a_layer_unroll_below_one(capsys):
+    """--layer-unroll 0 fails at parsing with the option named, instead of being read as "not given"."""
+    from benchmarks import rollout
+
+    with pytest.raises(SystemExit):
+        rollout.parse_args(["--small", "--layer-unroll", "0"])
+    assert "--layer-unroll must be >= 1" in capsys.readouterr().err
