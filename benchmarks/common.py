@@ -47,15 +47,20 @@ def is_oom(e: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower() or type(e).__name__ == "OutOfMemoryError"
 
 
-def guarded(fn):
-    """fn() -> result dict; OOM and other failures become {"status": ...} instead of ending the benchmark."""
+def guarded(fn, *, quiet: bool = False):
+    """fn() -> result dict; OOM and other failures become {"status": ...} instead of ending the benchmark. The
+    traceback of a failure is printed, or with quiet=True (an expected failure, e.g. a peer's backend that is tried
+    and then replaced by the next one) kept in the result's "traceback" for the JSON, off the console."""
     try:
         return fn()
     except Exception as e:  # noqa: BLE001
         if is_oom(e):
             return {"status": "OOM", "error": str(e).splitlines()[0][:300]}
+        res = {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        if quiet:
+            return {**res, "traceback": traceback.format_exc()}
         traceback.print_exc()
-        return {"status": "ERROR", "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
+        return res
     finally:
         gc.collect()
 

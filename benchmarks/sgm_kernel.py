@@ -425,6 +425,10 @@ def print_table(results):
             st = str(c[peer].get("status"))
             if st != "ok":
                 print(f"{'':7} {st if st.startswith(peer) else peer + ': ' + st}")
+            for key, label in (("fwd", "fwd"), ("fwd_bwd", "fwd+bwd")):  # a timing that failed (traceback: JSON)
+                t = c[peer].get(key)
+                if st == "ok" and isinstance(t, dict) and t.get("status") != "ok":
+                    print(f"{'':7} {peer} {label}: {t.get('status')}: {t.get('error', '')}")
         if c["flex"].get("status") == "ok":
             print(f"{'':7} flex: backend {c['flex']['backend']} (attempts: {c['flex']['attempts']})")
     print("speedup = cuDNN dense ms / ours ms; TF/s ratio = ours effective / cuDNN dense; peer/ours = peer ms / ours ms"

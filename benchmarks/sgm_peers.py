@@ -14,7 +14,9 @@ a mismatch, not timed."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import pathlib
 
 import jax
@@ -182,8 +184,26 @@ def bench_cudnn_bsa(c, ours_out, cot, args):
 
 
 def _torch_timer(torch, args):
+    """f -> its timing dict; a failure is recorded (status, error, traceback in the JSON) without printing: the
+    caller reports it in one line, and FlexAttention's backends are tried in turn, so some are expected to fail."""
     sync = lambda x: (torch.cuda.synchronize(), x)[1]
-    return lambda f: guarded(lambda: {"status": "ok", **timed(f, sync, args.warmup, args.repeats, args.inner)[1]})
+    return lambda f: guarded(lambda: {"status": "ok", **timed(f, sync, args.warmup, args.repeats, args.inner)[1]},
+                             quiet=True)
+
+
+@contextlib.contextmanager
+def captured_stderr(into: dict, key: str = "compile_log", keep: int = 4000):
+    """Python-level stderr of the block into `into[key]` (its last `keep` characters), off the console: torch
+    inductor's max-autotune writes a table of every candidate kernel per compile, a few hundred lines per case,
+    which would bury the benchmark's own table. Kept in the JSON for whoever wants it."""
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buf):
+            yield
+    finally:
+        text = buf.getvalue()
+        if text:
+            into[key] = into.get(key, "") + text[-keep:]
 
 
 # ----------------------------------------------------------------------------------------------- FlexAttention
@@ -273,8 +293,9 @@ def bench_flex(c, ours_out, cot, args):
         run = lambda x=(q, k, v), opts=opts, f=compiled: f(*x, block_mask=bm, scale=d ** -0.5,
                                                            kernel_options=dict(opts))
         try:
-            out = run()
-            torch.cuda.synchronize()
+            with captured_stderr(res):
+                out = run()
+                torch.cuda.synchronize()
         except Exception as e:  # noqa: BLE001 -- an unavailable backend is reported, the next one tried
             res["attempts"][name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             continue
@@ -286,7 +307,8 @@ def bench_flex(c, ours_out, cot, args):
         def fwd_bwd(run=run):
             o = run((qg, kg, vg))
             return torch.autograd.grad(o, (qg, kg, vg), do)
-        got = dict(status="ok", backend=name, rel_err_vs_ours=err, fwd=time_it(run), fwd_bwd=time_it(fwd_bwd))
+        with captured_stderr(res):  # the backward compiles (and autotunes) on its first call
+            got = dict(status="ok", backend=name, rel_err_vs_ours=err, fwd=time_it(run), fwd_bwd=time_it(fwd_bwd))
         if ms_of(got["fwd_bwd"]):
             res["attempts"][name] = "ok"
             return {**res, **got}

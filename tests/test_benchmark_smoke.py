@@ -191,3 +191,31 @@ def test_rollout_rejects_a_layer_unroll_below_one(capsys):
     with pytest.raises(SystemExit):
         rollout.parse_args(["--small", "--layer-unroll", "0"])
     assert "--layer-unroll must be >= 1" in capsys.readouterr().err
+
+
+def test_guarded_quiet_keeps_the_traceback_for_the_json_not_the_console(capsys):
+    """A peer backend that is expected to fail (FlexAttention's are tried in turn) is recorded with its traceback
+    in the result, not printed; other failures still print theirs."""
+    from benchmarks.common import guarded
+
+    res = guarded(lambda: 1 / 0, quiet=True)
+    assert res["status"] == "ERROR" and res["error"].startswith("ZeroDivisionError")
+    assert "Traceback" in res["traceback"] and "1 / 0" in res["traceback"]
+    assert capsys.readouterr().err == ""
+    res = guarded(lambda: 1 / 0)
+    assert "traceback" not in res and "ZeroDivisionError" in capsys.readouterr().err
+
+
+def test_captured_stderr_keeps_the_tail_off_the_console_even_on_failure(capsys):
+    """torch inductor's autotune tables (Python-level stderr writes) go to the result's compile_log, last `keep`
+    characters, appended across blocks, also when the block raises."""
+    from benchmarks.sgm_peers import captured_stderr
+
+    rec = {}
+    with captured_stderr(rec, keep=6):
+        sys.stderr.write("AUTOTUNE table\n")
+    with pytest.raises(RuntimeError), captured_stderr(rec, keep=6):
+        sys.stderr.write("second\n")
+        raise RuntimeError("backend failed")
+    assert rec["compile_log"] == "table\necond\n"
+    assert capsys.readouterr().err == ""
