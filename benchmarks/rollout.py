@@ -123,7 +123,8 @@ def parse_args(argv):
                    help="the FFN's GELU (DiTConfig.gelu; default: the config's)")
     p.add_argument("--layer-unroll", type=int, default=None, metavar="N",
                    help="blocks per iteration of the layer scan (DiTConfig.layer_unroll; 1 = a loop, 30 = straight-"
-                        "line code with each layer's weight slice at a constant index; default: the config's)")
+                        "line code with each layer's weight slice at a constant index, no faster on an H100; "
+                        "default: the config's)")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")

@@ -174,9 +174,10 @@ class DiTConfig(JsonConfig):
     remat: str = "none"  # activation checkpointing policy for each transformer block
     gelu: str = "xla"  # the FFN's tanh-GELU: xla, triton (Pallas kernel, NVIDIA GPUs) or auto; pallas_kernels/gelu.py
     # Blocks per iteration of the layer scan (lax.scan's unroll): 1 = a loop over layers, num_layers = straight-line
-    # code. Unrolled, each layer's weight slice has a constant index, so XLA may slice it once outside the sampler's
-    # step loop instead of copying ~105 MB of weights per layer and step (docs/benchmarks.md, Rollout); compiles
-    # longer. Same arithmetic either way.
+    # code. Same arithmetic either way. Unrolling was meant to let XLA take each layer's weights out of the stacked
+    # parameters once instead of copying them per layer and step; on an H100 it does not (the copies stay, the
+    # rollout chunk takes the same time, compiles 5-8x longer and holds 4.5 GB more: docs/benchmarks.md, Rollout,
+    # session 14), so 1 stays the default.
     layer_unroll: int = 1
     # Residual stream between blocks: float32 as in original Wan (autocast promotes it after the first gated add), or
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
