@@ -24,7 +24,8 @@ SWEEP = {
                dict(overlap=True), dict(overlap=True, splits=2),  # QKᵀ of step t+1 beside P·V of step t
                dict(overlap=True, width=128, splits=2),  # wider steps; may spill (3 consumers at 152 registers)
                dict(overlap=True, unroll=True),  # two steps a loop body: each step's P in its own registers
-               dict(overlap=True, rowsum=False)],  # row sums on the CUDA cores (the default: P·ones, tensor cores)
+               dict(overlap=True, rowsum=False),  # row sums on the CUDA cores (the default: P·ones, tensor cores)
+               dict(splits=4), dict(splits=6)],  # fuller last wave (the automatic 3 leaves 6.5 waves), more to merge
     "decmem_cfg": [{}, dict(splits=2), dict(splits=3), dict(sched=True), {}, dict(overlap=True),
                    dict(overlap=True, splits=3), dict(overlap=True, unroll=True),  # {} twice: the run's drift
                    dict(overlap=True, rowsum=False)],
