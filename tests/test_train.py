@@ -277,13 +277,13 @@ def test_train_step_benchmark_isolated_case_runs_in_a_child(tmp_path):
 
     out = tmp_path / "train_step.json"
     record = train_step.main(["--small", "--isolate", "--remat", "offload_ffn", "--sgm-dkv", "packed_shared",
-                              "--xla-options", ";xla_allow_excess_precision=false",
+                              "--xla-options", ";xla_allow_excess_precision=false", "--layout-pins", "norm",
                               "--repeats", "1", "--warmup", "1", "--json", str(out)])
     case, other = record["cases"]
     assert case["status"] == "ok" and case["isolated"] and "peak_gb" in case  # None on a CPU (no allocator stats)
     assert case["host_peak_gb"] > 0  # the child's own host memory (where offload_* policies keep residuals)
     assert case["remat"] == "offload_ffn" and case["frames"] == 8  # the parent's options reach the child
-    assert case["sgm_dkv"] == "packed_shared"
+    assert case["sgm_dkv"] == "packed_shared" and case["layout_pins"] == "norm"  # the child applied the pins
     # one case per XLA option set, each child compiling with its own set only (fp32 here: the same loss)
     assert [case["xla_options"], other["xla_options"]] == ["defaults", "xla_allow_excess_precision=false"]
     assert other["status"] == "ok" and other["loss"] == pytest.approx(case["loss"], rel=1e-5)
