@@ -14,8 +14,8 @@ Pins (names; unknown ones raise):
   norm    the outputs of the DiT's LayerNorm and RMSNorm modules
   gelu    the feed-forward's activation output
 
-`apply(names)` patches the classes for the rest of the process (a benchmark's child); `pinned(names)` undoes it on
-exit (tests). Both act on code traced afterwards.
+`pinned(names)` patches the classes for the duration of a `with` block and restores them on exit; it acts on code
+traced inside the block.
 """
 
 from __future__ import annotations
@@ -66,19 +66,15 @@ def _targets(names) -> list[tuple[object, str, object]]:
     return out
 
 
-def apply(names) -> None:
-    """Patches the pins in for the rest of the process."""
-    for owner, attr, new in _targets(parse(names)):
-        setattr(owner, attr, new)
-
-
 @contextlib.contextmanager
 def pinned(names):
     """The pins for the duration of the block (restored on exit, also after an error)."""
     names = parse(names)
-    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in _targets(names)]
+    targets = _targets(names)
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in targets]
     try:
-        apply(names)
+        for owner, attr, new in targets:
+            setattr(owner, attr, new)
         yield names
     finally:
         for owner, attr, old in saved:
