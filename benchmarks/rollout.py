@@ -125,6 +125,9 @@ def parse_args(argv):
                    help="blocks per iteration of the layer scan (DiTConfig.layer_unroll; 1 = a loop, 30 = straight-"
                         "line code with each layer's weight slice at a constant index, no faster on an H100; "
                         "default: the config's)")
+    p.add_argument("--linear-layout", default=None, choices=("auto", "xla", "row_major"),
+                   help="output layout of the DiT's Linear layers (DiTConfig.linear_layout: auto = row_major on GPU; "
+                        "xla lets XLA choose); default: the config's")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
@@ -183,7 +186,8 @@ def model_config(variant: str, args):
     base = get_config(geo["config"], dtype=geo["dtype"], param_dtype=geo["dtype"], attention=attention,
                       **({"gelu": args.gelu} if getattr(args, "gelu", None) else {}),  # rollout_e2e has neither
                       **({"layer_unroll": args.layer_unroll} if getattr(args, "layer_unroll", None) is not None
-                         else {}))
+                         else {}),
+                      **({"linear_layout": args.linear_layout} if getattr(args, "linear_layout", None) else {}))
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
 
@@ -271,6 +275,7 @@ def run_case(variant: str, history: int, args, model_cache: dict):
     row = {"variant": variant, "history": history, "capacity": capacity, "chunk": chunk, "steps": args.steps,
            "tokens_per_frame": tpf, "keys_per_query": keys_per_query(cfg, history, chunk, tpf),
            "attention": cfg.attention, "gelu": cfg.gelu, "layer_unroll": cfg.layer_unroll,
+           "linear_layout": "row_major" if cfg.row_major_linear else "xla",  # "auto" resolved
            "sgm_backend": cfg.memory.backend if cfg.memory else None}
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     cfg_on = settings.uses_cfg(True)
@@ -398,6 +403,8 @@ def child_args(args) -> list[str]:
         common += ["--gelu", args.gelu]
     if args.layer_unroll is not None:
         common += ["--layer-unroll", str(args.layer_unroll)]
+    if args.linear_layout:
+        common += ["--linear-layout", args.linear_layout]
     if args.mesh:
         common += ["--mesh", args.mesh]
     if args.small:

@@ -16,7 +16,7 @@ Usage:
   python benchmarks/train_step.py --frames 60 --sgm-dkv tiles,packed,packed_shared  # SGM dk/dv kernel variants
   python benchmarks/train_step.py --small                           # CPU smoke run: tiny config, float32
   python benchmarks/train_step.py --frames 60 --xla-options ";xla_allow_excess_precision=false"  # XLA option A/B
-  python benchmarks/train_step.py --frames 60 --layout-pins linear,norm,gelu  # row-major pins (layout_pins.py)
+  python benchmarks/train_step.py --frames 60 --model linear_layout=xla  # XLA's own GEMM output layouts (A/B)
   # A small model (the world-tiny geometry) at 64x64, batch 32, with a profile of where the step's time goes:
   python benchmarks/train_step.py --stage decmem --frames 60 --batch 32 --size 64x64 --remat none \
       --model dim=256,ffn_dim=768,num_heads=4,num_layers=8,text_dim=32,text_len=8 \
@@ -47,7 +47,6 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 
-from benchmarks import layout_pins  # noqa: E402
 from benchmarks.common import (check_xla_options, child_failure, guarded, jax_block, jax_info,  # noqa: E402
                                jax_peak_gb, parse_scalar, parse_xla_option_sets, run_child, timed, write_record,
                                xla_options_label)
@@ -110,17 +109,10 @@ def parse_args(argv):
     p.add_argument("--xla-options", default=None, metavar="SETS",
                    help="XLA compile-option sets, each timed as its own case: sets separated by ';', each a comma "
                         "list of name=value (an empty set = XLA's defaults), e.g. ';xla_allow_excess_precision=false'")
-    p.add_argument("--layout-pins", default="", metavar="PINS",
-                   help="comma list of row-major layout pins for every case (benchmarks/layout_pins.py: linear, "
-                        "norm, gelu): times XLA's own layout choices against pinned ones; default none")
     p.add_argument("--json", default=None, help="output path (default $OUT/train_step.json or out/train_step.json)")
     args = p.parse_args(argv)
     try:
         args.xla_option_sets = parse_xla_option_sets(args.xla_options)
-    except ValueError as e:
-        p.error(str(e))
-    try:
-        args.layout_pins = layout_pins.parse(args.layout_pins)
     except ValueError as e:
         p.error(str(e))
     args.sgm_dkv = [v for v in args.sgm_dkv.split(",") if v]
@@ -190,7 +182,7 @@ def run_case(args, frames: int, remat: str, sgm_dkv: str = "default", xla_option
     batch = data_lib.to_global(host, setup.batch_shardings)
     flops = metrics_lib.step_flops(setup.dit_cfg, batch=args.batch, frames=frames, hw=hw, chunk=int(cfg.train.chunk))
     res = {"frames": frames, "remat": remat, "sgm_dkv": sgm_dkv, "xla_options": xla_options_label(xla_options),
-           "layout_pins": ",".join(args.layout_pins) or "none",
+           "linear_layout": "row_major" if setup.dit_cfg.row_major_linear else "xla",  # "auto" resolved
            "tokens": flops["tokens_per_step"], "flops": {k: v for k, v in flops.items() if k != "formula"}}
 
     def bench():
@@ -254,7 +246,7 @@ def print_table(rows, dtype: str) -> None:
         print(f"{r['frames']:>6} {r.get('tokens', '-'):>8} {r['remat']:14} {r.get('sgm_dkv', 'default'):9} {dtype:8} "
               f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8} {host:>8}  "
               f"{r.get('xla_options', 'defaults')}"
-              + (f"; layout pins {r['layout_pins']}" if r.get("layout_pins", "none") != "none" else ""))
+              + (f"; linear layout {r['linear_layout']}" if r.get("linear_layout") else ""))
 
 
 def main(argv=None):
@@ -262,24 +254,21 @@ def main(argv=None):
     args = parse_args(argv)
     rows, child = [], None
     t0 = time.perf_counter()
-    pins = f", layout pins {','.join(args.layout_pins)}" if args.layout_pins else ""
-    # pins patch the model classes for the cases traced here (isolated: each child applies its own from argv)
-    with layout_pins.pinned(() if args.isolate else args.layout_pins):
-        for remat in args.remat:
-            for variant in args.sgm_dkv:
-                for options in args.xla_option_sets:
-                    for frames in sorted(args.frames):
-                        print(f"--- {args.stage}: {frames} latent frames, remat {remat}, SGM dk/dv {variant}, XLA "
-                              f"options {xla_options_label(options)}{pins} ...", flush=True)
-                        if args.isolate:
-                            row, record = run_case_isolated(argv, frames, remat, variant, options)
-                            child = child or record
-                        else:
-                            row = run_case(args, frames, remat, variant, options)
-                        rows.append(row)
-                        if row.get("status") != "ok":
-                            print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
-                            break
+    for remat in args.remat:
+        for variant in args.sgm_dkv:
+            for options in args.xla_option_sets:
+                for frames in sorted(args.frames):
+                    print(f"--- {args.stage}: {frames} latent frames, remat {remat}, SGM dk/dv {variant}, XLA options "
+                          f"{xla_options_label(options)} ...", flush=True)
+                    if args.isolate:
+                        row, record = run_case_isolated(argv, frames, remat, variant, options)
+                        child = child or record
+                    else:
+                        row = run_case(args, frames, remat, variant, options)
+                    rows.append(row)
+                    if row.get("status") != "ok":
+                        print(f"    {row.get('status')}: {row.get('error', '')}; longer clips skipped")
+                        break
     if args.isolate:  # what the children saw (this process has no devices)
         config, info, dtype = (child["config"], child["jax"], child["dtype"]) if child else (None, None, "?")
     else:

@@ -112,6 +112,40 @@ def test_remat_policies_give_same_values_and_gradients(reference):
             assert float(jnp.linalg.norm(g - g0) / jnp.linalg.norm(g0)) <= 1e-5
 
 
+def test_linear_layout_pins_layouts_not_values(reference):
+    """DiTConfig.linear_layout="row_major" puts a layout constraint on every Linear output (and, by its transpose
+    rule, on the cotangent) and changes no value or gradient; "auto" pins only on GPU; a bad value names the field."""
+    cfg, _, flat = reference
+    latents, t, ctx = inputs((4, 4), seed=11)
+    args = (jnp.asarray(latents), jnp.asarray(t), jnp.asarray(ctx))
+
+    def loss(model):
+        return jnp.mean(model(*args) ** 2)
+
+    results = {}
+    for layout in ("xla", "row_major"):
+        model = make_model(cfg.replace(linear_layout=layout, remat="full"), flat)
+        graphdef, state = nnx.split(model)
+        step = jax.jit(lambda s: jax.value_and_grad(lambda u: loss(nnx.merge(graphdef, u)))(s))
+        forward = jax.jit(lambda s: nnx.merge(graphdef, s)(*args)).lower(state).as_text()
+        results[layout] = (step(state), forward.count("LayoutConstraint"),
+                           step.lower(state).as_text().count("LayoutConstraint"))
+    (value_x, grads_x), n_fwd_x, n_grad_x = results["xla"]
+    (value_r, grads_r), n_fwd_r, n_grad_r = results["row_major"]
+    # 16 Linear calls: text MLP 2, time MLP 2, time projection 1, head 1, and the scanned block body's 10 (self q/k/v/o,
+    # cross q/k/v/o, fc1, fc2); under value_and_grad each output's cotangent is pinned too.
+    assert (n_fwd_x, n_grad_x) == (0, 0) and n_fwd_r == 16 and n_grad_r > n_fwd_r
+    assert float(value_r) == float(value_x)  # bit for bit: a layout is where the bytes go, not what they are
+    # The gradients agree to float32 rounding: the pins move XLA's fusion boundaries, so a few sums (bias grads)
+    # add in another order.
+    assert all(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads_x))
+    for g, g0 in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads_x)):
+        assert float(jnp.linalg.norm(g - g0) / jnp.linalg.norm(g0)) <= 1e-6
+    assert cfg.replace(linear_layout="auto").row_major_linear == (jax.default_backend() == "gpu")
+    with pytest.raises(ValueError, match="linear_layout='tiled'"):
+        cfg.replace(linear_layout="tiled")
+
+
 def test_layers_are_scanned_so_program_size_does_not_grow_with_depth():
     def program_size(num_layers):
         cfg = get_config("tiny", dtype="float32", num_layers=num_layers)

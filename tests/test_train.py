@@ -277,13 +277,14 @@ def test_train_step_benchmark_isolated_case_runs_in_a_child(tmp_path):
 
     out = tmp_path / "train_step.json"
     record = train_step.main(["--small", "--isolate", "--remat", "offload_ffn", "--sgm-dkv", "packed_shared",
-                              "--xla-options", ";xla_allow_excess_precision=false", "--layout-pins", "norm",
+                              "--xla-options", ";xla_allow_excess_precision=false",
+                              "--model", "linear_layout=row_major",
                               "--repeats", "1", "--warmup", "1", "--json", str(out)])
     case, other = record["cases"]
     assert case["status"] == "ok" and case["isolated"] and "peak_gb" in case  # None on a CPU (no allocator stats)
     assert case["host_peak_gb"] > 0  # the child's own host memory (where offload_* policies keep residuals)
     assert case["remat"] == "offload_ffn" and case["frames"] == 8  # the parent's options reach the child
-    assert case["sgm_dkv"] == "packed_shared" and case["layout_pins"] == "norm"  # the child applied the pins
+    assert case["sgm_dkv"] == "packed_shared" and case["linear_layout"] == "row_major"  # and the model override
     # one case per XLA option set, each child compiling with its own set only (fp32 here: the same loss)
     assert [case["xla_options"], other["xla_options"]] == ["defaults", "xla_allow_excess_precision=false"]
     assert other["status"] == "ok" and other["loss"] == pytest.approx(case["loss"], rel=1e-5)
@@ -294,35 +295,3 @@ def test_train_step_benchmark_isolated_case_runs_in_a_child(tmp_path):
     with pytest.raises(SystemExit):
         train_step.parse_args(["--remat", "save_sgm,nope"])
     assert record["dtype"] == "float32" and record["config"]["num_layers"] >= 1 and record["jax"]["platform"] == "cpu"
-
-
-def test_layout_pins_change_layouts_not_values(tmp_path):
-    """benchmarks/layout_pins.py: the pins reach the compiled step as layout constraints (one per pinned tensor and
-    cotangent), leave the loss as it was (a layout is where bytes go, not what they are), are undone on exit, and an
-    unknown pin name is one clear error."""
-    from flax import nnx
-
-    from benchmarks import layout_pins, train_step
-    from decmem_jax.models import dit, layers
-
-    originals = (nnx.Linear.__call__, layers.LayerNorm.__call__, layers.RMSNorm.__call__, dit.gelu_tanh)
-    x = jnp.ones((2, 3, 4))
-    with layout_pins.pinned("linear,norm,gelu") as names:
-        assert names == ("linear", "norm", "gelu")
-        assert "LayoutConstraint" in jax.jit(layout_pins.row_major).lower(x).as_text()
-        lin = nnx.Linear(4, 5, rngs=nnx.Rngs(0))
-        step = jax.jit(lambda v: jax.value_and_grad(lambda u: lin(u).sum())(v))  # the output and its cotangent
-        assert step.lower(x).as_text().count("LayoutConstraint") == 2
-    assert (nnx.Linear.__call__, layers.LayerNorm.__call__, layers.RMSNorm.__call__, dit.gelu_tanh) == originals
-
-    common = ["--small", "--repeats", "1", "--warmup", "1", "--no-isolate"]
-    plain = train_step.main([*common, "--json", str(tmp_path / "a.json")])["cases"][0]
-    pinned = train_step.main([*common, "--layout-pins", "linear,norm,gelu", "--json", str(tmp_path / "b.json")])
-    case = pinned["cases"][0]
-    assert plain["layout_pins"] == "none" and case["layout_pins"] == "linear,norm,gelu"
-    assert case["status"] == "ok" and case["loss"] == plain["loss"]  # bit for bit
-    assert nnx.Linear.__call__ is originals[0]  # main() undid its pins
-    with pytest.raises(ValueError, match="unknown pin.*'bogus'"):
-        layout_pins.parse("linear,bogus")
-    with pytest.raises(SystemExit):
-        train_step.parse_args(["--layout-pins", "bogus"])

@@ -22,6 +22,7 @@ from pallas_kernels.gelu import BACKENDS as GELU_BACKENDS
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "mosaic")
 REMAT_POLICIES = ("none", "full", "save_sgm", "save_attention", "save_qkv", "offload_qkv", "offload_ffn", "dots",
                   "dots_no_batch")
+LINEAR_LAYOUTS = ("auto", "xla", "row_major")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -179,6 +180,11 @@ class DiTConfig(JsonConfig):
     # rollout chunk takes the same time, compiles 5-8x longer and holds 4.5 GB more: docs/benchmarks.md, Rollout,
     # session 14), so 1 stays the default.
     layer_unroll: int = 1
+    # Output layout of the DiT's Linear layers: "xla" lets XLA choose, "row_major" pins it (layers.Linear), "auto" =
+    # row_major on GPU, xla elsewhere (TPU layouts are tiled; on CPU a pin changes nothing). Same values either way.
+    # Why: XLA made the training step's q/k and FFN GEMM outputs column-major and ran the norm backward on transposed
+    # copies; pinned, the stage-3 step on an H100 takes 0.957x the time (docs/benchmarks.md, Training step).
+    linear_layout: str = "auto"
     # Residual stream between blocks: float32 as in original Wan (autocast promotes it after the first gated add), or
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
     residual_dtype: str = "float32"
@@ -203,6 +209,8 @@ class DiTConfig(JsonConfig):
         if type(self.layer_unroll) is not int or not 1 <= self.layer_unroll <= self.num_layers:
             raise ValueError(f"DiTConfig.layer_unroll={self.layer_unroll!r}; expected an int from 1 (a loop over the "
                              f"layers) to num_layers={self.num_layers} (straight-line code)")
+        if self.linear_layout not in LINEAR_LAYOUTS:
+            raise ValueError(f"DiTConfig.linear_layout={self.linear_layout!r}; expected one of {LINEAR_LAYOUTS}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"DiTConfig.remat={self.remat!r}; expected one of {REMAT_POLICIES}")
         if self.residual_dtype not in ("float32", "compute"):
@@ -250,6 +258,13 @@ class DiTConfig(JsonConfig):
         if self.dtype == "auto":
             return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         return DTYPES[self.dtype]
+
+    @property
+    def row_major_linear(self) -> bool:
+        """Whether the DiT's Linear outputs are pinned row-major (`linear_layout`, "auto" resolved here)."""
+        if self.linear_layout == "auto":
+            return jax.default_backend() == "gpu"
+        return self.linear_layout == "row_major"
 
     @property
     def residual(self) -> jnp.dtype:

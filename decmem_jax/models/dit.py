@@ -115,7 +115,7 @@ class AttentionProjections(nnx.Module):
     as in Wan. The attention itself is the block's mixer (self-attention) or `attention.attention` (cross)."""
 
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, row_major=cfg.row_major_linear)
         self.q, self.k, self.v, self.o = (linear(cfg.dim, cfg.dim, **kw) for _ in range(4))
         self.norm_q = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.weight_dtype)
         self.norm_k = RMSNorm(cfg.dim, eps=cfg.eps, param_dtype=cfg.weight_dtype)
@@ -138,7 +138,7 @@ class AttentionProjections(nnx.Module):
 
 class FeedForward(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs, row_major=cfg.row_major_linear)
         self.fc1 = linear(cfg.dim, cfg.ffn_dim, **kw)
         self.fc2 = linear(cfg.ffn_dim, cfg.dim, **kw)
         self.gelu = cfg.gelu
@@ -150,9 +150,9 @@ class FeedForward(nnx.Module):
 class MLP(nnx.Module):
     """linear_1 -> activation -> linear_2 (Wan's text and time embedding MLPs)."""
 
-    def __init__(self, din: int, dout: int, activation, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(din, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(dout, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, din: int, dout: int, activation, *, dtype, param_dtype, rngs: nnx.Rngs, row_major=False):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, row_major=row_major)
+        self.linear_1, self.linear_2 = linear(din, dout, **kw), linear(dout, dout, **kw)
         self.activation = activation
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,7 +175,8 @@ class WanBlock(nnx.Module):
         # starts as ALM-only attention (docs/method.md §8).
         gate = None
         if cfg.memory is not None:
-            gate = linear(cfg.dim, cfg.dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs)
+            gate = linear(cfg.dim, cfg.dim, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype, rngs=rngs,
+                          row_major=cfg.row_major_linear)
             gate.kernel.set_value(jnp.zeros_like(gate.kernel.get_value()))
             gate.bias.set_value(jnp.zeros_like(gate.bias.get_value()))
         self.gate = gate
@@ -222,7 +223,8 @@ class Head(nnx.Module):
         self.modulation = nnx.Param(jax.random.normal(rngs.params(), (2, cfg.dim), cfg.weight_dtype) / cfg.dim**0.5)
         self.norm = LayerNorm(cfg.dim, eps=cfg.eps, affine=False)
         # The head runs in float32 (Wan's dtype policy), whatever the compute dtype.
-        self.linear = linear(cfg.dim, out, dtype=jnp.float32, param_dtype=cfg.weight_dtype, rngs=rngs)
+        self.linear = linear(cfg.dim, out, dtype=jnp.float32, param_dtype=cfg.weight_dtype, rngs=rngs,
+                             row_major=cfg.row_major_linear)
 
     def __call__(self, x: jax.Array, e: jax.Array) -> jax.Array:
         m = self.modulation.get_value().astype(jnp.float32)[None, None] + e[:, :, None, :]  # [B, F, 2, D]
@@ -239,13 +241,14 @@ class WanDiT(nnx.Module):
     def __init__(self, cfg: DiTConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
         self.patch_embedding = PatchEmbed(cfg, rngs=rngs)
+        pin = dict(row_major=cfg.row_major_linear)
         self.text_embedding = MLP(cfg.text_dim, cfg.dim, gelu_tanh, dtype=cfg.compute_dtype,
-                                  param_dtype=cfg.weight_dtype, rngs=rngs)
+                                  param_dtype=cfg.weight_dtype, rngs=rngs, **pin)
         # Time embedding and projection stay in float32 (Wan's dtype policy).
         self.time_embedding = MLP(cfg.freq_dim, cfg.dim, jax.nn.silu, dtype=jnp.float32,
-                                  param_dtype=cfg.weight_dtype, rngs=rngs)
+                                  param_dtype=cfg.weight_dtype, rngs=rngs, **pin)
         self.time_projection = linear(cfg.dim, 6 * cfg.dim, dtype=jnp.float32, param_dtype=cfg.weight_dtype,
-                                      rngs=rngs)
+                                      rngs=rngs, **pin)
 
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
