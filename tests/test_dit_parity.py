@@ -7,8 +7,9 @@ import pytest
 from flax import nnx
 
 from decmem_jax.convert import keymap
-from decmem_jax.models.config import get_config
+from decmem_jax.models.config import ConditioningConfig, MemoryConfig, get_config
 from decmem_jax.models.dit import WanDiT
+from decmem_jax.models.layers import Linear
 from tests import wan_reference as ref
 
 
@@ -142,6 +143,12 @@ def test_linear_layout_pins_layouts_not_values(reference):
     for g, g0 in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads_x)):
         assert float(jnp.linalg.norm(g - g0) / jnp.linalg.norm(g0)) <= 1e-6
     assert cfg.replace(linear_layout="auto").row_major_linear == (jax.default_backend() == "gpu")
+    # Every Linear of a DecMem model (gate, conditioning MLPs included) takes the setting.
+    full = cfg.replace(linear_layout="row_major", memory=MemoryConfig(blocks_per_frame=1, block_slots=64, top_k=2))
+    full = full.replace(conditioning=ConditioningConfig.from_dit(full))
+    model = nnx.eval_shape(lambda: WanDiT(full, rngs=nnx.Rngs(0)))
+    linears = [m for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Linear)]
+    assert len(linears) == 19 and all(isinstance(m, Linear) and m.row_major for m in linears)  # 11 per block, 8 more
     with pytest.raises(ValueError, match="linear_layout='tiled'"):
         cfg.replace(linear_layout="tiled")
 

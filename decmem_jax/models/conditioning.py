@@ -123,9 +123,9 @@ def drop_mask(key, batch: int, rate: float, noisy=None) -> jax.Array:
 class _ZeroInitMLP(nnx.Module):
     """Linear -> SiLU -> Linear with the last Linear's kernel and bias zero-initialised."""
 
-    def __init__(self, din: int, hidden: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-        self.linear_1 = linear(din, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_2 = linear(hidden, dout, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, din: int, hidden: int, dout: int, *, dtype, param_dtype, rngs: nnx.Rngs, row_major=False):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, row_major=row_major)
+        self.linear_1, self.linear_2 = linear(din, hidden, **kw), linear(hidden, dout, **kw)
         self.linear_2.kernel.set_value(jnp.zeros_like(self.linear_2.kernel.get_value()))
         self.linear_2.bias.set_value(jnp.zeros_like(self.linear_2.bias.get_value()))
 
@@ -136,9 +136,10 @@ class _ZeroInitMLP(nnx.Module):
 class Conditioning(nnx.Module):
     """Per-latent-frame conditioning vectors [B, F, dim] (float32) from per-frame actions (and poses)."""
 
-    def __init__(self, cfg: ConditioningConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ConditioningConfig, *, rngs: nnx.Rngs, row_major: bool = False):
+        """row_major: pin the MLPs' Linear outputs (the DiT passes DiTConfig.linear_layout, layers.Linear)."""
         self.cfg = cfg
-        kw = dict(dtype=cfg.compute_dtype, param_dtype=DTYPES[cfg.param_dtype], rngs=rngs)
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=DTYPES[cfg.param_dtype], rngs=rngs, row_major=row_major)
         n = cfg.frames_per_latent
         self.action_mlp = _ZeroInitMLP(n * cfg.action_dim, cfg.hidden, cfg.dim, **kw)
         self.pose_mlp = _ZeroInitMLP(n * POSE_FEATURE_DIM, cfg.hidden, cfg.dim, **kw) if cfg.pose == "added" else None

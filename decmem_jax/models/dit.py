@@ -257,7 +257,7 @@ class WanDiT(nnx.Module):
 
         self.blocks = make_blocks(rngs)  # parameters stacked on a leading layer axis
         self.head = Head(cfg, rngs=rngs)
-        self.conditioning = None if cfg.conditioning is None else Conditioning(cfg.conditioning, rngs=rngs)
+        self.conditioning = None if cfg.conditioning is None else Conditioning(cfg.conditioning, rngs=rngs, **pin)
 
     # ----- pieces -----
     def embed_time(self, timesteps: jax.Array, num_frames: int) -> tuple[jax.Array, jax.Array]:
