@@ -91,18 +91,22 @@ def test_bad_inputs_raise_clear_errors(reference):
         model(jnp.asarray(latents), jnp.zeros((2, 3)), jnp.asarray(ctx))
 
 
+def loss_step(cfg, flat, seed):
+    """(jitted state -> (loss, grads), the model's state, its forward lowered to text): loss = mean(out^2) on fixed
+    4x4-latent inputs, the reference weights."""
+    latents, t, ctx = inputs((4, 4), seed=seed)
+    args = (jnp.asarray(latents), jnp.asarray(t), jnp.asarray(ctx))
+    graphdef, state = nnx.split(make_model(cfg, flat))
+    step = jax.jit(jax.value_and_grad(lambda s: jnp.mean(nnx.merge(graphdef, s)(*args) ** 2)))
+    return step, state, jax.jit(lambda s: nnx.merge(graphdef, s)(*args)).lower(state).as_text()
+
+
 def test_remat_policies_give_same_values_and_gradients(reference):
     cfg, _, flat = reference
-    latents, t, ctx = inputs((4, 4), seed=7)
-    args = (jnp.asarray(latents), jnp.asarray(t), jnp.asarray(ctx))
-
-    def loss(model):
-        return jnp.mean(model(*args) ** 2)
-
     results = {}
     for policy in ("none", "full", "dots"):
-        model = make_model(cfg.replace(remat=policy), flat)
-        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        step, state, _ = loss_step(cfg.replace(remat=policy), flat, seed=7)
+        value, grads = step(state)
         results[policy] = (value, jax.tree.leaves(nnx.state(grads, nnx.Param)))
     base_value, base_grads = results["none"]
     assert all(float(jnp.abs(g).max()) > 0 for g in base_grads)
@@ -117,18 +121,9 @@ def test_linear_layout_pins_layouts_not_values(reference):
     """DiTConfig.linear_layout="row_major" puts a layout constraint on every Linear output (and, by its transpose
     rule, on the cotangent) and changes no value or gradient; "auto" pins only on GPU; a bad value names the field."""
     cfg, _, flat = reference
-    latents, t, ctx = inputs((4, 4), seed=11)
-    args = (jnp.asarray(latents), jnp.asarray(t), jnp.asarray(ctx))
-
-    def loss(model):
-        return jnp.mean(model(*args) ** 2)
-
     results = {}
     for layout in ("xla", "row_major"):
-        model = make_model(cfg.replace(linear_layout=layout, remat="full"), flat)
-        graphdef, state = nnx.split(model)
-        step = jax.jit(lambda s: jax.value_and_grad(lambda u: loss(nnx.merge(graphdef, u)))(s))
-        forward = jax.jit(lambda s: nnx.merge(graphdef, s)(*args)).lower(state).as_text()
+        step, state, forward = loss_step(cfg.replace(linear_layout=layout, remat="full"), flat, seed=11)
         results[layout] = (step(state), forward.count("LayoutConstraint"),
                            step.lower(state).as_text().count("LayoutConstraint"))
     (value_x, grads_x), n_fwd_x, n_grad_x = results["xla"]
