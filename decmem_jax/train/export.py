@@ -69,7 +69,7 @@ def export(workdir, out, *, dtype: str = "bf16", stats_csv: str | None = None, o
         from decmem_jax.models.dit import WanDiT
 
         cfg = DiTConfig.from_json(text).replace(dtype="auto", attention="auto", remat="none",
-                                                     linear_layout="auto")
+                                                linear_layout="auto")
         model = restore_params(step_dir, nnx.eval_shape(lambda: WanDiT(cfg, rngs=nnx.Rngs(0))))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     flat = {k: np.asarray(jax.device_get(v)).astype(np_dtype) for k, v in flatten(params).items()}
