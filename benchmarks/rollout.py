@@ -89,7 +89,7 @@ from benchmarks.dit_forward import make_jax_model  # noqa: E402
 from decmem_jax.format import FRAMES_PER_LATENT  # noqa: E402
 from decmem_jax.models import memory as mem  # noqa: E402
 from decmem_jax.models.conditioning import ConditioningConfig  # noqa: E402
-from decmem_jax.models.config import MemoryConfig, get_config  # noqa: E402
+from decmem_jax.models.config import LINEAR_LAYOUTS, MemoryConfig, get_config  # noqa: E402
 from decmem_jax.models.dit import WanDiT  # noqa: E402
 from decmem_jax.parallel.rollout import MeshSpecError, RolloutMesh, parse_mesh  # noqa: E402
 from decmem_jax.rollout import engine  # noqa: E402
@@ -125,7 +125,7 @@ def parse_args(argv):
                    help="blocks per iteration of the layer scan (DiTConfig.layer_unroll; 1 = a loop, 30 = straight-"
                         "line code with each layer's weight slice at a constant index, no faster on an H100; "
                         "default: the config's)")
-    p.add_argument("--linear-layout", default=None, choices=("auto", "xla", "row_major"),
+    p.add_argument("--linear-layout", default=None, choices=LINEAR_LAYOUTS,
                    help="output layout of the DiT's Linear layers (DiTConfig.linear_layout: auto = row_major on GPU; "
                         "xla lets XLA choose); default: the config's")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "

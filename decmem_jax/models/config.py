@@ -181,7 +181,7 @@ class DiTConfig(JsonConfig):
     # session 14), so 1 stays the default.
     layer_unroll: int = 1
     # Output layout of the DiT's Linear layers: "xla" lets XLA choose, "row_major" pins it (layers.Linear), "auto" =
-    # row_major on GPU, xla elsewhere (TPU layouts are tiled; on CPU a pin changes nothing). Same values either way.
+    # row_major on GPU, xla elsewhere (TPU layouts are tiled; on CPU nothing was measured to gain). Same values.
     # Why: XLA made the training step's q/k and FFN GEMM outputs column-major and ran the norm backward on transposed
     # copies; pinned, the stage-3 step on an H100 takes 0.957x the time (docs/benchmarks.md, Training step).
     linear_layout: str = "auto"
