@@ -310,7 +310,7 @@ def main(argv=None):
     if jax.default_backend() != "gpu" and gpu_only:
         print(f"note: JAX platform is {jax.default_backend()!r}; skipping the GPU attention backends {gpu_only}")
         args.attention = [a for a in args.attention if a not in gpu_only]
-    cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype, attention="xla")
+    cfg = get_config(args.config, dtype=args.dtype, param_dtype=args.dtype, attention="xla").for_inference()
     geos = {c: CASES["small" if args.small else "full"][c] for c in args.cases}
 
     t0 = time.perf_counter()

@@ -126,8 +126,9 @@ def parse_args(argv):
                         "line code with each layer's weight slice at a constant index, no faster on an H100; "
                         "default: the config's)")
     p.add_argument("--linear-layout", default=None, choices=LINEAR_LAYOUTS,
-                   help="output layout of the DiT's Linear layers (DiTConfig.linear_layout: auto = row_major on GPU; "
-                        "xla lets XLA choose); default: the config's")
+                   help="output layout of the DiT's Linear layers (DiTConfig.linear_layout; row_major pins it, xla "
+                        "lets XLA choose); default auto, which an inference config resolves to xla "
+                        "(DiTConfig.for_inference), as the rollout CLI runs")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
@@ -189,7 +190,7 @@ def model_config(variant: str, args):
                          else {}),
                       **({"linear_layout": args.linear_layout} if getattr(args, "linear_layout", None) else {}))
     memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
-    return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base))
+    return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base)).for_inference()
 
 
 def build_model(cfg, seed: int):

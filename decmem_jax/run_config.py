@@ -20,14 +20,15 @@ class ConfigError(DecMemError, ValueError):
 
 def dit_config(cfg, *, inference: bool = False) -> DiTConfig:
     """The DiTConfig of a run config: preset + overrides, runtime policy, memory and conditioning (None when
-    disabled). `inference=True`: what a rollout runs: remat "none" (nothing is differentiated) and the compute dtype
-    `rollout.dtype` unless that is "auto"; the parameters stay in MASTER_DTYPE."""
+    disabled). `inference=True`: what a rollout runs (`DiTConfig.for_inference`: remat "none", Linear layouts left
+    to XLA under "auto") and the compute dtype `rollout.dtype` unless that is "auto"; the parameters stay in
+    MASTER_DTYPE."""
     try:
         out = _dit_config(cfg)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model config ({cfg.model.preset}): {e}") from e
     if inference:
-        out = out.replace(remat="none")
+        out = out.for_inference()
         if cfg.rollout.dtype != "auto":
             out = out.replace(dtype=cfg.rollout.dtype)
     return out
@@ -54,6 +55,7 @@ def _dit_config(cfg) -> DiTConfig:
 
 
 def runtime_overrides(run_cfg: DiTConfig) -> dict:
-    """The runtime fields of `run_cfg` a stored model is loaded with (attention backend, remat, compute dtype); its
-    architecture and parameter dtype stay the checkpoint's."""
-    return dict(attention=run_cfg.attention, remat=run_cfg.remat, dtype=run_cfg.dtype)
+    """The runtime fields of `run_cfg` a stored model is loaded with (attention backend, remat, compute dtype, Linear
+    output layout); its architecture and parameter dtype stay the checkpoint's."""
+    return dict(attention=run_cfg.attention, remat=run_cfg.remat, dtype=run_cfg.dtype,
+                linear_layout=run_cfg.linear_layout)

@@ -138,6 +138,10 @@ def test_linear_layout_pins_layouts_not_values(reference):
     for g, g0 in zip(jax.tree.leaves(grads_r), jax.tree.leaves(grads_x)):
         assert float(jnp.linalg.norm(g - g0) / jnp.linalg.norm(g0)) <= 1e-6
     assert cfg.replace(linear_layout="auto").row_major_linear == (jax.default_backend() == "gpu")
+    # Inference resolves "auto" to XLA's layouts (the pin pays in the backward only) and keeps an explicit choice.
+    assert cfg.replace(linear_layout="auto", remat="full").for_inference() == cfg.replace(linear_layout="xla",
+                                                                                           remat="none")
+    assert cfg.replace(linear_layout="row_major").for_inference().row_major_linear
     # Every Linear of a DecMem model (gate, conditioning MLPs included) takes the setting.
     full = cfg.replace(linear_layout="row_major", memory=MemoryConfig(blocks_per_frame=1, block_slots=64, top_k=2))
     full = full.replace(conditioning=ConditioningConfig.from_dit(full))

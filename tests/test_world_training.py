@@ -139,6 +139,11 @@ def test_world_tiny_configs_build(stage):
     assert (cfg.dim, cfg.num_layers, cfg.text_len) == (256, 8, 8)
     assert (cfg.memory is not None) == (stage == "decmem")
     assert c.rollout.shift == c.train.sigma_shift  # the sampler's schedule is the one trained on
+    from decmem_jax.run_config import runtime_overrides
+
+    infer = dit_config(c, inference=True)  # what a rollout loads its checkpoint with
+    assert (infer.remat, infer.linear_layout) == ("none", "xla") and cfg.linear_layout == "auto"
+    assert runtime_overrides(infer)["linear_layout"] == "xla"
     with pytest.raises(ValueError, match="unknown stage"):
         world_tiny.get_config("nope")
 

@@ -183,7 +183,9 @@ class DiTConfig(JsonConfig):
     # Output layout of the DiT's Linear layers: "xla" lets XLA choose, "row_major" pins it (layers.Linear), "auto" =
     # row_major on GPU, xla elsewhere (TPU layouts are tiled; on CPU nothing was measured to gain). Same values.
     # Why: XLA made the training step's q/k and FFN GEMM outputs column-major and ran the norm backward on transposed
-    # copies; pinned, the stage-3 step on an H100 takes 0.957x the time (docs/benchmarks.md, Training step).
+    # copies; pinned, the stage-3 step on an H100 takes 0.953-0.957x the time (docs/benchmarks.md, Training step).
+    # A forward alone has no such backward: `for_inference` resolves "auto" to xla (the pinned rollout chunk took
+    # 1.003-1.006x as long, H100, docs/benchmarks.md, Rollout, session 17).
     linear_layout: str = "auto"
     # Residual stream between blocks: float32 as in original Wan (autocast promotes it after the first gated add), or
     # the compute dtype as in diffusers (saves memory traffic; ~1e-2 relative drift in bf16).
@@ -258,6 +260,11 @@ class DiTConfig(JsonConfig):
         if self.dtype == "auto":
             return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
         return DTYPES[self.dtype]
+
+    def for_inference(self) -> "DiTConfig":
+        """What a rollout runs: remat "none" (nothing is differentiated) and, under "auto", XLA's own Linear output
+        layouts (the row-major pin pays in the training step's backward only; see `linear_layout`)."""
+        return self.replace(remat="none", linear_layout="xla" if self.linear_layout == "auto" else self.linear_layout)
 
     @property
     def row_major_linear(self) -> bool:
