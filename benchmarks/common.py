@@ -26,18 +26,25 @@ def sample_ms(call, sync, inner: int = 1):
     return out, (time.perf_counter() - t0) * 1e3 / inner
 
 
-def timed(call, sync, warmup: int, repeats: int, inner: int = 1):
+def timed(call, sync, warmup: int, repeats: int, inner: int = 1, during=None):
     """Runs `call` warmup times (the first is timed separately: it includes compilation), then `repeats` timed
-    samples of `inner` calls each (`sample_ms`)."""
+    samples of `inner` calls each (`sample_ms`). `during` (e.g. a `clocks.ClockLog`) is started just before the
+    timed samples and stopped after them."""
     t0 = time.perf_counter()
     out = sync(call())
     first_ms = (time.perf_counter() - t0) * 1e3
     for _ in range(max(warmup - 1, 0)):
         out = sync(call())
     runs = []
-    for _ in range(repeats):
-        out, ms = sample_ms(call, sync, inner)
-        runs.append(ms)
+    if during is not None:
+        during.start()
+    try:
+        for _ in range(repeats):
+            out, ms = sample_ms(call, sync, inner)
+            runs.append(ms)
+    finally:
+        if during is not None:
+            during.stop()
     return out, {"first_call_ms": first_ms, "runs_ms": runs, "median_ms": statistics.median(runs),
                  "min_ms": min(runs)}
 

@@ -83,6 +83,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks.clocks import ClockLog, describe as describe_clocks  # noqa: E402
 from benchmarks.common import (check_xla_options, child_failure, guarded, jax_info, jax_peak_gb,  # noqa: E402
                                parse_xla_option_sets, run_child, write_record, xla_options_label)
 from benchmarks.dit_forward import make_jax_model  # noqa: E402
@@ -343,18 +344,24 @@ def run_case(variant: str, history: int, args, model_cache: dict):
 
         runs = [[] for _ in executables]
         last = [None] * len(executables)
-        for i in range(args.warmup + args.repeats):
-            for j, exe in enumerate(executables):  # the sets interleaved: drifts of the GPU hit them alike
-                t0 = time.perf_counter()
-                last[j], new_length = call(exe)
-                dt = time.perf_counter() - t0
-                if i == 0 and j == 0:
-                    row["first_call_s"] = round(dt, 4)
-                if i == 0 and int(new_length) != history + chunk:
-                    raise RuntimeError(f"commit did not advance the cache: length {int(new_length)}, "
-                                       f"expected {history + chunk}")
-                if i >= args.warmup:
-                    runs[j].append(dt)
+        clocks = ClockLog()
+        try:
+            for i in range(args.warmup + args.repeats):
+                if i == args.warmup:
+                    clocks.start()
+                for j, exe in enumerate(executables):  # the sets interleaved: drifts of the GPU hit them alike
+                    t0 = time.perf_counter()
+                    last[j], new_length = call(exe)
+                    dt = time.perf_counter() - t0
+                    if i == 0 and j == 0:
+                        row["first_call_s"] = round(dt, 4)
+                    if i == 0 and int(new_length) != history + chunk:
+                        raise RuntimeError(f"commit did not advance the cache: length {int(new_length)}, "
+                                           f"expected {history + chunk}")
+                    if i >= args.warmup:
+                        runs[j].append(dt)
+        finally:  # never leave nvidia-smi running
+            row["gpu_clocks"] = clocks.stop()
         x0 = last[0]
         if args.xla_options is not None:
             ref = np.asarray(x0, np.float32)
@@ -462,6 +469,8 @@ def print_table(rows, args):
     for r in rows:
         if r.get("status") not in ("ok", None):
             print(f"# {r['variant']} H={r['history']}: {r['status']}: {r.get('error', '')}")
+        elif r.get("gpu_clocks"):
+            print(f"# {r['variant']} H={r['history']}: {describe_clocks(r['gpu_clocks'])}")
     ab = [r for r in rows if r.get("xla_options")]
     if ab:
         print(f"\n{'variant':8} {'history':>7} {'s/chunk':>9} {'ratio':>7} {'x0 diff':>9} {'compile s':>9}  "

@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 
 import jax  # noqa: E402
 
+from benchmarks.clocks import ClockLog, describe as describe_clocks  # noqa: E402
 from benchmarks.common import (check_xla_options, child_failure, guarded, jax_block, jax_info,  # noqa: E402
                                jax_peak_gb, parse_scalar, parse_xla_option_sets, run_child, timed, write_record,
                                xla_options_label)
@@ -192,7 +193,9 @@ def run_case(args, frames: int, remat: str, sgm_dkv: str = "default", xla_option
             holder["state"], metrics = setup.step(holder["state"], batch, setup.context)
             return metrics["loss"]
 
-        loss, stats = timed(call, jax_block, args.warmup, args.repeats)
+        clocks = ClockLog()
+        loss, stats = timed(call, jax_block, args.warmup, args.repeats, during=clocks)
+        stats["gpu_clocks"] = clocks.summary()
         profile = {}
         if args.profile:
             from benchmarks.trace_summary import summarise
@@ -247,6 +250,9 @@ def print_table(rows, dtype: str) -> None:
               f"{ms:>10} {tf:>8.3g} {tfs:>8} {mfu:>7} {str(r.get('peak_gb')):>8} {host:>8}  "
               f"{r.get('xla_options', 'defaults')}"
               + (f"; linear layout {r['linear_layout']}" if r.get("linear_layout") else ""))
+    for r in rows:
+        if r.get("gpu_clocks"):
+            print(f"# {r['frames']} frames, {r['remat']}: {describe_clocks(r['gpu_clocks'])}")
 
 
 def main(argv=None):

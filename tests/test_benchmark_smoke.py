@@ -55,6 +55,7 @@ def test_rollout_benchmark_small(tmp_path):
         assert row["capacity"] == row["history"] + row["chunk"] and row["steps"] == 2
         assert len(row["runs_s"]) == 2 and row["s_per_chunk"] > 0
         assert row["fps"] == pytest.approx(row["chunk"] * 4 / row["s_per_chunk"], rel=1e-2)
+        assert row["gpu_clocks"] == {"unavailable": "the cpu backend has no NVIDIA GPU"}  # said, not invented
     assert rows[("decmem", 8)]["sgm_backend"] == "reference" and rows[("dense", 8)]["sgm_backend"] is None
     assert rows[("dense", 8)]["keys_per_query"] > rows[("dense", 4)]["keys_per_query"]
     assert rows[("decmem", 8)]["decmem_over_dense"] > 0 and rows[("dense", 8)]["decmem_over_dense"] is None

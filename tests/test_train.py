@@ -268,6 +268,7 @@ def test_train_step_benchmark_small(tmp_path):
     assert json.loads(Path(out).read_text())["cases"] == json.loads(json.dumps(record["cases"]))
     [case] = record["cases"]
     assert case["status"] == "ok" and np.isfinite(case["loss"]) and case["flops"]["train_step"] > 0
+    assert case["gpu_clocks"] == {"unavailable": "the cpu backend has no NVIDIA GPU"}  # benchmarks/clocks.py
     assert "3 * forward" in record["flop_formula"]
 
 
