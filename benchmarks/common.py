@@ -141,6 +141,17 @@ def parse_scalar(value: str):
     return value
 
 
+def parse_fields(text: str, flag: str) -> dict:
+    """'a=1,b=x,c=false' -> {'a': 1, 'b': 'x', 'c': False} (`parse_scalar`): a benchmark's config overrides."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"error: {flag} {item!r}: expected key=value")
+        out[key.strip()] = parse_scalar(value)
+    return out
+
+
 def parse_xla_option_sets(spec: str | None) -> list[dict]:
     """`--xla-options` of the benchmarks: compile-option sets (XLA DebugOptions fields, e.g.
     `xla_allow_excess_precision`) separated by ';', each a comma list of name=value, compared in one run; an empty set

@@ -67,6 +67,7 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
 import argparse  # noqa: E402
+import dataclasses  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import pathlib  # noqa: E402
@@ -85,7 +86,7 @@ from flax import nnx  # noqa: E402
 
 from benchmarks.clocks import ClockLog, describe as describe_clocks  # noqa: E402
 from benchmarks.common import (check_xla_options, child_failure, guarded, jax_info, jax_peak_gb,  # noqa: E402
-                               parse_xla_option_sets, run_child, write_record, xla_options_label)
+                               parse_fields, parse_xla_option_sets, run_child, write_record, xla_options_label)
 from benchmarks.dit_forward import make_jax_model  # noqa: E402
 from decmem_jax.format import FRAMES_PER_LATENT  # noqa: E402
 from decmem_jax.models import memory as mem  # noqa: E402
@@ -130,6 +131,10 @@ def parse_args(argv):
                    help="output layout of the DiT's Linear layers (DiTConfig.linear_layout; row_major pins it, xla "
                         "lets XLA choose); default auto, which an inference config resolves to xla "
                         "(DiTConfig.for_inference), as the rollout CLI runs")
+    p.add_argument("--memory", default="", metavar="K=V,...",
+                   help="MemoryConfig overrides for a what-if geometry of the decmem variant, e.g. blocks_per_frame=7,"
+                        "block_slots=128,top_k=93 (blocks of 126 tokens that fill two 64-row tiles, about the same "
+                        "retrieved tokens); default the paper's 6 blocks of 147 tokens in 192 slots, top-80")
     p.add_argument("--mesh", default="", help="device mesh of the DiT, e.g. data:2,tensor:2 (data: CFG branches, "
                    "tensor: heads and their cache); default one device")
     p.add_argument("--repeats", type=int, default=2, help="timed chunk steps per case (median reported)")
@@ -161,6 +166,12 @@ def parse_args(argv):
     if not args.history or min(args.history) < 0:
         p.error("--history needs non-negative latent counts")
     args.steps = args.steps or geo["steps"]
+    args.memory_overrides = parse_fields(args.memory, "--memory")
+    allowed = {f.name for f in dataclasses.fields(MemoryConfig)} - {"backend"}  # the backend is --sgm-backend's
+    unknown = sorted(set(args.memory_overrides) - allowed)
+    if unknown:
+        p.error(f"--memory: {', '.join(unknown)} not among the MemoryConfig fields it sets "
+                f"({', '.join(sorted(allowed))})")
     try:
         args.xla_option_sets = parse_xla_option_sets(args.xla_options)
     except ValueError as e:
@@ -190,7 +201,8 @@ def model_config(variant: str, args):
                       **({"layer_unroll": args.layer_unroll} if getattr(args, "layer_unroll", None) is not None
                          else {}),
                       **({"linear_layout": args.linear_layout} if getattr(args, "linear_layout", None) else {}))
-    memory = MemoryConfig(**geo["memory"], backend=args.sgm_backend) if variant == "decmem" else None
+    fields = {**geo["memory"], **getattr(args, "memory_overrides", {})}  # rollout_e2e has no --memory
+    memory = MemoryConfig(**fields, backend=args.sgm_backend) if variant == "decmem" else None
     return base.replace(memory=memory, conditioning=ConditioningConfig.from_dit(base)).for_inference()
 
 
@@ -278,7 +290,9 @@ def run_case(variant: str, history: int, args, model_cache: dict):
            "tokens_per_frame": tpf, "keys_per_query": keys_per_query(cfg, history, chunk, tpf),
            "attention": cfg.attention, "gelu": cfg.gelu, "layer_unroll": cfg.layer_unroll,
            "linear_layout": "row_major" if cfg.row_major_linear else "xla",  # "auto" resolved
-           "sgm_backend": cfg.memory.backend if cfg.memory else None}
+           "sgm_backend": cfg.memory.backend if cfg.memory else None,
+           "memory": {k: getattr(cfg.memory, k) for k in ("blocks_per_frame", "block_slots", "top_k", "window")}
+           if cfg.memory else None}
     settings = engine.SamplerSettings(steps=args.steps, guidance=args.guidance)
     cfg_on = settings.uses_cfg(True)
     shard = RolloutMesh.from_spec(args.mesh, cfg, guidance=args.guidance, option="--mesh")  # raises before work
@@ -413,6 +427,8 @@ def child_args(args) -> list[str]:
         common += ["--layer-unroll", str(args.layer_unroll)]
     if args.linear_layout:
         common += ["--linear-layout", args.linear_layout]
+    if args.memory:
+        common += ["--memory", args.memory]
     if args.mesh:
         common += ["--mesh", args.mesh]
     if args.small:

@@ -49,7 +49,7 @@ import jax  # noqa: E402
 
 from benchmarks.clocks import ClockLog, describe as describe_clocks  # noqa: E402
 from benchmarks.common import (check_xla_options, child_failure, guarded, jax_block, jax_info,  # noqa: E402
-                               jax_peak_gb, parse_scalar, parse_xla_option_sets, run_child, timed, write_record,
+                               jax_peak_gb, parse_fields, parse_xla_option_sets, run_child, timed, write_record,
                                xla_options_label)
 from configs import common as configs_common  # noqa: E402
 from decmem_jax.format import latent_size  # noqa: E402
@@ -137,17 +137,6 @@ def parse_args(argv):
         out_dir = os.environ.get("OUT")
         args.json = str(pathlib.Path(out_dir) / "train_step.json") if out_dir else "out/train_step.json"
     return args
-
-
-def parse_fields(text: str, flag: str) -> dict:
-    """'a=1,b=x,c=false' -> {'a': 1, 'b': 'x', 'c': False} (`common.parse_scalar`)."""
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise SystemExit(f"error: {flag} {item!r}: expected key=value")
-        out[key.strip()] = parse_scalar(value)
-    return out
 
 
 def make_config(args, frames: int, remat: str):

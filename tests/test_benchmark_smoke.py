@@ -175,7 +175,7 @@ def test_rollout_child_process_gets_every_option():
     from benchmarks import rollout
 
     argv = ["--steps", "3", "--guidance", "2.5", "--sgm-backend", "reference", "--attention", "xla", "--gelu", "triton",
-            "--layer-unroll", "2",
+            "--layer-unroll", "2", "--linear-layout", "row_major", "--memory", "top_k=3,window=6",
             "--repeats", "4", "--warmup", "2", "--seed", "9", "--small", "--profile", "/tmp/p", "--dump", "/tmp/d",
             "--xla-options", ";xla_gpu_enable_cublaslt=true", "--mesh", "data:2"]
     parent = rollout.parse_args(argv + ["--variants", "decmem,dense", "--history", "4,8", "--isolate"])
@@ -183,6 +183,21 @@ def test_rollout_child_process_gets_every_option():
     skip = {"variants", "history", "isolate", "json"}
     differ = {k for k in vars(parent) if k not in skip and getattr(parent, k) != getattr(child, k)}
     assert not differ, differ
+
+
+def test_rollout_memory_overrides_build_another_geometry(tmp_path, capsys):
+    """--memory sets MemoryConfig fields of the decmem case (a what-if block geometry), recorded in the row; a field
+    it does not set is one parse error naming it."""
+    from benchmarks import rollout
+
+    record = rollout.main(["--small", "--variants", "decmem", "--history", "4", "--memory", "blocks_per_frame=1,top_k=2",
+                           "--repeats", "1", "--no-isolate", "--json", str(tmp_path / "r.json")])
+    [row] = record["rows"]
+    assert row["status"] == "ok" and row["memory"] == {"blocks_per_frame": 1, "block_slots": 64, "top_k": 2,
+                                                       "window": 4}
+    with pytest.raises(SystemExit):
+        rollout.parse_args(["--small", "--memory", "top_k=2,backend=reference,nope=1"])
+    assert "--memory: backend, nope not among the MemoryConfig fields" in capsys.readouterr().err
 
 
 def test_rollout_rejects_a_layer_unroll_below_one(capsys):
