@@ -190,7 +190,8 @@ def test_rollout_memory_overrides_build_another_geometry(tmp_path, capsys):
     it does not set is one parse error naming it."""
     from benchmarks import rollout
 
-    record = rollout.main(["--small", "--variants", "decmem", "--history", "4", "--memory", "blocks_per_frame=1,top_k=2",
+    record = rollout.main(["--small", "--variants", "decmem", "--history", "4",
+                           "--memory", "blocks_per_frame=1,top_k=2",
                            "--repeats", "1", "--no-isolate", "--json", str(tmp_path / "r.json")])
     [row] = record["rows"]
     assert row["status"] == "ok" and row["memory"] == {"blocks_per_frame": 1, "block_slots": 64, "top_k": 2,
