@@ -54,6 +54,12 @@ Usage:
                                       # XLA's defaults vs another compile-option set, interleaved in one process
   python benchmarks/rollout.py --mesh data:2,tensor:2             # sharded (docs/parallel.md): 4 devices, xla
                                                                  # attention + reference SGM (what partitions)
+  python benchmarks/rollout.py --variants decmem --sgm-backend mosaic_gpu \
+      --memory blocks_per_frame=7,block_slots=128,top_k=93   # what-if: 7 blocks of 126 tokens in 128 slots (almost
+                                                             # no padding; not the paper's 6 x 147 in 192)
+
+Each row also records the GPU's mean SM clock and power while it was timed (`gpu_clocks`, benchmarks/clocks.py):
+an H100 runs this at its power cap, and machines of one kind differ by ~2%.
 
 --mesh places the model, the cache and the CFG branches as the rollout CLI's rollout.mesh does
 (decmem_jax.parallel.rollout.RolloutMesh); rows then carry the mesh, the cache's bytes on each device
