@@ -78,9 +78,10 @@ def test_mgpu_forward_plan_choice_and_errors():
     (64, 64, dict(consumers=3, share=1, splits=2, overlap=True, unroll=True)),
     (192, 192, dict(overlap=True, rowsum=True, splits=2)),  # the overlapped loop, row sums of the rounded P
     (128, 64, dict(overlap=True, rowsum=True, unroll=True)),  # ... 2 consumers on 128-row steps, two steps a body
+    (128, 128, {}),  # the default plan of 128-slot blocks (benchmarks/rollout.py --memory block_slots=128)
 ], ids=["shared3", "shared3-box64-split3", "shared2-w128", "own-w128-box32", "own3-ragged-split2", "sched3-split2",
         "sched2-w128", "overlap3-split2", "overlap-own3-ragged", "lazy3-split2", "unroll3-split2",
-        "unroll-own3-ragged", "rowsum3-split2", "rowsum2-w128-unroll"])
+        "unroll-own3-ragged", "rowsum3-split2", "rowsum2-w128-unroll", "default-128x128"])
 def test_mgpu_forward_plans_match_the_oracle(bq, bkv, over):
     """Every forward plan (mosaic_gpu_fwd.StreamPlan) against the dense oracle, with count 0, empty, partial and
     full key blocks and B = 2: the step grouping, per-box masks, shared-stream barriers and the split merge."""
