@@ -59,7 +59,8 @@ class Linear(nnx.Linear):
 
     Why: left free, XLA on GPU gives some GEMM outputs of a rematerialised forward a column-major layout (tokens
     minor) and then runs the norm/modulation backward on transposed float32 copies; pinned, the same training step
-    is 4.3% faster on an H100 (DiTConfig.linear_layout, docs/performance.md). Same parameters as nnx.Linear."""
+    is 4-5% faster on an H100 (DiTConfig.linear_layout, docs/performance.md). A forward alone gains nothing (the
+    rollout chunk was 0.3-0.6% slower), so inference configs leave it off. Same parameters as nnx.Linear."""
 
     def __init__(self, *args, row_major: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
